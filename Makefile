@@ -1,0 +1,53 @@
+# quay-bootstrap: `make demo` runs the main job locally; `make test` sets up everything and runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BED ?= $(CURDIR)/.testbed
+PYTEST_ARGS ?=
+
+.PHONY: help deps venv lint unit integration test bed-start bed-stop bench dist demo demo-clean clean
+
+help:
+	@echo "make demo   - run 'quay-bootstrap run --once' against a local object store, registry and Docker"
+	@echo "make test   - install what is needed, start the test bed, lint, run every test, stop the bed"
+	@echo "make lint | unit | integration | bench | dist | clean"
+
+deps:
+	@bash tests/testbed/install-debian.sh
+
+$(VENV)/.installed: setup.cfg setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check quay_bootstrap tests bench
+	$(VENV)/bin/vermin --no-tips --violations --target=3.9- quay_bootstrap
+
+unit: venv
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+# The bed is stopped even when the tests fail; the suite's status is what make returns.
+test: lint
+	$(PY) -m tests.testbed stop $(BED) >/dev/null 2>&1 || true
+	$(PY) -m tests.testbed start $(BED)
+	set +e; TESTBED_DIR=$(BED) $(PY) -m pytest -q tests $(PYTEST_ARGS); rc=$$?; \
+	  $(PY) -m tests.testbed stop $(BED); exit $$rc
+
+bench: venv
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m tests.testbed stop $(BED) >/dev/null 2>&1 || true
+	$(PY) -m tests.testbed start $(BED)
+	set +e; TESTBED_DIR=$(BED) $(PY) bench/run.py; rc=$$?; $(PY) -m tests.testbed stop $(BED); exit $$rc
+
+dist: venv
+	$(PY) -m pip install -q build
+	$(PY) -m build --outdir dist .
+
+clean:
+	-$(PY) -m tests.testbed stop $(BED) >/dev/null 2>&1
+	rm -rf $(VENV) dist build *.egg-info .pytest_cache .ruff_cache

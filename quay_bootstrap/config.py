@@ -1,0 +1,361 @@
+"""The agent's config: one YAML file parsed once, strictly, into frozen typed objects."""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+from pydantic.functional_validators import BeforeValidator
+
+from quay_bootstrap.errors import ConfigError
+
+DEFAULT_PATH = "/etc/quay-bootstrap/config.yaml"
+ENV_PATH = "QUAY_BOOTSTRAP_CONFIG"
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?", re.IGNORECASE)
+_SIZE_FACTOR = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
+                "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as "30s", "5m", "1h30m", "250ms"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 5m, 1h or a number of seconds")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            pos, seconds = 0, 0.0
+            for match in _DURATION.finditer(text):
+                if match.start() != pos:
+                    break
+                seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+                pos = match.end()
+            if pos != len(text) or pos == 0:
+                raise ValueError(
+                    f"{value!r} is not a duration; write e.g. 30s, 5m, 1h or a number of seconds"
+                ) from None
+    else:
+        raise ValueError("expected a duration such as 30s, 5m, 1h or a number of seconds")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an integer or a string such as "64MiB" or "500 KB"."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 64MiB or a number of bytes")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if not match:
+            raise ValueError(f"{value!r} is not a size; write e.g. 64MiB, 500KB or a number of bytes")
+        size = int(match.group(1)) * _SIZE_FACTOR[(match.group(2) or "b").lower()]
+    else:
+        raise ValueError("expected a size such as 64MiB or a number of bytes")
+    if size <= 0:
+        raise ValueError("a size must be positive")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    # Frozen and strict: a typo is an error, never a silent default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_url(value: str, schemes: Tuple[str, ...], what: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in schemes or not rest.strip("/"):
+        wanted = ", ".join(f"{s}://..." for s in schemes)
+        raise ValueError(f"{value!r} is not a {what} URL; expected one of {wanted}")
+    return value
+
+
+class StackConfig(_Section):
+    source: str
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+    ca_bundle: Optional[Path] = None
+    dir: Path = Path("/var/lib/quay-bootstrap/stack")
+    owner: str = "1001:0"
+    refresh_interval: Duration = 60.0
+    max_files: PositiveInt = 10_000
+    max_bytes: Size = 64 * 1024 * 1024
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 16
+    retry_deadline: Duration = 120.0
+    keep_versions: Annotated[int, Field(ge=1)] = 3
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        return _check_url(value, ("s3", "gs", "file"), "stack source")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else _check_url(value, ("http", "https"), "endpoint")
+
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+:\d+", value):
+            raise ValueError("expected numeric UID:GID such as 1001:0 (Quay's user and group)")
+        return value
+
+    @property
+    def uid_gid(self) -> Tuple[int, int]:
+        uid, gid = self.owner.split(":")
+        return int(uid), int(gid)
+
+
+class AuthConfig(_Section):
+    username: Optional[str] = None
+    password_file: Optional[Path] = None
+    ecr: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "AuthConfig":
+        basic = self.username is not None or self.password_file is not None
+        if basic and self.ecr:
+            raise ValueError("use either username + password_file or ecr: true, not both")
+        if basic and (self.username is None or self.password_file is None):
+            raise ValueError("username and password_file go together")
+        return self
+
+
+# A fixed release tag: v3.9.0, 3.9.0, v3.9.0-rc1. Floating tags (latest, v3, 3.9) never match.
+DEFAULT_ALLOWED_TAGS = r"^v?\d+\.\d+\.\d+(-[0-9A-Za-z][0-9A-Za-z.]*)?$"
+
+
+class ImageConfig(_Section):
+    reference: str
+    lock: Optional[str] = None
+    allowed_tags: str = DEFAULT_ALLOWED_TAGS
+    auth: Optional[AuthConfig] = None
+    pull_deadline: Duration = 600.0
+
+    @field_validator("lock")
+    @classmethod
+    def _lock(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else _check_url(value, ("s3", "gs", "file"), "image lock")
+
+    @field_validator("allowed_tags")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a valid regular expression: {err}") from None
+        return value
+
+
+class ContainerConfig(_Section):
+    name: str = "quay"
+    ports: List[str] = Field(default_factory=lambda: ["443:8443", "80:8080"])
+    volumes: List[str] = Field(default_factory=list)
+    env: Dict[str, str] = Field(default_factory=dict)
+    sysctls: Dict[str, str] = Field(default_factory=lambda: {"net.core.somaxconn": "4096"})
+    network_mode: Optional[str] = None
+    privileged: bool = False
+    stop_timeout: Duration = 30.0
+    adopt_unmanaged: bool = False
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, value: List[str]) -> List[str]:
+        for item in value:
+            if not re.fullmatch(r"(\d{1,3}(\.\d{1,3}){3}:)?\d{1,5}:\d{1,5}(/(tcp|udp))?", item):
+                raise ValueError(f"{item!r} is not HOST:CONTAINER or IP:HOST:CONTAINER")
+        return value
+
+    @field_validator("env", "sysctls", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        # YAML reads `4096` and `true` as numbers and booleans; Docker wants strings.
+        if isinstance(value, dict):
+            return {k: (str(v).lower() if isinstance(v, bool) else str(v))
+                    if isinstance(v, (int, float, bool)) else v for k, v in value.items()}
+        return value
+
+
+class HealthConfig(_Section):
+    url: str = "https://127.0.0.1:443/health/instance"
+    tls_verify: bool = False
+    start_period: Duration = 300.0
+    interval: Duration = 10.0
+    timeout: Duration = 5.0
+    failure_threshold: PositiveInt = 3
+    success_threshold: PositiveInt = 1
+    shared_services: List[str] = Field(
+        default_factory=lambda: ["database", "redis", "storage", "auth"])
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, ("http", "https"), "health")
+
+
+class RestartConfig(_Section):
+    backoff_initial: Duration = 10.0
+    backoff_max: Duration = 300.0
+    unhealthy_after: PositiveInt = 5
+    window: Duration = 1800.0
+
+
+class RdsConfig(_Section):
+    db_instance: str
+    region: Optional[str] = None
+
+
+class LifecycleConfig(_Section):
+    launch_hook: Optional[str] = None
+    termination_hook: Optional[str] = None
+    heartbeat_interval: Duration = 60.0
+
+
+class ReportConfig(_Section):
+    autoscaling: Union[bool, Literal["auto"]] = "auto"
+    listen: str = "127.0.0.1:9101"
+    on_unhealthy: Optional[List[str]] = None
+    rds: Optional[RdsConfig] = None
+    lifecycle: Optional[LifecycleConfig] = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT such as 127.0.0.1:9101 (0.0.0.0:9101 for a load balancer)")
+        return value
+
+    @field_validator("on_unhealthy", mode="before")
+    @classmethod
+    def _argv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            raise ValueError("give the command as a list of arguments; it runs without a shell")
+        return value
+
+
+class RolloutConfig(_Section):
+    max_unavailable: PositiveInt = 1
+    lease_ttl: Duration = 600.0
+
+
+class LoggingConfig(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    """The whole agent config; every section but `stack` and `image` has defaults."""
+
+    stack: StackConfig
+    image: ImageConfig
+    container: ContainerConfig = Field(default_factory=ContainerConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    restart: RestartConfig = Field(default_factory=RestartConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.container.network_mode == "host" and any(
+                k.startswith("net.") for k in self.container.sysctls):
+            raise ValueError("container.sysctls: net.* sysctls cannot be set with network_mode "
+                             "host; remove them or use the default bridge network")
+        return self
+
+
+def config_path(cli_value: Optional[str], environ: Mapping[str, str]) -> str:
+    """The config file to read: --config, else $QUAY_BOOTSTRAP_CONFIG, else the default."""
+    return cli_value or environ.get(ENV_PATH) or DEFAULT_PATH
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the agent config at `path`.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not YAML, or breaks the schema; every
+            problem is listed with its key path.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("the agent config file does not exist", where=path,
+                          hint=f"Write it, or point --config or ${ENV_PATH} at it") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read the agent config: {err}", where=path) from err
+    return parse_config(text, path)
+
+
+def parse_config(text: str, where: str = "<config>") -> Config:
+    """Validate YAML text as an agent config; see load_config."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError("the agent config is not valid YAML", where=f"{where}{line}",
+                          hint=f"Fix the YAML: {problem}") from err
+    if not isinstance(data, dict):
+        raise ConfigError("the agent config must be a YAML mapping with at least "
+                          "`stack` and `image` sections", where=where)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"the agent config has {err.error_count()} problem(s)", where=where,
+                          hint="Fix every key listed below",
+                          problems=_problems(err)) from err
+
+
+def _problems(err: ValidationError) -> List[Tuple[str, str]]:
+    problems = []
+    for item in err.errors(include_url=False):
+        loc = [str(part) for part in item["loc"]]
+        if item["type"] == "extra_forbidden":
+            model = _model_at(loc[:-1])
+            known = sorted(model.model_fields) if model else []
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            what = "unknown key" + (f"; did you mean {close[0]!r}?" if close
+                                    else f"; known keys here: {', '.join(known)}")
+        elif item["type"] == "missing":
+            what = "required key is missing"
+        else:
+            what = item["msg"].removeprefix("Value error, ")
+        problems.append((".".join(loc), what))
+    return problems
+
+
+def _model_at(path: List[str]) -> Optional[type]:
+    model: Any = Config
+    for part in path:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        for candidate in getattr(annotation, "__args__", (annotation,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+        else:
+            return None
+    return model

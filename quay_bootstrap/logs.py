@@ -1,0 +1,119 @@
+"""Logging: structlog configured once, JSON lines for journald, console on a TTY, secrets redacted."""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from typing import Any, Iterable, MutableMapping, Optional, TextIO
+
+import structlog
+
+MASK = "***"
+
+# Keys whose values are secret wherever they appear in an event (case-insensitive match).
+_SECRET_KEY = re.compile(
+    r"(pass(word|wd)?|secret|token|psk|credential|authorization|_key$|^key$|private)", re.I)
+# user:password@ in any URL (DB_URI, redis://, registry URLs).
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+# Presigned URL signatures (S3 SigV2/SigV4, GCS V2/V4): the whole query string goes.
+_PRESIGNED = re.compile(
+    r"(https?://[^\s?\"']+)\?[^\s\"']*(X-Amz-Signature|X-Amz-Credential|X-Goog-Signature|"
+    r"X-Goog-Credential|Signature=|AWSAccessKeyId|GoogleAccessId)[^\s\"']*", re.I)
+_PEM_PRIVATE = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S)
+
+
+class Redactor:
+    """A structlog processor that masks secrets in every event before it is rendered.
+
+    It masks the values of secret-looking keys, passwords inside URLs, presigned query strings,
+    PEM private keys, and every value registered with `add` (secrets found in conf/stack or read
+    from a password file), wherever they appear in a string.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: tuple[str, ...] = ()
+
+    def add(self, values: Iterable[str]) -> None:
+        """Remember secret values to mask from now on (short values are ignored: too noisy)."""
+        fresh = {v for v in values if isinstance(v, str) and len(v) >= 4}
+        with self._lock:
+            # Longest first, so a secret that contains another is masked whole.
+            self._values = tuple(sorted(set(self._values) | fresh, key=len, reverse=True))
+
+    def redact_text(self, text: str) -> str:
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, MASK)
+        text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+        text = _PRESIGNED.sub(lambda m: f"{m.group(1)}?{MASK}", text)
+        return _PEM_PRIVATE.sub(MASK, text)
+
+    def redact(self, value: Any, key: str = "") -> Any:
+        if key and _SECRET_KEY.search(key) and value not in (None, "", True, False):
+            return MASK
+        if isinstance(value, str):
+            return self.redact_text(value)
+        if isinstance(value, dict):
+            return {k: self.redact(v, str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.redact(v) for v in value]
+        if isinstance(value, BaseException):
+            return self.redact_text(str(value))
+        return value
+
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        for key in list(event):
+            event[key] = self.redact(event[key], "" if key == "event" else key)
+        return event
+
+
+def _text_exception(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    # Render tracebacks to text BEFORE redaction so secrets in exception messages are masked too.
+    return structlog.processors.format_exc_info(logger, method, event)
+
+
+def configure(redactor: Redactor, *, level: str = "info", fmt: str = "auto",
+              stream: Optional[TextIO] = None) -> None:
+    """Configure structlog and the stdlib root logger once, at the CLI's edge.
+
+    Args:
+        redactor: the processor that masks secrets; every line passes through it.
+        level: debug, info, warning or error.
+        fmt: json, console, or auto (console on a TTY, JSON lines otherwise, e.g. under systemd).
+        stream: where lines go (stderr by default).
+    """
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    numeric = getattr(logging, level.upper())
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _text_exception,
+        redactor,
+    ]
+    renderer: Any = (structlog.dev.ConsoleRenderer(colors=stream.isatty())
+                     if fmt == "console" else structlog.processors.JSONRenderer(sort_keys=False))
+    structlog.configure(
+        processors=[structlog.stdlib.filter_by_level, *shared,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    # The SDKs log request and response bodies (conf/stack contents) at debug: keep them quiet
+    # even when the agent itself runs at debug level.
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "google", "docker"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

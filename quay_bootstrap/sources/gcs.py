@@ -1,0 +1,89 @@
+"""conf/stack from Google Cloud Storage, via google-cloud-storage and application default credentials."""
+from __future__ import annotations
+
+import base64
+from typing import List, Optional
+
+import google.api_core.exceptions as gexc
+import google.auth.exceptions
+import requests
+from google.cloud import storage
+
+from quay_bootstrap.errors import SourceError
+from quay_bootstrap.sources import Download, ObjectInfo, TransientError, split_bucket_url
+
+_TIMEOUT = (5, 30)  # connect, read: seconds
+_TRANSIENT = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
+              gexc.ServiceUnavailable, gexc.GatewayTimeout, gexc.RequestRangeNotSatisfiable,
+              requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+              requests.exceptions.ChunkedEncodingError, google.auth.exceptions.TransportError)
+
+
+class GCSSource:
+    """A prefix in a GCS bucket. STORAGE_EMULATOR_HOST is honoured, as by every Google client."""
+
+    def __init__(self, url: str, *, endpoint_url: Optional[str] = None) -> None:
+        self.url = url
+        self.bucket_name, self.prefix = split_bucket_url(url)
+        options = {"api_endpoint": endpoint_url} if endpoint_url else None
+        try:
+            self._client = storage.Client(client_options=options)
+        except google.auth.exceptions.DefaultCredentialsError as err:
+            raise SourceError("no Google credentials found to read the stack", where=url,
+                              hint="Give the VM a service account that may read the bucket, "
+                                   "or set GOOGLE_APPLICATION_CREDENTIALS") from err
+        self._bucket = self._client.bucket(self.bucket_name)
+
+    def list(self) -> List[ObjectInfo]:
+        objects = []
+        try:
+            # retry=None: the fetch retries with its own deadline.
+            for blob in self._client.list_blobs(self.bucket_name, prefix=self.prefix or None,
+                                                timeout=_TIMEOUT, retry=None):
+                key = blob.name[len(self.prefix):]
+                if not key or key.endswith("/"):
+                    continue
+                checksums = {}
+                if blob.md5_hash:
+                    checksums["md5"] = base64.b64decode(blob.md5_hash).hex()
+                if blob.crc32c:
+                    checksums["crc32c"] = base64.b64decode(blob.crc32c).hex()
+                objects.append(ObjectInfo(key=key, size=int(blob.size or 0),
+                                          token=str(blob.generation), checksums=checksums))
+        except Exception as err:  # noqa: BLE001 - classified below, re-raised otherwise
+            mapped = self._classify(err, self.url)
+            if mapped is err:
+                raise
+            raise mapped from err
+        return objects
+
+    def read(self, obj: ObjectInfo) -> Download:
+        name = self.prefix + obj.key
+        # Pinning the listed generation makes a concurrent overwrite a 404, never mixed content.
+        blob = self._bucket.blob(name, generation=int(obj.token) if obj.token.isdigit() else None)
+        try:
+            data = blob.download_as_bytes(timeout=_TIMEOUT, checksum=None, retry=None)
+        except Exception as err:  # noqa: BLE001 - classified below, re-raised otherwise
+            mapped = self._classify(err, f"gs://{self.bucket_name}/{name}", reading=True)
+            if mapped is err:
+                raise
+            raise mapped from err
+        return Download(data=data)
+
+    def _classify(self, err: Exception, where: str, reading: bool = False) -> Exception:
+        if isinstance(err, gexc.NotFound):
+            if reading:
+                return TransientError(f"{where} changed while it was being fetched")
+            return SourceError(f"the bucket {self.bucket_name!r} does not exist", where=where,
+                               hint="Check stack.source")
+        if isinstance(err, (gexc.Forbidden, gexc.Unauthorized)):
+            return SourceError(f"access denied to the stack ({err.code})", where=where,
+                               hint="Check that the VM's service account has "
+                                    "storage.objects.list and storage.objects.get on the bucket")
+        if isinstance(err, gexc.PreconditionFailed):
+            return TransientError(f"{where} changed while it was being fetched")
+        if isinstance(err, _TRANSIENT):
+            return TransientError(f"{where}: {err}")
+        if isinstance(err, gexc.GoogleAPICallError):
+            return SourceError(f"the object store refused the request: {err}", where=where)
+        return err

@@ -1,0 +1,1 @@
+"""conf/stack: planned from a listing, fetched, validated, and switched in atomically."""

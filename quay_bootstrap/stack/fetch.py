@@ -1,0 +1,221 @@
+"""Fetch conf/stack: list, plan, download in parallel, verify, validate, then switch atomically."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import shutil
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import structlog
+import tenacity
+
+from quay_bootstrap.errors import ConfigError, QuayBootstrapError, SourceError, Unavailable
+from quay_bootstrap.sources import ObjectInfo, StackSource, TransientError
+from quay_bootstrap.stack.plan import (Limits, ManifestEntry, checksum_mismatch, plan_fetch,
+                                       stack_version)
+from quay_bootstrap.stack.store import StackStore
+from quay_bootstrap.stack.validate import StackCheck, check_stack
+
+log = structlog.get_logger(__name__)
+
+CHECKSUM_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What a fetch did. `changed` is False when the store held the live version already."""
+
+    version: str
+    previous: Optional[str]
+    changed: bool
+    files: int
+    bytes: int
+    downloaded: int
+    reused: int
+    seconds: float
+    path: Path
+
+
+class _Mismatch(Exception):
+    pass
+
+
+@dataclass
+class Fetcher:
+    """Args:
+        source: where the stack lives.
+        store: the stack folder (entered, i.e. locked, by `fetch`).
+        limits: max files and bytes.
+        concurrency: parallel downloads.
+        deadline: seconds to keep retrying transient faults before giving up with exit 69.
+        add_secrets: called with the secrets found in the new config.yaml before anything is
+            logged about it (the log redactor's `add`).
+        sleep, clock: injected so tests and the daemon's stop event control waiting.
+    """
+
+    source: StackSource
+    store: StackStore
+    limits: Limits
+    concurrency: int = 16
+    deadline: float = 120.0
+    keep_versions: int = 3
+    add_secrets: Callable = lambda values: None
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+    def fetch(self) -> FetchResult:
+        """Bring the live stack up to date with the source.
+
+        Raises:
+            SourceError: the store said no (missing bucket, denied, unsafe key, over limits,
+                checksums never matched); exit 1.
+            Unavailable: transient faults outlasted the deadline; exit 69.
+            ConfigError: the new stack failed validation; exit 78.
+            In every case the live stack (`current`) is left exactly as it was.
+        """
+        started = self.clock()
+        give_up_at = started + self.deadline
+        with self.store:
+            previous = self.store.current()
+            objects = self._retrying(give_up_at, self.source.list)
+            plan = plan_fetch(self.source.url, objects, self.limits,
+                              self.store.manifest(previous))
+            if plan.unchanged and previous:
+                log.debug("stack.unchanged", version=previous, files=len(plan.objects))
+                return FetchResult(previous, previous, False, len(plan.objects), plan.total_bytes,
+                                   0, len(plan.reuse), self.clock() - started,
+                                   self.store.path(previous))
+            staging = self.store.new_staging()
+            try:
+                return self._stage_and_commit(plan, previous, staging, give_up_at, started)
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise QuayBootstrapError(
+                    "no space left on the disk while staging conf/stack", where=str(staging),
+                    hint="Free space under stack.dir; the live stack was left in place") from err
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _stage_and_commit(self, plan, previous, staging, give_up_at, started) -> FetchResult:
+        manifest: Dict[str, ManifestEntry] = {}
+        old_manifest = self.store.manifest(previous)
+        for obj in plan.reuse:
+            try:
+                data = (self.store.path(previous) / obj.key).read_bytes()
+            except OSError:
+                data = b""
+            sha = hashlib.sha256(data).hexdigest()
+            if sha != old_manifest[obj.key].sha256:  # the local copy was lost or altered
+                data, sha = self._download(obj, give_up_at)
+            self.store.write_file(staging, obj.key, data)
+            manifest[obj.key] = ManifestEntry(obj.size, obj.token, sha)
+
+        def one(obj: ObjectInfo) -> None:
+            data, sha = self._download(obj, give_up_at)
+            self.store.write_file(staging, obj.key, data)
+            manifest[obj.key] = ManifestEntry(obj.size, obj.token, sha)
+
+        with ThreadPoolExecutor(max_workers=self.concurrency,
+                                thread_name_prefix="stack-fetch") as pool:
+            futures = [pool.submit(one, obj) for obj in plan.download]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()
+            for future in done:
+                future.result()  # re-raises the first failure
+
+        version = stack_version((k, v.sha256) for k, v in manifest.items())
+        if version == previous:
+            # Same content under new tokens (re-uploaded): nothing on disk changes but the
+            # manifest, so the next refresh does not download it again.
+            self.store.write_manifest(version, manifest, self.source.url)
+            return self._result(version, previous, False, plan, started)
+        config = staging / "config.yaml"
+        checked = check_stack(list(manifest), config.read_bytes() if config.is_file() else None)
+        self.add_secrets(checked.secrets)
+        _report(checked, self.source.url)
+        self.store.commit(staging, version, manifest, self.source.url)
+        pruned = self.store.prune(self.keep_versions)
+        result = self._result(version, previous, True, plan, started)
+        log.info("stack.applied", version=version, previous=previous, files=result.files,
+                 bytes=result.bytes, downloaded=result.downloaded, reused=result.reused,
+                 pruned=pruned, seconds=round(result.seconds, 3))
+        return result
+
+    def _result(self, version, previous, changed, plan, started) -> FetchResult:
+        return FetchResult(version, previous, changed, len(plan.objects), plan.total_bytes,
+                           len(plan.download), len(plan.reuse), self.clock() - started,
+                           self.store.path(version))
+
+    def _download(self, obj: ObjectInfo, give_up_at: float) -> Tuple[bytes, str]:
+        def attempt() -> Tuple[bytes, str]:
+            got = self._retrying(give_up_at, self.source.read, obj)
+            problem, _ = checksum_mismatch(got.data, obj, got.checksums)
+            if problem:
+                log.warning("stack.checksum_mismatch", key=obj.key, problem=problem)
+                raise _Mismatch(problem)
+            return got.data, hashlib.sha256(got.data).hexdigest()
+
+        try:
+            for tried in tenacity.Retrying(
+                    retry=tenacity.retry_if_exception_type(_Mismatch),
+                    stop=tenacity.stop_after_attempt(CHECKSUM_ATTEMPTS),
+                    wait=tenacity.wait_exponential(multiplier=0.2, max=2),
+                    sleep=self.sleep, reraise=True):
+                with tried:
+                    return attempt()
+        except _Mismatch as err:
+            raise SourceError(f"refusing the whole stack: {obj.key!r} did not match the store's "
+                              f"checksum after {CHECKSUM_ATTEMPTS} downloads ({err})",
+                              where=self.source.url,
+                              hint="Check the object in the store (re-upload it); a proxy or "
+                                   "disk may be corrupting data") from err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _retrying(self, give_up_at: float, call, *args):
+        """Run `call`, retrying transient faults with jittered backoff until the deadline."""
+        try:
+            for tried in tenacity.Retrying(
+                    retry=tenacity.retry_if_exception_type(TransientError),
+                    stop=lambda state: self.clock() >= give_up_at,
+                    wait=tenacity.wait_random_exponential(multiplier=0.5, max=15),
+                    sleep=self.sleep, reraise=True,
+                    before_sleep=_log_retry):
+                with tried:
+                    return call(*args)
+        except TransientError as err:
+            raise Unavailable(f"the object store did not answer within {self.deadline:.0f}s: "
+                              f"{err}", where=self.source.url,
+                              hint="Check the network path and stack.endpoint_url; the live "
+                                   "stack was left in place") from err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    log.warning("source.retry", attempt=state.attempt_number,
+                error=str(state.outcome.exception()) if state.outcome else "",
+                wait=round(state.next_action.sleep, 2) if state.next_action else None)
+
+
+def _report(checked: StackCheck, url: str) -> None:
+    for where, what in checked.warnings:
+        log.warning("stack.warning", where=where, problem=what)
+    if not checked.ok:
+        raise ConfigError(f"the conf/stack in the store is invalid ({len(checked.errors)} "
+                          "problem(s)); it was not applied", where=url,
+                          hint="Fix it in the store; the live stack was left in place",
+                          problems=checked.errors)
+
+
+def check_local_stack(folder: Path) -> StackCheck:
+    """Validate a conf/stack folder on disk (for `quay-bootstrap validate --stack`)."""
+    if not folder.is_dir():
+        raise SourceError("not a directory", where=str(folder))
+    names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    config = folder / "config.yaml"
+    return check_stack(names, config.read_bytes() if config.is_file() else None)

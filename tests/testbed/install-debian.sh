@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the agent's build and test bed need, only when missing.
+# Idempotent; run as root on Debian/Ubuntu. Never starts a system-wide Docker daemon.
+set -euo pipefail
+
+pkgs=(docker.io docker-registry busybox-static libsystemd-dev pkg-config iproute2 python3-venv)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-debian: missing packages: ${missing[*]}; run as root (or install them) first" >&2
+  exit 1
+fi
+
+# A policy-rc.d that refuses service starts keeps docker.io and docker-registry from starting
+# system-wide daemons during install; the test bed runs its own private ones.
+policy=/usr/sbin/policy-rc.d
+ours=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' >"$policy"
+  chmod 755 "$policy"
+  ours=1
+fi
+trap '[ "$ours" = 1 ] && rm -f "$policy"' EXIT
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-debian: installed ${missing[*]}"
