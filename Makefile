@@ -25,7 +25,8 @@ $(VENV)/.installed: setup.cfg setup.py
 venv: deps $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check quay_bootstrap tests bench
+	$(VENV)/bin/ruff check --isolated --select E,F,W,B,I --line-length 110 --target-version py39 \
+	  quay_bootstrap tests bench
 	$(VENV)/bin/vermin --no-tips --violations --target=3.9- quay_bootstrap
 
 unit: venv

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
-from pydantic.functional_validators import BeforeValidator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.functional_validators import AfterValidator, BeforeValidator
 
 from quay_bootstrap.errors import ConfigError
 
@@ -73,6 +71,15 @@ def parse_size(value: Any) -> int:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def _port_mapping(value: str) -> str:
+    if not re.fullmatch(r"(\d{1,3}(\.\d{1,3}){3}:)?\d{1,5}:\d{1,5}(/(tcp|udp))?", value):
+        raise ValueError(f"{value!r} is not HOST:CONTAINER or IP:HOST:CONTAINER, e.g. 443:8443")
+    return value
+
+
+PortMapping = Annotated[str, AfterValidator(_port_mapping)]
 
 
 class _Section(BaseModel):
@@ -168,7 +175,7 @@ class ImageConfig(_Section):
 
 class ContainerConfig(_Section):
     name: str = "quay"
-    ports: List[str] = Field(default_factory=lambda: ["443:8443", "80:8080"])
+    ports: List[PortMapping] = Field(default_factory=lambda: ["443:8443", "80:8080"])
     volumes: List[str] = Field(default_factory=list)
     env: Dict[str, str] = Field(default_factory=dict)
     sysctls: Dict[str, str] = Field(default_factory=lambda: {"net.core.somaxconn": "4096"})
@@ -176,14 +183,6 @@ class ContainerConfig(_Section):
     privileged: bool = False
     stop_timeout: Duration = 30.0
     adopt_unmanaged: bool = False
-
-    @field_validator("ports")
-    @classmethod
-    def _ports(cls, value: List[str]) -> List[str]:
-        for item in value:
-            if not re.fullmatch(r"(\d{1,3}(\.\d{1,3}){3}:)?\d{1,5}:\d{1,5}(/(tcp|udp))?", item):
-                raise ValueError(f"{item!r} is not HOST:CONTAINER or IP:HOST:CONTAINER")
-        return value
 
     @field_validator("env", "sysctls", mode="before")
     @classmethod

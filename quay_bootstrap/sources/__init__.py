@@ -39,6 +39,10 @@ class TransientError(Exception):
     """A fault worth retrying: a timeout, a refused connection, a 5xx, the object changing mid-fetch."""
 
 
+class CorruptDownload(Exception):
+    """The store's client itself found the bytes did not match their checksum; download again."""
+
+
 class StackSource(Protocol):
     """A prefix in an object store (or a directory) holding conf/stack."""
 

@@ -10,7 +10,7 @@ import botocore.config
 import botocore.exceptions
 
 from quay_bootstrap.errors import SourceError
-from quay_bootstrap.sources import Download, ObjectInfo, TransientError, split_bucket_url
+from quay_bootstrap.sources import CorruptDownload, Download, ObjectInfo, TransientError, split_bucket_url
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _DENIED = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -39,7 +39,7 @@ class S3Source:
             connect_timeout=5,
             read_timeout=30,
             # The fetch retries with its own deadline; botocore's retries would multiply it.
-            retries={"max_attempts": 1, "mode": "standard"},
+            retries={"total_max_attempts": 1, "mode": "standard"},
             # S3-compatible stores rarely serve virtual-hosted bucket names.
             s3={"addressing_style": "path" if endpoint_url else "auto"},
         )
@@ -89,6 +89,8 @@ class S3Source:
             raise self._classify(err, "read", key) from err
         except _CONNECTION_FAULTS as err:
             raise TransientError(f"s3://{self.bucket}/{key}: {err}") from err
+        except botocore.exceptions.FlexibleChecksumError as err:
+            raise CorruptDownload(str(err)) from err
         checksums = {}
         sha256 = response.get("ChecksumSHA256") or ""
         if sha256 and "-" not in sha256:  # "-N" marks a composite multipart checksum

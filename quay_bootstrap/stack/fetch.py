@@ -14,9 +14,8 @@ import structlog
 import tenacity
 
 from quay_bootstrap.errors import ConfigError, QuayBootstrapError, SourceError, Unavailable
-from quay_bootstrap.sources import ObjectInfo, StackSource, TransientError
-from quay_bootstrap.stack.plan import (Limits, ManifestEntry, checksum_mismatch, plan_fetch,
-                                       stack_version)
+from quay_bootstrap.sources import CorruptDownload, ObjectInfo, StackSource, TransientError
+from quay_bootstrap.stack.plan import Limits, ManifestEntry, checksum_mismatch, plan_fetch, stack_version
 from quay_bootstrap.stack.store import StackStore
 from quay_bootstrap.stack.validate import StackCheck, check_stack
 
@@ -154,7 +153,11 @@ class Fetcher:
 
     def _download(self, obj: ObjectInfo, give_up_at: float) -> Tuple[bytes, str]:
         def attempt() -> Tuple[bytes, str]:
-            got = self._retrying(give_up_at, self.source.read, obj)
+            try:
+                got = self._retrying(give_up_at, self.source.read, obj)
+            except CorruptDownload as err:
+                log.warning("stack.checksum_mismatch", key=obj.key, problem=str(err))
+                raise _Mismatch(str(err)) from err
             problem, _ = checksum_mismatch(got.data, obj, got.checksums)
             if problem:
                 log.warning("stack.checksum_mismatch", key=obj.key, problem=problem)

@@ -1,0 +1,1 @@
+"""Test bed: the real services the integration tests talk to."""

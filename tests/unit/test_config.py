@@ -1,0 +1,125 @@
+"""The agent config: defaults, durations and sizes, and every problem reported with its key path."""
+import pytest
+from pydantic import ValidationError
+
+from quay_bootstrap.config import config_path, load_config, parse_config, parse_duration, parse_size
+from quay_bootstrap.errors import EXIT_CONFIG, ConfigError
+
+MINIMAL = "stack: {source: s3://bucket/conf/stack}\nimage: {reference: quay.io/projectquay/quay:v3.9.0}\n"
+
+
+def test_minimal_config_gets_documented_defaults():
+    cfg = parse_config(MINIMAL)
+    assert str(cfg.stack.dir) == "/var/lib/quay-bootstrap/stack"
+    assert cfg.stack.owner == "1001:0" and cfg.stack.uid_gid == (1001, 0)
+    assert cfg.stack.refresh_interval == 60
+    assert (cfg.stack.max_files, cfg.stack.max_bytes) == (10_000, 64 * 1024 * 1024)
+    assert cfg.container.name == "quay"
+    assert cfg.container.ports == ["443:8443", "80:8080"]
+    assert cfg.health.url == "https://127.0.0.1:443/health/instance"
+    assert cfg.health.tls_verify is False
+    assert cfg.health.shared_services == ["database", "redis", "storage", "auth"]
+    assert cfg.report.listen == "127.0.0.1:9101"
+    assert cfg.report.autoscaling == "auto"
+    assert cfg.rollout.max_unavailable == 1
+    assert cfg.logging.format == "auto"
+
+
+def test_config_is_frozen():
+    cfg = parse_config(MINIMAL)
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.stack.max_files = 3
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("30s", 30), ("5m", 300), ("1h", 3600), ("1h30m", 5400), ("250ms", 0.25), ("90", 90),
+    (45, 45), (0, 0), ("2d", 172800),
+])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["5x", "", "m5", "-3s", True, None, "1h 30m", [1]])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize("text,size", [("64MiB", 64 * 1024 * 1024), ("500KB", 500_000),
+                                       (1024, 1024), ("10 B", 10), ("1GiB", 1024 ** 3)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_every_problem_is_reported_with_its_key_path():
+    text = """
+stack: {source: ftp://x, max_byts: 5, refresh_interval: 5x, owner: quay}
+image: {reference: quay.io/projectquay/quay:v3.9.0, auth: {username: bob}}
+container: {ports: ["abc"]}
+helth: {}
+report: {on_unhealthy: "systemctl poweroff", listen: nowhere}
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "/etc/quay-bootstrap/config.yaml")
+    err = caught.value
+    assert err.exit_code == EXIT_CONFIG
+    problems = dict(err.problems)
+    assert "expected one of s3://..., gs://..., file://..." in problems["stack.source"]
+    assert problems["stack.max_byts"] == "unknown key; did you mean 'max_bytes'?"
+    assert "not a duration" in problems["stack.refresh_interval"]
+    assert "1001:0" in problems["stack.owner"]
+    assert "username and password_file go together" in problems["image.auth"]
+    assert "HOST:CONTAINER" in problems["container.ports.0"]
+    assert problems["helth"] == "unknown key; did you mean 'health'?"
+    assert "without a shell" in problems["report.on_unhealthy"]
+    assert "HOST:PORT" in problems["report.listen"]
+    text = str(err)
+    assert "/etc/quay-bootstrap/config.yaml" in text and "stack.max_byts" in text
+
+
+def test_missing_sections_are_named():
+    with pytest.raises(ConfigError) as caught:
+        parse_config("logging: {level: debug}\n")
+    assert dict(caught.value.problems) == {"stack": "required key is missing",
+                                           "image": "required key is missing"}
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("stack: [\n", "not valid YAML"),
+    ("- a\n- b\n", "must be a YAML mapping"),
+    ("", "must be a YAML mapping"),
+])
+def test_not_a_yaml_mapping(text, expect):
+    with pytest.raises(ConfigError, match=expect) as caught:
+        parse_config(text)
+    assert caught.value.exit_code == EXIT_CONFIG
+
+
+def test_yaml_error_names_the_line():
+    with pytest.raises(ConfigError) as caught:
+        parse_config("stack:\n  source: s3://b/p\nimage: {reference: [\n", "cfg.yaml")
+    assert "cfg.yaml line" in str(caught.value)
+
+
+def test_net_sysctls_refused_on_host_network():
+    with pytest.raises(ConfigError, match="net.core.somaxconn|net.\\* sysctls"):
+        parse_config(MINIMAL + "container: {network_mode: host}\n")
+    cfg = parse_config(MINIMAL + "container: {network_mode: host, sysctls: {}}\n")
+    assert cfg.container.network_mode == "host"
+
+
+def test_yaml_scalars_become_docker_strings():
+    cfg = parse_config(MINIMAL + "container: {env: {WORKERS: 4, DEBUG: true}}\n")
+    assert cfg.container.env == {"WORKERS": "4", "DEBUG": "true"}
+
+
+def test_missing_file_says_how_to_point_at_one(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(tmp_path / "nope.yaml"))
+    assert "does not exist" in str(caught.value) and "--config" in str(caught.value)
+
+
+def test_config_path_precedence():
+    assert config_path("/a", {"QUAY_BOOTSTRAP_CONFIG": "/b"}) == "/a"
+    assert config_path(None, {"QUAY_BOOTSTRAP_CONFIG": "/b"}) == "/b"
+    assert config_path(None, {}) == "/etc/quay-bootstrap/config.yaml"
