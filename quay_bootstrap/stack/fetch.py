@@ -137,6 +137,9 @@ class Fetcher:
         config = staging / "config.yaml"
         checked = check_stack(list(manifest), config.read_bytes() if config.is_file() else None)
         self.add_secrets(checked.secrets)
+        # Operators debugging a node want to see the settings that go live; the redactor
+        # masks the secrets among them.
+        log.debug("stack.settings", version=version, settings=checked.settings)
         _report(checked, self.source.url)
         self.store.commit(staging, version, manifest, self.source.url)
         pruned = self.store.prune(self.keep_versions)

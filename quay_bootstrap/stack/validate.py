@@ -25,6 +25,7 @@ class StackCheck:
     errors: Tuple[Tuple[str, str], ...] = ()
     warnings: Tuple[Tuple[str, str], ...] = ()
     secrets: frozenset = field(default_factory=frozenset)
+    settings: Optional[dict] = None  # the parsed config.yaml, when it parsed
 
     @property
     def ok(self) -> bool:
@@ -58,6 +59,8 @@ def check_stack(names: Collection[str], config_yaml: Optional[bytes]) -> StackCh
         return StackCheck(errors=(("config.yaml", "must be a YAML mapping of Quay settings, "
                                                   f"not {type(config).__name__}"),))
     secrets = stack_secrets(config)
+    if not config:
+        errors.append(("config.yaml", "is empty"))
     for key in REQUIRED_KEYS:
         if key not in config:
             errors.append((f"config.yaml: {key}", "required by Quay's schema but missing"))
@@ -76,7 +79,8 @@ def check_stack(names: Collection[str], config_yaml: Optional[bytes]) -> StackCh
         if not config.get(key):
             warnings.append((f"config.yaml: {key}", "is missing; it must be set and the same "
                                                     "on every node of the cluster"))
-    return StackCheck(errors=tuple(errors), warnings=tuple(warnings), secrets=frozenset(secrets))
+    return StackCheck(errors=tuple(errors), warnings=tuple(warnings), secrets=frozenset(secrets),
+                      settings=config)
 
 
 def stack_secrets(config: Any) -> Set[str]:

@@ -104,12 +104,13 @@ class Agent:
         out, err = self.capsys.readouterr()
         return code, out, err
 
-    def spawn(self, *args: str, log_level: str = "info") -> subprocess.Popen:
+    def spawn(self, *args: str, log_level: str = "info",
+              log_format: str = "json") -> subprocess.Popen:
         """The CLI as its own process, as systemd runs it."""
         env = {**os.environ, **self.env}
         return subprocess.Popen(
             [sys.executable, "-m", "quay_bootstrap", "--config", str(self.config_path), *args,
-             "--log-level", log_level, "--log-format", "json"],
+             "--log-level", log_level, "--log-format", log_format],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
 
     def live(self) -> Tuple[Optional[str], Dict[str, bytes]]:
