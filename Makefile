@@ -45,6 +45,13 @@ bench: venv
 	$(PY) -m tests.testbed start $(BED)
 	set +e; TESTBED_DIR=$(BED) $(PY) bench/run.py; rc=$$?; $(PY) -m tests.testbed stop $(BED); exit $$rc
 
+# The main job on this machine: a node's boot against a local object store (see tests/testbed/demo.py).
+demo: venv
+	$(PY) -m tests.testbed.demo run $(CURDIR)/.demo
+
+demo-clean:
+	$(PY) -m tests.testbed.demo clean $(CURDIR)/.demo
+
 dist: venv
 	$(PY) -m pip install -q build
 	$(PY) -m build --outdir dist .

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.integration.faulty_proxy import Fault, FaultyProxy
-from tests.integration.stacks import quay_config, sample_stack
+from tests.testbed.stacks import quay_config, sample_stack
 
 
 def applied(agent, backend, files=None, **stack):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.integration.stacks import SECRETS, SSL_KEY, sample_stack
+from tests.testbed.stacks import SECRETS, SSL_KEY, sample_stack
 
 PRIVATE_KEY_BODY = SSL_KEY.splitlines()[1]
 
