@@ -81,6 +81,12 @@ def backend(request) -> Backend:
     return request.getfixturevalue(f"{request.param}_backend")
 
 
+@pytest.fixture(params=["s3", "gcs"])
+def cloud_backend(request) -> Backend:
+    """The same behaviour on every object store (not a directory)."""
+    return request.getfixturevalue(f"{request.param}_backend")
+
+
 @dataclass
 class Agent:
     """Writes the agent config and runs `quay-bootstrap` against it."""

@@ -83,9 +83,8 @@ def test_a_deleted_object_disappears_from_the_live_stack(agent, backend):
     assert "robots.txt" not in agent.live()[1]
 
 
-def test_same_content_reuploaded_is_the_same_version(agent, backend):
-    if backend.kind == "file":
-        pytest.skip("a directory has no upload; covered by s3 and gcs")
+def test_same_content_reuploaded_is_the_same_version(agent, cloud_backend):
+    backend = cloud_backend
     version, _ = applied(agent, backend)
     backend.put("robots.txt", sample_stack()["robots.txt"])  # new ETag/generation, same bytes
     code, out, _ = agent.run("fetch")
@@ -108,16 +107,16 @@ def refused(agent, *, code, says):
     return err
 
 
-@pytest.mark.parametrize("bad_key,why", [
-    ("../escape.yaml", "'..'"),
-    ("a\\b.crt", "backslash"),
-    ("ctl\x01.crt", "control character"),
+@pytest.mark.parametrize("kind,bad_key,why", [
+    ("s3", "../escape.yaml", "'..'"),  # the GCS emulator normalises '..'; a directory can't hold it
+    ("s3", "ctl\x01.crt", "control character"),
+    ("gcs", "ctl\x01.crt", "control character"),
+    ("s3", "a\\b.crt", "backslash"),
+    ("gcs", "a\\b.crt", "backslash"),
+    ("file", "a\\b.crt", "backslash"),
 ])
-def test_unsafe_key_refuses_the_whole_fetch(agent, backend, bad_key, why):
-    if backend.kind == "file" and ("/" in bad_key or "\x01" in bad_key):
-        pytest.skip("a directory cannot hold this name")
-    if backend.kind == "gcs" and bad_key.startswith(".."):
-        pytest.skip("the GCS emulator normalises '..' in object paths")
+def test_unsafe_key_refuses_the_whole_fetch(request, agent, kind, bad_key, why):
+    backend = request.getfixturevalue(f"{kind}_backend")
     applied(agent, backend)
     backend.put(bad_key, b"x")
     try:
@@ -226,18 +225,17 @@ def test_an_overloaded_store_is_retried_with_backoff(agent, s3_backend):
     assert err.count('"source.retry"') == 2
 
 
-def test_an_unreachable_store_gives_69_within_the_deadline(agent, backend, monkeypatch):
+def test_an_unreachable_store_gives_69_within_the_deadline(agent, cloud_backend, monkeypatch):
+    backend = cloud_backend
     version, before = applied(agent, backend)
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
     if backend.kind == "s3":
         agent.write_config(backend, endpoint_url=dead, retry_deadline="3s")
-    elif backend.kind == "gcs":
+    else:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", dead)
         agent.write_config(backend, retry_deadline="3s")
-    else:
-        pytest.skip("a directory is never unreachable in this sense")
     started = time.monotonic()
     refused(agent, code=69, says=["did not answer within 3s", "live stack was left in place"])
     assert time.monotonic() - started < 20
