@@ -97,7 +97,15 @@ def _store(cfg, redactor):
     from quay_bootstrap.stack.store import StackStore
     from quay_bootstrap.stack.validate import stack_secrets
 
-    store = StackStore(cfg.stack.dir, cfg.stack.uid_gid if os.geteuid() == 0 else None)
+    owner = cfg.stack.uid_gid
+    if os.geteuid() != 0:
+        import structlog
+
+        structlog.get_logger(__name__).warning(
+            "stack.owner_ignored", owner=cfg.stack.owner,
+            reason="not running as root: the files keep this user's ownership")
+        owner = None
+    store = StackStore(cfg.stack.dir, owner)
     current = store.current()
     if current:
         import yaml

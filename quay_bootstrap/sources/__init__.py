@@ -70,7 +70,7 @@ def open_source(url: str, stack: Optional["StackConfig"] = None, *,
     if scheme == "gs":
         from quay_bootstrap.sources.gcs import GCSSource
 
-        return GCSSource(url, endpoint_url=endpoint)
+        return GCSSource(url, endpoint_url=endpoint, concurrency=concurrency)
     if scheme == "file":
         from quay_bootstrap.sources.file import FileSource
 

@@ -7,6 +7,7 @@ from typing import List, Optional
 import google.api_core.exceptions as gexc
 import google.auth.exceptions
 import requests
+import requests.adapters
 from google.cloud import storage
 
 from quay_bootstrap.errors import SourceError
@@ -22,7 +23,8 @@ _TRANSIENT = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
 class GCSSource:
     """A prefix in a GCS bucket. STORAGE_EMULATOR_HOST is honoured, as by every Google client."""
 
-    def __init__(self, url: str, *, endpoint_url: Optional[str] = None) -> None:
+    def __init__(self, url: str, *, endpoint_url: Optional[str] = None,
+                 concurrency: int = 16) -> None:
         self.url = url
         self.bucket_name, self.prefix = split_bucket_url(url)
         options = {"api_endpoint": endpoint_url} if endpoint_url else None
@@ -33,6 +35,11 @@ class GCSSource:
                               hint="Give the VM a service account that may read the bucket, "
                                    "or set GOOGLE_APPLICATION_CREDENTIALS") from err
         self._bucket = self._client.bucket(self.bucket_name)
+        # requests keeps 10 connections per host by default; parallel downloads beyond that
+        # would open and discard a connection each time (and warn about it).
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=concurrency)
+        for prefix in ("https://", "http://"):
+            self._client._http.mount(prefix, adapter)
 
     def list(self) -> List[ObjectInfo]:
         objects = []

@@ -43,8 +43,10 @@ def test_fetch_puts_the_stack_live_with_quay_ownership(agent, backend):
         assert mode == (0o750 if path.is_dir() else 0o640), path
         assert (path.stat().st_uid, path.stat().st_gid) == (1001, 0), path
     assert os.readlink(agent.stack_dir / "last-known-good") == os.readlink(folder)
-    event = [json.loads(line) for line in err.splitlines() if '"stack.applied"' in line][0]
-    assert event["version"] == version and event["files"] == 21
+    events = [json.loads(line) for line in err.splitlines()]
+    applied_event = [e for e in events if e["event"] == "stack.applied"][0]
+    assert applied_event["version"] == version and applied_event["files"] == 21
+    assert [e for e in events if e["level"] != "info"] == []  # a clean fetch warns of nothing
 
 
 def test_unchanged_store_downloads_nothing_and_touches_nothing(agent, backend):
@@ -293,3 +295,15 @@ def test_killed_mid_fetch_leaves_the_live_stack_and_the_next_run_cleans_up(agent
     assert code == 0, err
     assert agent.staging() == []
     assert len(agent.live()[1]) == 321
+
+
+def test_many_files_in_parallel_fetch_cleanly(agent, cloud_backend):
+    files = sample_stack()
+    files.update({f"extra_ca_certs/bulk-{i:03d}.crt": os.urandom(64) for i in range(80)})
+    cloud_backend.upload(files)
+    agent.write_config(cloud_backend, concurrency=32)
+    code, out, err = agent.run("fetch")
+    assert code == 0, err
+    assert agent.live()[1] == files
+    # e.g. urllib3's "Connection pool is full, discarding connection" when the pool is too small
+    assert [line for line in err.splitlines() if '"level": "info"' not in line] == []
