@@ -21,9 +21,9 @@ _CONNECTION_FAULTS = (
     botocore.exceptions.ConnectTimeoutError,
     botocore.exceptions.ReadTimeoutError,
     botocore.exceptions.ConnectionClosedError,
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.IncompleteReadError,
 )
+# A body cut short: counted like a checksum mismatch (a few downloads, then refused).
+_TRUNCATED = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError)
 
 
 class S3Source:
@@ -91,6 +91,8 @@ class S3Source:
             raise TransientError(f"s3://{self.bucket}/{key}: {err}") from err
         except botocore.exceptions.FlexibleChecksumError as err:
             raise CorruptDownload(str(err)) from err
+        except _TRUNCATED as err:
+            raise CorruptDownload(f"truncated download: {err}") from err
         checksums = {}
         sha256 = response.get("ChecksumSHA256") or ""
         if sha256 and "-" not in sha256:  # "-N" marks a composite multipart checksum

@@ -196,12 +196,14 @@ def test_a_bad_download_is_retried_then_succeeds(agent, s3_backend, kind):
     assert proxy.faults[0].hits == 2
 
 
-@pytest.mark.parametrize("with_sha256", [False, True], ids=["etag-md5", "checksum-sha256"])
-def test_a_download_that_never_matches_is_refused(agent, s3_backend, with_sha256):
+@pytest.mark.parametrize("with_sha256,kind", [(False, "corrupt"), (True, "corrupt"),
+                                             (False, "truncate")],
+                         ids=["etag-md5", "checksum-sha256", "truncated"])
+def test_a_download_that_never_matches_is_refused(agent, s3_backend, with_sha256, kind):
     version, _ = applied(agent, s3_backend)
     s3_backend.put("ssl.cert", b"-----BEGIN CERTIFICATE-----\nnew\n", sha256=with_sha256)
     with FaultyProxy(s3_backend.stack_options["endpoint_url"],
-                     [Fault("ssl.cert", "corrupt", times=99)]) as proxy:
+                     [Fault("ssl.cert", kind, times=99)]) as proxy:
         agent.write_config(s3_backend, endpoint_url=proxy.url)
         refused(agent, code=1, says=["'ssl.cert' did not match the store's checksum after 3",
                                      "re-upload"])
