@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Protocol
+from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Tuple
 
 if TYPE_CHECKING:
     from quay_bootstrap.config import StackConfig
@@ -54,6 +54,9 @@ class StackSource(Protocol):
     def read(self, obj: ObjectInfo) -> Download:
         """The object's bytes, exactly the listed version where the store allows it."""
 
+    def get(self, key: str) -> bytes:
+        """One object by key (e.g. the cluster image lock). Raises SourceError when missing."""
+
 
 def open_source(url: str, stack: Optional["StackConfig"] = None, *,
                 concurrency: int = 16) -> StackSource:
@@ -76,6 +79,15 @@ def open_source(url: str, stack: Optional["StackConfig"] = None, *,
 
         return FileSource(url)
     raise ValueError(f"unsupported source scheme in {url!r}")
+
+
+def open_object(url: str, stack: Optional["StackConfig"] = None) -> Tuple[StackSource, str]:
+    """(the source holding one object's folder, the object's key) for a URL such as the lock's."""
+    scheme, _, rest = url.partition("://")
+    folder, _, key = rest.rstrip("/").rpartition("/")
+    if scheme != "file" and "/" not in rest.strip("/"):
+        raise ValueError(f"{url!r} names a bucket, not an object")
+    return open_source(f"{scheme}://{folder}", stack, concurrency=1), key
 
 
 def split_bucket_url(url: str) -> tuple:

@@ -49,6 +49,15 @@ class FileSource:
         except OSError as err:
             raise _classify(err, f"{self.url}/{obj.key}") from err
 
+    def get(self, key: str) -> bytes:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError as err:
+            raise SourceError("the file does not exist", where=f"{self.url}/{key}",
+                              hint="Check the URL") from err
+        except OSError as err:
+            raise _classify(err, f"{self.url}/{key}") from err
+
 
 def _raise(err: OSError) -> None:
     raise err

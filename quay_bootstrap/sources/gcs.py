@@ -77,6 +77,19 @@ class GCSSource:
             raise mapped from err
         return Download(data=data)
 
+    def get(self, key: str) -> bytes:
+        name = self.prefix + key
+        where = f"gs://{self.bucket_name}/{name}"
+        try:
+            return self._bucket.blob(name).download_as_bytes(timeout=_TIMEOUT, retry=None)
+        except gexc.NotFound as err:
+            raise SourceError("the object does not exist", where=where, hint="Check the URL") from err
+        except Exception as err:  # noqa: BLE001 - classified below, re-raised otherwise
+            mapped = self._classify(err, where)
+            if mapped is err:
+                raise
+            raise mapped from err
+
     def _classify(self, err: Exception, where: str, reading: bool = False) -> Exception:
         if isinstance(err, gexc.NotFound):
             if reading:

@@ -103,6 +103,18 @@ class S3Source:
             checksums["md5"] = ""
         return Download(data=data, checksums=checksums)
 
+    def get(self, key: str) -> bytes:
+        full = self.prefix + key
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+        except botocore.exceptions.ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise SourceError("the object does not exist", where=f"s3://{self.bucket}/{full}",
+                                  hint="Check the URL") from err
+            raise self._classify(err, "read", full) from err
+        except _CONNECTION_FAULTS + _TRUNCATED as err:
+            raise TransientError(f"s3://{self.bucket}/{full}: {err}") from err
+
     def _classify(self, err: botocore.exceptions.ClientError, action: str,
                   key: str = "") -> Exception:
         error = err.response.get("Error", {})

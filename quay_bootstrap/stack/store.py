@@ -10,6 +10,7 @@ Layout under stack.dir:
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -22,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from quay_bootstrap.errors import QuayBootstrapError
 from quay_bootstrap.stack.plan import ManifestEntry, prune
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
 DIR_MODE = 0o750
 FILE_MODE = 0o640
 
@@ -175,8 +177,14 @@ class StackStore:
 
 def _fsync_tree(root: Path) -> None:
     # The rename must not reach the disk before the files do, or a power cut leaves empty
-    # files. One sync(2) costs far less than an fsync per file for a 1,000-file stack.
-    os.sync()
+    # files. One syncfs(2) of the stack's filesystem costs far less than an fsync per file,
+    # and unlike sync(2) does not wait for a docker pull writing elsewhere.
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(folder: Path) -> None:

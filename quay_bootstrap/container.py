@@ -1,0 +1,220 @@
+"""How the Quay container runs: the desired spec and the reconcile decision (pure), and Docker (I/O)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import structlog
+
+from quay_bootstrap.errors import ContainerError, Unavailable
+
+log = structlog.get_logger(__name__)
+
+LABEL = "io.quay-bootstrap"
+MANAGED = f"{LABEL}.managed"
+STACK_VERSION = f"{LABEL}.stack-version"
+IMAGE_DIGEST = f"{LABEL}.image-digest"
+SPEC_HASH = f"{LABEL}.spec-hash"
+STACK_MOUNT = "/conf/stack"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything the Quay container is created from; its hash detects drift."""
+
+    name: str
+    image: str  # the image ID: immutable, unlike a tag
+    ports: Dict[str, Any]
+    binds: Tuple[str, ...]
+    env: Dict[str, str]
+    sysctls: Dict[str, str]
+    network_mode: Optional[str]
+    privileged: bool
+    stop_timeout: int
+    labels: Dict[str, str] = field(default_factory=dict)
+
+    def digest(self) -> str:
+        data = asdict(self)
+        data.pop("labels")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_ports(items: List[str]) -> Dict[str, Any]:
+    """["443:8443", "127.0.0.1:80:8080/tcp"] -> {"8443/tcp": 443, "8080/tcp": ("127.0.0.1", 80)}."""
+    ports: Dict[str, Any] = {}
+    for item in items:
+        spec, _, proto = item.partition("/")
+        parts = spec.split(":")
+        host_ip, host_port, container_port = ([None] + parts)[-3:] if len(parts) == 2 else parts
+        key = f"{container_port}/{proto or 'tcp'}"
+        ports[key] = (host_ip, int(host_port)) if host_ip else int(host_port)
+    return ports
+
+
+def build_spec(container, image_id: str, image_digest: str, stack_path: Path,
+               stack_version: str) -> Spec:
+    """The desired container from `container:` config, the pulled image and the live stack.
+
+    The stack is the resolved version folder, read-only, so a later switch of `current` never
+    changes a running container's files.
+    """
+    binds = (f"{stack_path}:{STACK_MOUNT}:ro", *container.volumes)
+    spec = Spec(
+        name=container.name, image=image_id,
+        ports={} if container.network_mode == "host" else parse_ports(container.ports),
+        binds=tuple(binds), env=dict(container.env), sysctls=dict(container.sysctls),
+        network_mode=container.network_mode, privileged=container.privileged,
+        stop_timeout=int(container.stop_timeout))
+    labels = {MANAGED: "true", STACK_VERSION: stack_version, IMAGE_DIGEST: image_digest,
+              SPEC_HASH: spec.digest()}
+    return replace(spec, labels=labels)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """A container found under the configured name."""
+
+    id: str
+    status: str  # created, running, restarting, paused, exited, dead
+    labels: Dict[str, str]
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # create, adopt, start, replace, refuse
+    reason: str
+
+
+def decide(found: Optional[Observed], desired: Spec, adopt_unmanaged: bool = False) -> Action:
+    """What reconciling must do to make `found` into `desired`; idempotent by construction."""
+    if found is None:
+        return Action("create", "no container named " + desired.name)
+    if found.labels.get(MANAGED) != "true":
+        if adopt_unmanaged:
+            return Action("replace", "container.adopt_unmanaged is true: taking over a "
+                                     "container quay-bootstrap did not create")
+        return Action("refuse", f"a container named {desired.name!r} exists that quay-bootstrap "
+                                "did not create")
+    drift = [what for label, what in ((IMAGE_DIGEST, "image"), (STACK_VERSION, "stack version"),
+                                      (SPEC_HASH, "container spec"))
+             if found.labels.get(label) != desired.labels[label]]
+    if drift:
+        return Action("replace", "changed: " + ", ".join(drift))
+    if found.status in ("running", "restarting"):
+        return Action("adopt", "already running the desired image, stack and spec")
+    return Action("start", f"the container is {found.status}")
+
+
+_PORT_IN_USE = re.compile(r"(?:Bind for |listen tcp\d? )(\S+?):? (?:failed|bind)")
+
+
+class Docker:
+    """The Docker engine, through the docker SDK. Args: base_url (None = DOCKER_HOST or the
+    default socket); how long to wait for the daemon to answer."""
+
+    def __init__(self, base_url: Optional[str] = None, *, connect_deadline: float = 10.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        import docker
+
+        self._errors = docker.errors
+        where = base_url or _default_socket()
+        deadline = time.monotonic() + connect_deadline
+        while True:
+            try:
+                self.client = _client_without_user_config(docker, base_url)
+                self.client.ping()
+                break
+            except docker.errors.DockerException as err:
+                if time.monotonic() >= deadline:
+                    raise Unavailable("the Docker daemon does not answer", where=where,
+                                      hint="Start it (systemctl start docker) or set "
+                                           "DOCKER_HOST; the agent needs it to run Quay") from err
+                sleep(0.5)
+        self.where = where
+
+    def find(self, name: str) -> Optional[Observed]:
+        try:
+            found = self.client.containers.get(name)
+        except self._errors.NotFound:
+            return None
+        return Observed(found.id, found.status, dict(found.labels or {}))
+
+    def create_and_start(self, spec: Spec) -> str:
+        """Create and start; on failure remove what was created and say why, naming the port."""
+        created = self.client.api.create_container(
+            image=spec.image, name=spec.name, labels=spec.labels, environment=spec.env,
+            ports=[(int(p.split("/")[0]), p.split("/")[1]) for p in spec.ports],
+            stop_timeout=spec.stop_timeout,
+            host_config=self.client.api.create_host_config(
+                port_bindings=spec.ports, binds=list(spec.binds), sysctls=spec.sysctls or None,
+                network_mode=spec.network_mode, privileged=spec.privileged,
+                restart_policy={"Name": "unless-stopped"}))
+        container_id = created["Id"]
+        try:
+            self.client.api.start(container_id)
+        except self._errors.APIError as err:
+            self.client.api.remove_container(container_id, force=True)
+            raise _start_error(err, spec) from err
+        return container_id
+
+    def start(self, container_id: str) -> None:
+        self.client.api.start(container_id)
+
+    def stop(self, container_id: str, timeout: int) -> None:
+        self.client.api.stop(container_id, timeout=timeout)
+
+    def rename(self, container_id: str, name: str) -> None:
+        self.client.api.rename(container_id, name)
+
+    def remove(self, container_id: str) -> None:
+        self.client.api.remove_container(container_id, force=True)
+
+    def running(self, container_id: str) -> bool:
+        try:
+            return self.client.api.inspect_container(container_id)["State"]["Running"]
+        except self._errors.NotFound:
+            return False
+
+
+def _start_error(err: Exception, spec: Spec) -> ContainerError:
+    text = str(getattr(err, "explanation", None) or err)
+    match = _PORT_IN_USE.search(text)
+    if match or "port is already allocated" in text or "address already in use" in text:
+        port = match.group(1) if match else "?"
+        return ContainerError(f"the host port {port} is already in use, so the Quay container "
+                              "cannot start", where=f"container {spec.name}",
+                              hint="Stop what listens there (ss -ltnp) or change "
+                                   "container.ports")
+    return ContainerError(f"Docker could not start the Quay container: {text}",
+                          where=f"container {spec.name}")
+
+
+def _default_socket() -> str:
+    return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+
+def _client_without_user_config(docker, base_url: Optional[str]):
+    """A client that never reads (or later writes) ~/.docker/config.json: the SDK reads the
+    config once, at construction, from $DOCKER_CONFIG first, so point that at an empty one."""
+    folder = tempfile.mkdtemp(prefix="quay-bootstrap-docker-")
+    saved = os.environ.get("DOCKER_CONFIG")
+    try:
+        Path(folder, "config.json").write_text("{}")
+        os.environ["DOCKER_CONFIG"] = folder
+        if base_url:
+            return docker.DockerClient(base_url=base_url, version="auto", timeout=120)
+        return docker.from_env(version="auto", timeout=120)
+    finally:
+        if saved is None:
+            os.environ.pop("DOCKER_CONFIG", None)
+        else:
+            os.environ["DOCKER_CONFIG"] = saved
+        shutil.rmtree(folder, ignore_errors=True)

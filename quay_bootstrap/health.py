@@ -1,0 +1,112 @@
+"""How health is judged: one probe of Quay's /health/instance, parsed into a verdict."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One answer (or non-answer) of the health endpoint.
+
+    Attributes:
+        ok: HTTP 200.
+        status: the HTTP status, or None when nothing answered.
+        services: Quay's per-service results, when the body had Quay's shape.
+        error: why it failed, in words ("timed out after 5s", "HTTP 301 to https://...").
+        seconds: how long the probe took.
+    """
+
+    ok: bool
+    status: Optional[int]
+    services: Dict[str, bool] = field(default_factory=dict)
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def failing_services(self) -> list:
+        return sorted(name for name, good in self.services.items() if not good)
+
+
+def parse_body(body: bytes) -> Dict[str, bool]:
+    """Quay's `{"data": {"services": {name: bool}}, "status_code": N}`; {} for any other shape."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+        services = data["data"]["services"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return {}
+    if not isinstance(services, dict):
+        return {}
+    return {str(k): bool(v) for k, v in services.items() if isinstance(v, bool)}
+
+
+def probe(url: str, *, timeout: float, tls_verify: bool = False,
+          clock: Callable[[], float] = time.monotonic) -> Probe:
+    """GET the health URL once. Never raises: every failure is a failed Probe."""
+    parts = urlsplit(url)
+    started = clock()
+    if parts.scheme == "https":
+        context = ssl.create_default_context()
+        if not tls_verify:
+            # Quay's certificate names SERVER_HOSTNAME, never 127.0.0.1 (quay-facts.md).
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, parts.port or 443, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    try:
+        conn.request("GET", path, headers={"User-Agent": "quay-bootstrap"})
+        response = conn.getresponse()
+        body = response.read(1 << 20)
+        status = response.status
+        location = response.getheader("Location", "")
+    except socket.timeout:
+        return Probe(False, None, error=f"timed out after {timeout:g}s",
+                     seconds=clock() - started)
+    except (OSError, http.client.HTTPException) as err:
+        return Probe(False, None, error=f"{type(err).__name__}: {err}",
+                     seconds=clock() - started)
+    finally:
+        conn.close()
+    seconds = clock() - started
+    services = parse_body(body)
+    if 300 <= status < 400:
+        return Probe(False, status, error=f"HTTP {status} redirect to {location or '?'}: Quay "
+                     "redirects HTTP to HTTPS when conf/stack has ssl.key; probe the HTTPS "
+                     "port (health.url https://127.0.0.1:443/health/instance)", seconds=seconds)
+    if status != 200:
+        failing = sorted(k for k, v in services.items() if not v)
+        why = f"HTTP {status}" + (f", failing: {', '.join(failing)}" if failing else "")
+        return Probe(False, status, services, error=why, seconds=seconds)
+    return Probe(True, status, services, seconds=seconds)
+
+
+def wait_healthy(url: str, *, within: float, interval: float, timeout: float,
+                 tls_verify: bool = False, still_running: Callable[[], bool] = lambda: True,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> Probe:
+    """Probe until the first 200 or until `within` seconds have passed.
+
+    Returns the last probe. Stops early when `still_running()` says the container has exited.
+    """
+    deadline = clock() + within
+    while True:
+        result = probe(url, timeout=min(timeout, max(deadline - clock(), 0.1)),
+                       tls_verify=tls_verify, clock=clock)
+        if result.ok or clock() >= deadline:
+            return result
+        if not still_running():
+            return Probe(False, result.status, result.services,
+                         error="the container exited: " + (result.error or "no answer"),
+                         seconds=result.seconds)
+        sleep(min(interval, max(deadline - clock(), 0)))

@@ -1,0 +1,179 @@
+"""One full pass of the pipeline: stack -> image lock -> image -> container -> health."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import structlog
+import tenacity
+
+from quay_bootstrap import health
+from quay_bootstrap.config import Config
+from quay_bootstrap.container import Action, Docker, Spec, build_spec, decide
+from quay_bootstrap.errors import ContainerError, LockViolation, SourceError, Unavailable
+from quay_bootstrap.image import ensure_image, registry_auth
+from quay_bootstrap.lock import Resolved, resolve
+from quay_bootstrap.sources import TransientError, open_object, open_source
+from quay_bootstrap.stack.fetch import Fetcher, FetchResult
+from quay_bootstrap.stack.plan import Limits
+from quay_bootstrap.stack.store import StackStore
+
+log = structlog.get_logger(__name__)
+
+# While waiting for the first 200 after a (re)start, probe often: Quay answers within a second
+# of being ready, and `run --once` should say so at once.
+START_POLL = 0.25
+
+
+@dataclass
+class Step:
+    name: str
+    result: str
+    detail: str
+    seconds: float
+
+
+@dataclass
+class Outcome:
+    healthy: bool
+    steps: List[Step] = field(default_factory=list)
+    stack_version: str = ""
+    image_digest: str = ""
+    container_id: str = ""
+    probe: Optional[health.Probe] = None
+
+
+@dataclass
+class Pass:
+    """Args: the agent config; the stack store; the redactor's `add`; a Docker factory."""
+
+    cfg: Config
+    store: StackStore
+    add_secrets: Callable
+    docker_factory: Callable[[], Docker] = Docker
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+    def run(self) -> Outcome:
+        outcome = Outcome(healthy=False)
+        stack = self._timed(outcome, "stack", self._fetch)
+        resolved = self._timed(outcome, "lock", self._resolve)
+        docker = self.docker_factory()
+        auth = registry_auth(self.cfg.image.auth, resolved.ref.registry, self.add_secrets)
+        image = self._timed(outcome, "image", lambda: ensure_image(
+            docker, resolved.ref, auth=auth, deadline=self.cfg.image.pull_deadline,
+            sleep=self.sleep))
+        spec = build_spec(self.cfg.container, image.id, image.digest, stack.path, stack.version)
+        _, container_id = self._timed(outcome, "container", lambda: self._reconcile(docker, spec))
+        outcome.stack_version, outcome.image_digest = stack.version, image.digest
+        outcome.container_id = container_id
+        probe = self._timed(outcome, "health", lambda: health.wait_healthy(
+            self.cfg.health.url, within=self.cfg.health.start_period, interval=START_POLL,
+            timeout=self.cfg.health.timeout, tls_verify=self.cfg.health.tls_verify,
+            still_running=lambda: docker.running(container_id), sleep=self.sleep,
+            clock=self.clock))
+        outcome.probe, outcome.healthy = probe, probe.ok
+        if probe.ok:
+            self.store.mark_known_good(stack.version)
+        return outcome
+
+    def _timed(self, outcome: Outcome, name: str, call):
+        started = self.clock()
+        value = call()
+        seconds = self.clock() - started
+        result, detail = _describe(name, value)
+        outcome.steps.append(Step(name, result, detail, seconds))
+        log.info(f"{name}.done", result=result, detail=detail, seconds=round(seconds, 3))
+        return value
+
+    def _fetch(self) -> FetchResult:
+        stack = self.cfg.stack
+        fetcher = Fetcher(source=open_source(stack.source, stack, concurrency=stack.concurrency),
+                          store=self.store, limits=Limits(stack.max_files, stack.max_bytes),
+                          concurrency=stack.concurrency, deadline=stack.retry_deadline,
+                          keep_versions=stack.keep_versions, add_secrets=self.add_secrets,
+                          sleep=self.sleep, clock=self.clock)
+        return fetcher.fetch()
+
+    def _resolve(self) -> Resolved:
+        image = self.cfg.image
+        if not image.lock:
+            return resolve(image.reference, image.allowed_tags)
+        source, key = open_object(image.lock, self.cfg.stack)
+        try:
+            for attempt in tenacity.Retrying(
+                    retry=tenacity.retry_if_exception_type(TransientError),
+                    stop=tenacity.stop_after_delay(self.cfg.stack.retry_deadline),
+                    wait=tenacity.wait_random_exponential(multiplier=0.5, max=15),
+                    sleep=self.sleep, reraise=True):
+                with attempt:
+                    text = source.get(key)
+        except TransientError as err:
+            raise Unavailable(f"the cluster image lock could not be read: {err}",
+                              where=image.lock, hint="Check the network path to the store") from err
+        except SourceError as err:
+            raise LockViolation(f"the cluster image lock cannot be read: {err.message}",
+                                where=image.lock, hint="Write the lock file, or unset "
+                                "image.lock to use image.reference") from err
+        resolved = resolve(image.reference, image.allowed_tags, text, image.lock)
+        if resolved.overridden:
+            log.warning("image.lock_overrides", configured=image.reference,
+                        locked=str(resolved.ref), lock=image.lock)
+        return resolved
+
+    def _reconcile(self, docker: Docker, spec: Spec) -> Tuple[Action, str]:
+        found = docker.find(spec.name)
+        action = decide(found, spec, self.cfg.container.adopt_unmanaged)
+        log.info("container.reconcile", action=action.kind, reason=action.reason,
+                 name=spec.name)
+        if action.kind == "refuse":
+            raise ContainerError(action.reason + "; it was left untouched",
+                                 where=f"container {spec.name}",
+                                 hint="Rename or remove it, or set container.adopt_unmanaged: "
+                                      "true to let quay-bootstrap replace it")
+        if action.kind == "adopt":
+            return action, found.id
+        if action.kind == "start":
+            docker.start(found.id)
+            return action, found.id
+        if action.kind == "create":
+            return action, docker.create_and_start(spec)
+        return action, self._replace(docker, found, spec)
+
+    def _replace(self, docker: Docker, old, spec: Spec) -> str:
+        """Stop the old container but keep it until the new one runs, to put it back on failure."""
+        aside = f"{spec.name}-previous-{int(time.time())}"
+        docker.stop(old.id, spec.stop_timeout)
+        docker.rename(old.id, aside)
+        try:
+            new_id = docker.create_and_start(spec)
+        except Exception:
+            log.error("container.replace_failed", restoring=aside)
+            docker.rename(old.id, spec.name)
+            if old.status in ("running", "restarting"):
+                docker.start(old.id)
+            raise
+        docker.remove(old.id)
+        return new_id
+
+
+def _describe(name: str, value) -> tuple:
+    if name == "stack":
+        return ("applied" if value.changed else "unchanged",
+                f"version {value.version[:12]}, {value.files} files "
+                f"({value.downloaded} downloaded)")
+    if name == "lock":
+        return ("cluster lock" if value.overridden else "config", str(value.ref))
+    if name == "image":
+        return ("pulled" if value.pulled else "present", value.digest)
+    if name == "container":
+        action, container_id = value
+        done = {"create": "created", "adopt": "adopted", "start": "started",
+                "replace": "replaced"}[action.kind]
+        return done, f"{container_id[:12]}: {action.reason}"
+    if name == "health":
+        if value.ok:
+            return "healthy", f"HTTP {value.status}"
+        return "unhealthy", value.error
+    return "", str(value)
