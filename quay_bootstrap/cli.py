@@ -11,7 +11,7 @@ import sys
 from typing import List, Optional
 
 from quay_bootstrap import __version__
-from quay_bootstrap.errors import EXIT_OK, EXIT_USAGE, ConfigError, QuayBootstrapError
+from quay_bootstrap.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, QuayBootstrapError
 
 EPILOG = """exit statuses:
   0   ok
@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser("fetch", parents=[common],
                                 help="fetch conf/stack now and switch to it if it changed")
     fetch.set_defaults(func=cmd_fetch)
+    run = commands.add_parser(
+        "run", parents=[common],
+        help="one full pass: fetch conf/stack, resolve the image lock, pull, run Quay, wait for "
+             "/health/instance")
+    run.add_argument("--once", action="store_true", required=True,
+                     help="do one pass and exit (0 healthy, 1 not healthy in time)")
+    run.set_defaults(func=cmd_run)
     validate = commands.add_parser(
         "validate", parents=[common],
         help="check the agent config (and with --stack a local conf/stack); changes nothing")
@@ -140,6 +147,30 @@ def cmd_fetch(args: argparse.Namespace, redactor) -> int:
           f"{result.seconds:.2f}s")
     print(f"       live at {stack.dir / 'current'}")
     return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, redactor) -> int:
+    from quay_bootstrap.once import Pass
+
+    cfg = _load(args, redactor)
+    one = Pass(cfg, _store(cfg, redactor), redactor.add)
+    try:
+        outcome = one.run()
+    finally:
+        _print_steps(one.outcome.steps)
+    if outcome.healthy:
+        print(f"node healthy: stack {outcome.stack_version[:12]}, image {outcome.image_digest}, "
+              f"container {cfg.container.name}")
+        return EXIT_OK
+    print(f"node NOT healthy within {cfg.health.start_period:g}s: {outcome.probe.error}; the "
+          f"container {cfg.container.name} was left running for debugging "
+          f"(docker logs {cfg.container.name})")
+    return EXIT_FAILURE
+
+
+def _print_steps(steps) -> None:
+    for step in steps:
+        print(f"{step.name:<10} {step.result:<12} {step.seconds:6.2f}s  {step.detail}")
 
 
 def cmd_validate(args: argparse.Namespace, redactor) -> int:

@@ -55,8 +55,11 @@ class Pass:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
 
+    def __post_init__(self) -> None:
+        self.outcome = Outcome(healthy=False)  # filled step by step, even when a step fails
+
     def run(self) -> Outcome:
-        outcome = Outcome(healthy=False)
+        outcome = self.outcome
         stack = self._timed(outcome, "stack", self._fetch)
         resolved = self._timed(outcome, "lock", self._resolve)
         docker = self.docker_factory()

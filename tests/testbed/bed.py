@@ -582,6 +582,7 @@ APPLETS = [
     "pwd",
     "stat",
     "timeout",
+    "tr",
 ]
 
 
@@ -634,6 +635,7 @@ def import_busybox_image(
     files: dict[str, bytes | str],
     cmd: list[str],
     env: dict[str, str] | None = None,
+    extra_changes: list[str] | None = None,
 ) -> str:
     """Import a busybox image built from a tar (no `docker build`, no base image pull).
 
@@ -643,6 +645,7 @@ def import_busybox_image(
         files: absolute path -> content; paths under cgi-bin/ or ending in .sh get mode 0755.
         cmd: the image's CMD (exec form).
         env: extra ENV of the image; PATH is set to /bin unless given.
+        extra_changes: more Dockerfile instructions, e.g. ["USER 1001"].
 
     Returns:
         The image ID ("sha256:...").
@@ -651,6 +654,7 @@ def import_busybox_image(
     environment.update(env or {})
     changes = [f"CMD {json.dumps(cmd)}"]
     changes += [f"ENV {k}={json.dumps(v)}" for k, v in environment.items()]
+    changes += extra_changes or []
     out = client.api.import_image_from_data(
         busybox_rootfs(files), repository=repository, tag=tag, changes=changes
     )
