@@ -103,7 +103,8 @@ def test_a_blank_node_becomes_a_healthy_quay(node):
     labels = container.labels
     assert labels["io.quay-bootstrap.managed"] == "true"
     assert labels["io.quay-bootstrap.stack-version"] == version
-    assert labels["io.quay-bootstrap.image-digest"].startswith(node.images["v3.9.0"].rsplit(":", 1)[0] + "@sha256:")
+    repository = node.images["v3.9.0"].rsplit(":", 1)[0]
+    assert labels["io.quay-bootstrap.image-digest"].startswith(repository + "@sha256:")
     mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
     assert mounts["/conf/stack"]["Source"] == str((node.agent.stack_dir / "versions" / version))
     assert mounts["/conf/stack"]["RW"] is False

@@ -1,0 +1,96 @@
+"""Judging one answer of /health/instance: Quay's body shape, redirects, timeouts."""
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+
+from quay_bootstrap.health import parse_body, probe, wait_healthy
+
+QUAY_OK = (b'{"data":{"services":{"auth":true,"database":true,"disk_space":true,'
+           b'"registry_gunicorn":true,"service_key":true,"web_gunicorn":true}},"status_code":200}')
+
+
+@pytest.mark.parametrize("body,services", [
+    (QUAY_OK, {"auth": True, "database": True, "disk_space": True, "registry_gunicorn": True,
+               "service_key": True, "web_gunicorn": True}),
+    (b'{"data":{"services":{"database":false,"redis":true}},"status_code":503}',
+     {"database": False, "redis": True}),
+    (b"<html>nginx</html>", {}),
+    (b'{"data": []}', {}),
+    (b'{"data":{"services":["x"]}}', {}),
+    (b"\xff", {}),
+])
+def test_parse_body(body, services):
+    assert parse_body(body) == services
+
+
+class FakeQuay(http.server.BaseHTTPRequestHandler):
+    answers = {}
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        status, body, headers = self.answers[self.path]
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeQuay)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_probe_verdicts(server):
+    FakeQuay.answers = {
+        "/ok": (200, QUAY_OK, {}),
+        "/db": (503, b'{"data":{"services":{"database":false,"web_gunicorn":true}},'
+                     b'"status_code":503}', {}),
+        "/redirect": (301, b"", {"Location": "https://quay.example.com/health/instance"}),
+    }
+    ok = probe(server + "/ok", timeout=2)
+    assert ok.ok and ok.status == 200 and ok.services["web_gunicorn"] is True
+    db = probe(server + "/db", timeout=2)
+    assert not db.ok and db.failing_services == ["database"]
+    assert db.error == "HTTP 503, failing: database"
+    moved = probe(server + "/redirect", timeout=2)
+    assert not moved.ok and "probe the HTTPS port" in moved.error
+
+
+def test_nothing_listening_is_a_failed_probe_not_an_exception():
+    import socket
+
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    result = probe(f"http://127.0.0.1:{port}/health/instance", timeout=1)
+    assert not result.ok and result.status is None and "Connection" in result.error
+
+
+def test_a_hanging_endpoint_times_out():
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()  # accepts, never answers
+        port = listener.getsockname()[1]
+        result = probe(f"http://127.0.0.1:{port}/health/instance", timeout=0.3)
+    assert not result.ok and result.error == "timed out after 0.3s"
+
+
+def test_wait_healthy_stops_when_the_container_exits(server):
+    FakeQuay.answers = {"/db": (503, b"{}", {})}
+    result = wait_healthy(server + "/db", within=30, interval=0.01, timeout=1,
+                          still_running=lambda: False)
+    assert not result.ok and result.error.startswith("the container exited")
