@@ -29,6 +29,7 @@ venv: deps $(VENV)/.installed
 
 lint: venv
 	$(VENV)/bin/ruff check --isolated --select E,F,W,B,I --line-length 110 --target-version py39 \
+	  --config "lint.isort.known-first-party=['quay_bootstrap','tests']" \
 	  quay_bootstrap tests bench
 	$(VENV)/bin/vermin --no-tips --violations --target=3.9- quay_bootstrap
 

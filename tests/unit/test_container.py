@@ -6,8 +6,16 @@ from pathlib import Path
 import pytest
 
 from quay_bootstrap.config import ContainerConfig
-from quay_bootstrap.container import (IMAGE_DIGEST, MANAGED, SPEC_HASH, STACK_VERSION, Observed,
-                                      build_spec, decide, parse_ports)
+from quay_bootstrap.container import (
+    IMAGE_DIGEST,
+    MANAGED,
+    SPEC_HASH,
+    STACK_VERSION,
+    Observed,
+    build_spec,
+    decide,
+    parse_ports,
+)
 
 
 def spec(**container):
