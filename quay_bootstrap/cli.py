@@ -46,11 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.set_defaults(func=cmd_fetch)
     run = commands.add_parser(
         "run", parents=[common],
-        help="one full pass: fetch conf/stack, resolve the image lock, pull, run Quay, wait for "
-             "/health/instance")
-    run.add_argument("--once", action="store_true", required=True,
-                     help="do one pass and exit (0 healthy, 1 not healthy in time)")
+        help="fetch conf/stack, resolve the image lock, pull, run Quay, then watch "
+             "/health/instance (what systemd runs)")
+    run.add_argument("--once", action="store_true",
+                     help="do one pass, wait for health, and exit (0 healthy, 1 not healthy "
+                          "in time)")
     run.set_defaults(func=cmd_run)
+    status = commands.add_parser("status", parents=[common],
+                                 help="what the running agent knows about this node")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.set_defaults(func=cmd_status)
     validate = commands.add_parser(
         "validate", parents=[common],
         help="check the agent config (and with --stack a local conf/stack); changes nothing")
@@ -153,6 +158,8 @@ def cmd_run(args: argparse.Namespace, redactor) -> int:
     from quay_bootstrap.once import Pass
 
     cfg = _load(args, redactor)
+    if not args.once:
+        return _daemon(args, cfg, redactor)
     one = Pass(cfg, _store(cfg, redactor), redactor.add)
     try:
         outcome = one.run()
@@ -166,6 +173,63 @@ def cmd_run(args: argparse.Namespace, redactor) -> int:
           f"container {cfg.container.name} was left running for debugging "
           f"(docker logs {cfg.container.name})")
     return EXIT_FAILURE
+
+
+def _daemon(args: argparse.Namespace, cfg, redactor) -> int:
+    import signal
+    import threading
+
+    from quay_bootstrap.daemon import Daemon
+    from quay_bootstrap.once import Pass
+
+    stop = threading.Event()
+    daemon = Daemon(cfg, lambda c: Pass(c, _store(c, redactor), redactor.add), stop,
+                    reload_config=lambda: _load(args, redactor))
+    # Handlers only set flags; the loop does the work. SIGTERM leaves Quay running.
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
+    return daemon.run()
+
+
+def cmd_status(args: argparse.Namespace, redactor) -> int:
+    import json
+    import urllib.request
+
+    cfg = _load(args, redactor)
+    try:
+        with urllib.request.urlopen(f"http://{cfg.report.listen}/status", timeout=2) as answer:
+            status = json.loads(answer.read())
+        source = f"http://{cfg.report.listen}/status"
+    except OSError:
+        try:
+            status = json.loads(cfg.report.state_file.read_text())
+        except (OSError, ValueError):
+            print(f"quay-bootstrap: no running agent answers on {cfg.report.listen} and "
+                  f"{cfg.report.state_file} is missing; is quay-bootstrap.service running?",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        source = f"{cfg.report.state_file} (the agent's endpoint did not answer)"
+    if args.json:
+        print(json.dumps(status, indent=1, default=str))
+        return EXIT_OK
+    import time
+
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(status.get("since", 0))))
+    probe = status.get("last_probe") or {}
+    print(f"state       {status.get('state')} since {since}")
+    print(f"stack       {str(status.get('stack_version', ''))[:12]}")
+    print(f"image       {status.get('image_digest', '')}")
+    services = ", ".join(f"{k}={'ok' if v else 'FAIL'}" for k, v in
+                         sorted((probe.get("services") or {}).items()))
+    print(f"last probe  {'ok' if probe.get('ok') else probe.get('error', 'none yet')}"
+          + (f" ({services})" if services else ""))
+    print(f"restarts    {status.get('restarts_in_window', 0)} in window, next backoff "
+          f"{status.get('backoff_seconds', 0):g}s")
+    marked = status.get("marked_unhealthy")
+    print(f"marked      {'UNHEALTHY: ' + str(status.get('marked_reason')) if marked else 'no'}")
+    print(f"(from {source})")
+    return EXIT_OK
 
 
 def _print_steps(steps) -> None:

@@ -232,6 +232,7 @@ class LifecycleConfig(_Section):
 class ReportConfig(_Section):
     autoscaling: Union[bool, Literal["auto"]] = "auto"
     listen: str = "127.0.0.1:9101"
+    state_file: Path = Path("/run/quay-bootstrap/status.json")
     on_unhealthy: Optional[List[str]] = None
     rds: Optional[RdsConfig] = None
     lifecycle: Optional[LifecycleConfig] = None

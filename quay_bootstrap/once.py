@@ -58,7 +58,9 @@ class Pass:
     def __post_init__(self) -> None:
         self.outcome = Outcome(healthy=False)  # filled step by step, even when a step fails
 
-    def run(self) -> Outcome:
+    def run(self, wait_for_health: bool = True) -> Outcome:
+        """The pass. Without `wait_for_health` it stops once the container runs (the daemon's
+        watchdog takes over from there)."""
         outcome = self.outcome
         stack = self._timed(outcome, "stack", self._fetch)
         resolved = self._timed(outcome, "lock", self._resolve)
@@ -71,6 +73,9 @@ class Pass:
         _, container_id = self._timed(outcome, "container", lambda: self._reconcile(docker, spec))
         outcome.stack_version, outcome.image_digest = stack.version, image.digest
         outcome.container_id = container_id
+        self.spec, self.docker = spec, docker
+        if not wait_for_health:
+            return outcome
         probe = self._timed(outcome, "health", lambda: health.wait_healthy(
             self.cfg.health.url, within=self.cfg.health.start_period, interval=START_POLL,
             timeout=self.cfg.health.timeout, tls_verify=self.cfg.health.tls_verify,

@@ -6,7 +6,7 @@ restart of this node can fix, and Docker's own restart of an exited container co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import FrozenSet, List, Optional, Tuple
 
 # How long a node must stay healthy before the restart backoff starts again from the beginning.
@@ -165,8 +165,10 @@ def _probed(state: State, probe: Probed, policy: Policy) -> Tuple[State, List]:
         return state, actions
 
     failing = frozenset(name for name, good in probe.services if not good)
-    shared = bool(failing) and failing <= policy.shared_services
-    if shared or (probe.rds_unavailable and "database" in failing):
+    # Like Quay's RDSAwareHealthCheck: while RDS says the database is not `available` (a
+    # failover, a stop), the database is left out of this node's verdict.
+    judged = failing - {"database"} if probe.rds_unavailable else failing
+    if failing and judged <= policy.shared_services:
         if state.phase != "shared-outage":
             actions.append(Log("health.shared_outage", "warning",
                                (("failing", sorted(failing)), ("rds", probe.rds_unavailable),

@@ -5,85 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.testbed import bed, fake_quay
-from tests.testbed.stacks import sample_stack
-
-
-@pytest.fixture(scope="session")
-def fake_images(docker_client, registry):
-    """The fake Quay as v3.9.0 and v3.9.1 in the bed's registry: {tag: reference}."""
-    return {tag: fake_quay.build(docker_client, registry, tag) for tag in ("v3.9.0", "v3.9.1")}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Node:
-    """One Quay node: a unique container name and port, a control folder, the agent config."""
-
-    def __init__(self, agent, backend, docker_client, testbed, images, tmp_path, monkeypatch):
-        self.agent, self.backend, self.docker = agent, backend, docker_client
-        self.images = images
-        self.name = f"quay-test-{uuid.uuid4().hex[:8]}"
-        self.port = free_port()
-        self.control = tmp_path / "control"
-        self.control.mkdir()
-        os.chmod(self.control, 0o777)  # the fake Quay runs as 1001, like Quay
-        monkeypatch.setenv("DOCKER_HOST", testbed["docker_host"])
-        self.image = {"reference": images["v3.9.0"]}
-        self.container = {}
-        self.health = {}
-
-    def configure(self, *, image=None, container=None, health=None, **stack):
-        self.image.update(image or {})
-        self.container.update(container or {})
-        self.health.update(health or {})
-        self.agent.write_config(self.backend, **stack)
-        config = yaml.safe_load(self.agent.config_path.read_text())
-        config["image"] = self.image
-        config["container"] = {"name": self.name, "network_mode": "host", "ports": [],
-                               "sysctls": {}, "env": {"PORT": str(self.port)},
-                               "volumes": [f"{self.control}:/control"], "stop_timeout": "5s",
-                               **self.container}
-        config["health"] = {"url": f"http://127.0.0.1:{self.port}/health/instance",
-                            "start_period": "20s", "timeout": "2s", **self.health}
-        self.agent.config_path.write_text(yaml.safe_dump(config))
-
-    def state(self, text: str) -> None:
-        (self.control / "state").write_text(text)
-
-    def found(self):
-        try:
-            return self.docker.containers.get(self.name)
-        except Exception:  # noqa: BLE001 - docker.errors.NotFound
-            return None
-
-    def starts(self) -> list:
-        path = self.control / "starts"
-        return path.read_text().splitlines() if path.exists() else []
-
-    def cleanup(self) -> None:
-        for container in self.docker.containers.list(all=True):
-            if container.name.startswith(self.name):
-                container.remove(force=True)
-
-
-@pytest.fixture
-def node(agent, s3_backend, docker_client, testbed, fake_images, tmp_path, monkeypatch):
-    s3_backend.upload(sample_stack())
-    made = Node(agent, s3_backend, docker_client, testbed, fake_images, tmp_path, monkeypatch)
-    made.configure()
-    yield made
-    made.cleanup()
+from tests.integration.conftest import free_port
+from tests.testbed import bed
 
 
 def healthy_run(node):

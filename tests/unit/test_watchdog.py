@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from quay_bootstrap.watchdog import (ClearUnhealthy, Died, Log, MarkUnhealthy, Missing, Policy,
-                                     Probed, Ready, Restart, Started, State, Tick, step)
+from quay_bootstrap.watchdog import (
+    ClearUnhealthy,
+    Died,
+    Log,
+    MarkUnhealthy,
+    Missing,
+    Policy,
+    Probed,
+    Ready,
+    Restart,
+    Started,
+    State,
+    Tick,
+    step,
+)
 
 POLICY = Policy(start_period=30, failure_threshold=3, success_threshold=1, backoff_initial=10,
                 backoff_max=80, unhealthy_after=3, window=600,
@@ -121,10 +134,18 @@ def test_timeouts_and_foreign_bodies_are_local_failures(probe):
     assert [a for _, a in done if isinstance(a, Restart)]
 
 
-def test_rds_not_available_holds_even_with_other_services_failing():
-    events = [ok(5)] + [bad(40 + 10 * i, DB_DOWN, rds_unavailable=True) for i in range(5)]
-    state, done = run(events)
-    assert state.phase == "shared-outage" and [a for _, a in done] == [Ready()]
+@pytest.mark.parametrize("rds_unavailable,services,restarts", [
+    (True, DB_DOWN, False),            # RDS failover: not this node's problem
+    (False, DB_DOWN, True),            # RDS says available: the database check is real
+    (True, DB_AND_WEB_DOWN, True),     # web_gunicorn is still this node's problem
+])
+def test_rds_status_when_the_database_is_not_a_shared_service(rds_unavailable, services,
+                                                              restarts):
+    policy = Policy(**{**vars(POLICY), "shared_services": frozenset({"redis"})})
+    events = [ok(5)] + [bad(40 + 10 * i, services, rds_unavailable=rds_unavailable)
+                        for i in range(5)]
+    _, done = run(events, policy=policy)
+    assert bool([a for _, a in done if isinstance(a, Restart)]) is restarts
 
 
 def test_docker_restarting_the_container_counts_once_and_cancels_ours():

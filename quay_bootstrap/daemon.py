@@ -1,0 +1,270 @@
+"""The daemon loop (`quay-bootstrap run`): one pass, then watch Quay and act on the watchdog's
+decisions until SIGTERM, which leaves Quay running."""
+from __future__ import annotations
+
+import datetime
+import queue
+import threading
+import time
+from dataclasses import replace
+from typing import Callable
+
+import structlog
+
+from quay_bootstrap import health, report, watchdog
+from quay_bootstrap.config import Config
+from quay_bootstrap.errors import QuayBootstrapError
+from quay_bootstrap.once import START_POLL, Pass
+
+log = structlog.get_logger(__name__)
+
+# Everything the loop hears arrives on one queue: probe results, Docker events, signals.
+_STOP = object()
+_RELOAD = object()
+
+
+class Daemon:
+    """Args: the agent config; a factory for a `Pass` (stack, lock, image, container); the
+    shared stop event that signal handlers set; a clock."""
+
+    def __init__(self, cfg: Config, make_pass: Callable[[Config], Pass],
+                 stop: threading.Event, *, reload_config: Callable[[], Config] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.make_pass = make_pass
+        self.stop = stop
+        self.reload_config = reload_config
+        self.clock = clock
+        self.events: "queue.Queue" = queue.Queue()
+        self.systemd = report.Systemd()
+        self.board = report.Board(cfg.report.state_file)
+        self.state = watchdog.State()
+        self._fast_probe = threading.Event()
+        self._fast_probe.set()
+        self._last_ping = 0.0
+
+    # --- signals: only set flags ------------------------------------------------------------
+    def request_stop(self) -> None:
+        self.stop.set()
+        self.events.put(_STOP)
+
+    def request_reload(self) -> None:
+        self.events.put(_RELOAD)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> int:
+        self.systemd.notify("STATUS=starting: fetching conf/stack and starting Quay")
+        self._apply()  # errors here are start-up errors: the CLI maps them to exit statuses
+        endpoint = report.Endpoint(self.board, self.cfg.report.listen).start()
+        log.info("agent.listening", address=endpoint.address)
+        threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
+        threading.Thread(target=self._event_loop, name="docker-events", daemon=True).start()
+        try:
+            while not self.stop.is_set():
+                self._ping_watchdog()
+                item = self._next_item()
+                if item is _STOP:
+                    break
+                if item is _RELOAD:
+                    self._reload()
+                    continue
+                self._feed(item if item is not None else watchdog.Tick(self.clock()))
+        finally:
+            self.systemd.notify("STOPPING=1", "STATUS=stopping; Quay keeps running")
+            endpoint.stop()
+            log.info("agent.stopped", container=self.cfg.container.name,
+                     note="the Quay container was left running")
+        return 0
+
+    def _next_item(self):
+        timeout = 0.5
+        due = self.state.restart_due_at()
+        if due is not None:
+            timeout = max(0.0, min(timeout, due - self.clock()))
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _feed(self, seen) -> None:
+        before = self.state
+        self.state, actions = watchdog.step(self.state, seen, self.policy)
+        for action in actions:
+            self._do(action)
+        if self.state.phase == "starting":
+            self._fast_probe.set()
+        else:
+            self._fast_probe.clear()
+        if (self.state.phase, self.state.failures, self.state.marked, len(self.state.restarts)) \
+                != (before.phase, before.failures, before.marked, len(before.restarts)) \
+                or isinstance(seen, watchdog.Probed):
+            self._publish(seen)
+
+    def _do(self, action) -> None:
+        if isinstance(action, watchdog.Log):
+            getattr(log, action.level)(action.event, **dict(action.fields),
+                                       services=self._services())
+        elif isinstance(action, watchdog.Restart):
+            self._restart(action)
+        elif isinstance(action, watchdog.MarkUnhealthy):
+            log.error("instance.marking_unhealthy", reason=action.reason)
+            self.board.update(marked_unhealthy=True, marked_reason=action.reason)
+            threading.Thread(target=self._escalate, args=(action.reason,), name="escalate",
+                             daemon=True).start()
+        elif isinstance(action, watchdog.ClearUnhealthy):
+            log.info("instance.recovered")
+            self.board.update(marked_unhealthy=False, marked_reason=None)
+        elif isinstance(action, watchdog.Ready):
+            self.systemd.notify("READY=1")
+
+    def _restart(self, action: watchdog.Restart) -> None:
+        self.board.m_restarts.inc()
+        name = self.cfg.container.name
+        log.warning("container.restarting", reason=action.reason, backoff=self.state.backoff,
+                    restarts_in_window=len(self.state.restarts), services=self._services())
+        try:
+            found = self.docker.find(name)
+            if found is None or action.recreate:
+                if found is not None:
+                    self.docker.remove(found.id)
+                self.container_id = self.docker.create_and_start(self.spec)
+            elif found.status in ("running", "restarting", "paused"):
+                self.docker.client.api.restart(found.id, timeout=self.spec.stop_timeout)
+            else:
+                self.docker.start(found.id)
+        except Exception as err:  # noqa: BLE001 - the loop must survive; the next tick retries
+            log.error("container.restart_failed", error=str(err))
+            self.state = replace(self.state, pending=action.reason)
+
+    def _escalate(self, reason: str) -> None:
+        try:
+            asg = report.AutoScaling(self.cfg.report.autoscaling,
+                                     self.cfg.stack.region or None)
+            self.board.update(autoscaling_marked=asg.mark_unhealthy(reason))
+        except Exception as err:  # noqa: BLE001 - reporting must not kill the loop
+            log.error("autoscaling.failed", error=str(err))
+        report.run_command(self.cfg.report.on_unhealthy, reason)
+
+    def _publish(self, seen) -> None:
+        probe = self.state.last_probe
+        self.board.update(
+            state=self.state.phase, consecutive_failures=self.state.failures,
+            restarts_in_window=len(self.state.restarts), backoff_seconds=self.state.backoff,
+            last_probe=None if probe is None else {
+                "ok": probe.ok, "status": probe.status, "error": probe.error,
+                "services": dict(probe.services)})
+        line = f"STATUS={self.state.phase}"
+        if probe is not None and not probe.ok:
+            line += f": {probe.error}"
+        self.systemd.notify(line)
+
+    def _services(self):
+        probe = self.state.last_probe
+        return dict(probe.services) if probe else {}
+
+    def _ping_watchdog(self) -> None:
+        every = self.systemd.watchdog_every
+        now = self.clock()
+        if every and now - self._last_ping >= every:
+            self.systemd.notify("WATCHDOG=1")
+            self._last_ping = now
+
+    # --- applying the config ----------------------------------------------------------------
+    def _apply(self) -> None:
+        one = self.make_pass(self.cfg)
+        outcome = one.run(wait_for_health=False)
+        self.docker, self.spec = one.docker, one.spec
+        self.container_id = outcome.container_id
+        self.policy = watchdog.Policy.from_config(self.cfg)
+        started = _started_at(self.docker, outcome.container_id, self.clock)
+        self.state = replace(self.state, started_at=started, phase="starting", since=self.clock(),
+                             container_up=True)
+        self.board.update(state="starting", stack_version=outcome.stack_version,
+                          image_digest=outcome.image_digest, container=self.cfg.container.name)
+
+    def _reload(self) -> None:
+        log.info("agent.reload", why="SIGHUP")
+        try:
+            if self.reload_config:
+                self.cfg = self.reload_config()
+            self._apply()
+        except QuayBootstrapError as err:
+            # A bad new config must not stop the watch over the Quay that runs.
+            log.error("agent.reload_failed", error=str(err))
+
+    # --- the two feeders --------------------------------------------------------------------
+    def _probe_loop(self) -> None:
+        rds = None
+        while not self.stop.is_set():
+            cfg = self.cfg
+            result = health.probe(cfg.health.url, timeout=cfg.health.timeout,
+                                  tls_verify=cfg.health.tls_verify, clock=self.clock)
+            self.board.m_probe.observe(result.seconds)
+            rds_down = False
+            if not result.ok and cfg.report.rds and result.services.get("database") is False:
+                rds = rds or _Rds(cfg.report.rds)
+                rds_down = rds.unavailable()
+            self.events.put(watchdog.Probed(self.clock(), result.ok,
+                                            tuple(sorted(result.services.items())),
+                                            result.error, result.status, rds_down))
+            wait = START_POLL if self._fast_probe.is_set() else cfg.health.interval
+            self.stop.wait(wait)
+
+    def _event_loop(self) -> None:
+        """Docker's event stream: a die is acted on within a second, no polling. Reconnects
+        when dockerd restarts; meanwhile the probes fail as usual."""
+        name = self.cfg.container.name
+        while not self.stop.is_set():
+            try:
+                stream = self.docker.client.events(
+                    decode=True, filters={"type": "container", "container": name})
+                for event in stream:
+                    action = event.get("status") or event.get("Action")
+                    attributes = event.get("Actor", {}).get("Attributes", {})
+                    if attributes.get("name") != self.cfg.container.name:
+                        continue
+                    now = self.clock()
+                    if action == "die":
+                        code = attributes.get("exitCode")
+                        self.events.put(watchdog.Died(now, int(code) if code else None))
+                    elif action == "start":
+                        self.events.put(watchdog.Started(now))
+                    elif action == "destroy":
+                        self.events.put(watchdog.Missing(now))
+            except Exception as err:  # noqa: BLE001 - dockerd went away: reconnect
+                log.warning("docker.events_lost", error=str(err))
+            self.stop.wait(1.0)
+
+
+class _Rds:
+    """RDS says whether the database is mid-failover or stopped (not `available`)."""
+
+    def __init__(self, rds) -> None:
+        import boto3
+
+        self.db_instance = rds.db_instance
+        self.client = boto3.client("rds", region_name=rds.region)
+
+    def unavailable(self) -> bool:
+        try:
+            found = self.client.describe_db_instances(DBInstanceIdentifier=self.db_instance)
+            status = found["DBInstances"][0]["DBInstanceStatus"]
+        except Exception as err:  # noqa: BLE001 - unknown means: judge by Quay's answer alone
+            log.warning("rds.unknown", db_instance=self.db_instance, error=str(err))
+            return False
+        if status != "available":
+            log.info("rds.not_available", db_instance=self.db_instance, status=status)
+        return status != "available"
+
+
+def _started_at(docker, container_id: str, clock: Callable[[], float]) -> float:
+    """When the container started, on our clock, so an adopted Quay is not given a fresh
+    start period."""
+    try:
+        text = docker.client.api.inspect_container(container_id)["State"]["StartedAt"]
+        started = datetime.datetime.fromisoformat(text[:26].rstrip("Z") + "+00:00")
+        age = time.time() - started.timestamp()
+    except Exception:  # noqa: BLE001 - unknown: give it a full start period
+        age = 0.0
+    return clock() - max(age, 0.0)
+

@@ -1,0 +1,219 @@
+"""How the node's health is reported: the agent's own endpoint and metrics, the Auto Scaling
+group, an operator's command, and systemd."""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+IMDS_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+IMDS_DEFAULT = "http://169.254.169.254/"
+
+
+class Board:
+    """What the agent knows, shared by the loop (writer) and the endpoint (reader)."""
+
+    def __init__(self, state_file: Optional[Path] = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self._lock = threading.Lock()
+        self._status: Dict[str, Any] = {"state": "starting", "since": time.time(),
+                                        "marked_unhealthy": False}
+        self.state_file = state_file
+        self.registry = CollectorRegistry()
+        self.m_state = Gauge("quay_bootstrap_state", "1 for the current state", ["state"],
+                             registry=self.registry)
+        self.m_restarts = Counter("quay_bootstrap_restarts", "Container restarts (ours and "
+                                  "Docker's)", registry=self.registry)
+        self.m_failures = Gauge("quay_bootstrap_consecutive_failures",
+                                "Consecutive failed health probes", registry=self.registry)
+        self.m_marked = Gauge("quay_bootstrap_marked_unhealthy",
+                              "1 while the instance is marked unhealthy", registry=self.registry)
+        self.m_probe = Histogram("quay_bootstrap_probe_seconds", "Health probe latency",
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                 registry=self.registry)
+        self.m_info = Gauge("quay_bootstrap_info", "The live stack version and image digest",
+                            ["stack_version", "image_digest"], registry=self.registry)
+
+    def update(self, **fields: Any) -> None:
+        with self._lock:
+            if "state" in fields and fields["state"] != self._status.get("state"):
+                fields.setdefault("since", time.time())
+                for name in ("starting", "healthy", "failing", "shared-outage"):
+                    self.m_state.labels(name).set(1 if name == fields["state"] else 0)
+            if "stack_version" in fields or "image_digest" in fields:
+                self.m_info.clear()
+                merged = {**self._status, **fields}
+                self.m_info.labels(merged.get("stack_version", ""),
+                                   merged.get("image_digest", "")).set(1)
+            if "marked_unhealthy" in fields:
+                self.m_marked.set(1 if fields["marked_unhealthy"] else 0)
+            if "consecutive_failures" in fields:
+                self.m_failures.set(fields["consecutive_failures"])
+            self._status.update(fields)
+            snapshot = dict(self._status)
+        self._persist(snapshot)
+
+    def snapshot(self) -> Dict[str, Any]:
+        with self._lock:
+            return dict(self._status)
+
+    def _persist(self, snapshot: Dict[str, Any]) -> None:
+        if not self.state_file:
+            return
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(snapshot, default=str))
+            os.replace(tmp, self.state_file)
+        except OSError as err:
+            log.warning("status.persist_failed", path=str(self.state_file), error=str(err))
+
+
+class Endpoint:
+    """GET /healthz (200 fine, 503 once marked), /status (JSON), /metrics (Prometheus)."""
+
+    def __init__(self, board: Board, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        handler = _handler(board)
+        self._server = http.server.ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
+        self._server.daemon_threads = True
+        self.address = f"{host}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="endpoint",
+                                        daemon=True)
+
+    def start(self) -> "Endpoint":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler(board: Board):
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            status = board.snapshot()
+            if self.path == "/healthz":
+                marked = status.get("marked_unhealthy")
+                self._send(503 if marked else 200, "text/plain",
+                           b"unhealthy\n" if marked else b"ok\n")
+            elif self.path == "/status":
+                self._send(200, "application/json", json.dumps(status, default=str).encode())
+            elif self.path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, generate_latest(board.registry))
+            else:
+                self._send(404, "text/plain", b"not found\n")
+
+        def _send(self, code: int, kind: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+def instance_id(environ=os.environ, timeout: float = 1.0) -> Optional[str]:
+    """This instance's id from IMDSv2, or None when no metadata service answers.
+
+    The address honours AWS_EC2_METADATA_SERVICE_ENDPOINT, the AWS SDKs' standard setting.
+    """
+    base = environ.get(IMDS_ENV, IMDS_DEFAULT).rstrip("/")
+    try:
+        token_req = urllib.request.Request(f"{base}/latest/api/token", method="PUT", headers={
+            "X-aws-ec2-metadata-token-ttl-seconds": "300"})
+        with urllib.request.urlopen(token_req, timeout=timeout) as response:
+            token = response.read().decode()
+        id_req = urllib.request.Request(f"{base}/latest/meta-data/instance-id",
+                                        headers={"X-aws-ec2-metadata-token": token})
+        with urllib.request.urlopen(id_req, timeout=timeout) as response:
+            return response.read().decode().strip() or None
+    except OSError:
+        return None
+
+
+class AutoScaling:
+    """Marks this instance Unhealthy in its Auto Scaling group, so the group replaces it."""
+
+    def __init__(self, mode, region: Optional[str] = None,
+                 id_lookup: Callable[[], Optional[str]] = instance_id) -> None:
+        self.mode = mode
+        self.region = region
+        self._id_lookup = id_lookup
+
+    def mark_unhealthy(self, reason: str) -> bool:
+        if self.mode is False:
+            return False
+        import boto3
+        import tenacity
+
+        instance = self._id_lookup()
+        if not instance:
+            if self.mode is True:
+                log.error("autoscaling.no_instance_id",
+                          hint=f"report.autoscaling is true but IMDSv2 did not answer; check "
+                               f"{IMDS_ENV} and the instance's metadata options")
+            return False
+        client = boto3.client("autoscaling", region_name=self.region)
+        found = client.describe_auto_scaling_instances(InstanceIds=[instance])
+        if not found.get("AutoScalingInstances"):
+            log.info("autoscaling.not_in_a_group", instance=instance)
+            return False
+        for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(5),
+                                         wait=tenacity.wait_random_exponential(max=10),
+                                         reraise=True):
+            with attempt:
+                client.set_instance_health(InstanceId=instance, HealthStatus="Unhealthy",
+                                           ShouldRespectGracePeriod=False)
+        log.warning("autoscaling.marked_unhealthy", instance=instance, reason=reason)
+        return True
+
+
+def run_command(argv: Optional[List[str]], reason: str, timeout: float = 120) -> Optional[int]:
+    """report.on_unhealthy: run without a shell, the reason in QUAY_BOOTSTRAP_REASON."""
+    if not argv:
+        return None
+    env = {**os.environ, "QUAY_BOOTSTRAP_REASON": reason}
+    try:
+        done = subprocess.run(argv, env=env, timeout=timeout, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.error("on_unhealthy.failed", command=argv, error=str(err))
+        return None
+    log.warning("on_unhealthy.ran", command=argv, exit_code=done.returncode,
+                output=(done.stdout + done.stderr)[-2000:])
+    return done.returncode
+
+
+class Systemd:
+    """sd_notify; a silent no-op outside systemd (no NOTIFY_SOCKET)."""
+
+    def __init__(self, environ=os.environ) -> None:
+        self.enabled = bool(environ.get("NOTIFY_SOCKET"))
+        usec = environ.get("WATCHDOG_USEC", "")
+        self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
+
+    def notify(self, *lines: str) -> None:
+        if not self.enabled:
+            return
+        from systemd import daemon
+
+        daemon.notify("\n".join(lines))

@@ -1,0 +1,288 @@
+"""`quay-bootstrap run`, the daemon, as systemd runs it: a real process against the real dockerd,
+registry, moto and the fake Quay. What it restarts, when it escalates, and when it holds still."""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import boto3
+import pytest
+
+FAST = {"interval": "0.5s", "timeout": "1s", "failure_threshold": 2, "start_period": "3s"}
+BACKOFF = {"backoff_initial": "1s", "backoff_max": "4s", "unhealthy_after": 3, "window": "10m"}
+
+
+def wait_for(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Daemon:
+    def __init__(self, node, env=None):
+        self.node = node
+        node.agent.env.update(env or {})
+        self.proc = node.agent.spawn("run", log_level="debug")
+        self._out = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self._out.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self._out)
+
+    def get(self, path):
+        try:
+            with urllib.request.urlopen(f"http://{self.node.listen}{path}", timeout=2) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+        except OSError:
+            return None, b""
+
+    def status(self):
+        code, body = self.get("/status")
+        return json.loads(body) if code == 200 else {}
+
+    def wait_state(self, state, timeout=20):
+        return wait_for(lambda: self.status().get("state") == state and self.status(), timeout,
+                        f"state {state}; log:\n{self.log[-3000:]}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def daemon(node):
+    started = []
+
+    def start(env=None, **config):
+        node.configure(health={**FAST, **config.pop("health", {})},
+                       restart={**BACKOFF, **config.pop("restart", {})}, **config)
+        made = Daemon(node, env)
+        started.append(made)
+        return made
+
+    yield start
+    for made in started:
+        made.stop()
+
+
+def started_at(node):
+    return node.found().attrs["State"]["StartedAt"]
+
+
+def test_docker_kill_is_restarted_within_a_second_and_counted_once(node, daemon):
+    agent = daemon()
+    agent.wait_state("healthy")
+    before = started_at(node)
+    node.docker.api.kill(node.name)
+    killed = time.monotonic()
+    wait_for(lambda: node.found().status == "running" and started_at(node) != before, 5,
+             "the container running again")
+    assert time.monotonic() - killed < 1.5
+    status = agent.wait_state("healthy")
+    assert status["restarts_in_window"] == 1
+    assert status["marked_unhealthy"] is False
+
+
+class FakeImds(http.server.BaseHTTPRequestHandler):
+    """IMDSv2 as EC2 serves it: a PUT for a session token, then the instance id only with that
+    token. moto's own IMDS always answers i-fake, which is in no Auto Scaling group."""
+
+    instance_id = ""
+
+    def do_PUT(self):  # noqa: N802 - http.server's name
+        self._send(200, b"token-123")
+
+    def do_GET(self):  # noqa: N802
+        if self.headers.get("X-aws-ec2-metadata-token") != "token-123":
+            return self._send(401, b"")
+        if self.path == "/latest/meta-data/instance-id":
+            return self._send(200, self.instance_id.encode())
+        self._send(404, b"")
+
+    def _send(self, code, body):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def auto_scaling_group(s3, moto_endpoint, monkeypatch):
+    """An Auto Scaling group on moto with one InService instance, and IMDS naming it."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    asg = boto3.client("autoscaling", region_name="us-east-1", endpoint_url=moto_endpoint,
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    asg.create_launch_configuration(LaunchConfigurationName="quay", ImageId="ami-12c6146b",
+                                    InstanceType="t3.medium")
+    asg.create_auto_scaling_group(AutoScalingGroupName="quay", LaunchConfigurationName="quay",
+                                  MinSize=1, MaxSize=1, DesiredCapacity=1,
+                                  AvailabilityZones=["us-east-1a"])
+    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["quay"])
+    FakeImds.instance_id = group["AutoScalingGroups"][0]["Instances"][0]["InstanceId"]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield asg, FakeImds.instance_id, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_broken_node_is_restarted_with_backoff_then_marked_unhealthy_once(
+        node, daemon, auto_scaling_group, moto_endpoint, tmp_path):
+    asg, instance, imds = auto_scaling_group
+    ran = tmp_path / "on-unhealthy.log"
+    hook = [sys.executable, "-c",
+            f"import os; open({str(ran)!r}, 'a').write(os.environ['QUAY_BOOTSTRAP_REASON'] + '\\n')"]
+    node.state("fail web_gunicorn")
+    agent = daemon(env={"AWS_EC2_METADATA_SERVICE_ENDPOINT": imds,
+                        "AWS_ENDPOINT_URL": moto_endpoint},
+                   report={"autoscaling": "auto", "on_unhealthy": hook})
+    wait_for(lambda: agent.get("/healthz")[0] == 503, 40, "/healthz 503; log:\n" + agent.log[-3000:])
+    health = asg.describe_auto_scaling_instances(InstanceIds=[instance])
+    wait_for(lambda: asg.describe_auto_scaling_instances(InstanceIds=[instance])
+             ["AutoScalingInstances"][0]["HealthStatus"].upper() == "UNHEALTHY", 10,
+             f"the ASG instance Unhealthy: {health}")
+    status = agent.status()
+    assert status["restarts_in_window"] >= 3 and status["backoff_seconds"] == 4
+    assert status["last_probe"]["services"]["web_gunicorn"] is False
+    starts = len(node.starts())
+    wait_for(lambda: len(node.starts()) > starts, 15, "another restart after escalation")
+    lines = ran.read_text().splitlines()
+    assert len(lines) == 1 and "web_gunicorn" in lines[0]  # exactly once per episode
+    metrics = agent.get("/metrics")[1].decode()
+    assert "quay_bootstrap_marked_unhealthy 1.0" in metrics
+    assert 'quay_bootstrap_state{state="failing"}' in metrics or \
+        'quay_bootstrap_state{state="starting"}' in metrics
+    node.state("healthy")
+    agent.wait_state("healthy", timeout=30)
+    assert agent.get("/healthz")[0] == 200  # a node that recovers says so again
+
+
+def test_a_shared_outage_is_held_not_restarted(node, daemon):
+    agent = daemon()
+    agent.wait_state("healthy")
+    before = started_at(node)
+    node.state("fail database")
+    status = agent.wait_state("shared-outage")
+    time.sleep(5)  # well past failure_threshold x interval
+    assert started_at(node) == before
+    assert agent.get("/healthz")[0] == 200 and agent.status()["state"] == "shared-outage"
+    assert status["last_probe"]["services"]["database"] is False
+    node.state("healthy")
+    agent.wait_state("healthy")
+    assert started_at(node) == before
+    assert agent.log.count('"health.shared_outage"') == 1
+    assert '"health.shared_outage_ended"' in agent.log
+
+
+def test_an_rds_failover_is_held_even_when_the_database_is_not_shared(node, daemon,
+                                                                      moto_endpoint):
+    rds = boto3.client("rds", region_name="us-east-1", endpoint_url=moto_endpoint,
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    rds.create_db_instance(DBInstanceIdentifier="quay-db", DBInstanceClass="db.t3.micro",
+                           Engine="postgres", MasterUsername="quay", MasterUserPassword="x" * 12,
+                           AllocatedStorage=20)
+    rds.stop_db_instance(DBInstanceIdentifier="quay-db")
+    agent = daemon(env={"AWS_ENDPOINT_URL": moto_endpoint},
+                   health={"shared_services": ["redis", "storage"]},
+                   report={"rds": {"db_instance": "quay-db", "region": "us-east-1"}})
+    agent.wait_state("healthy")
+    before = started_at(node)
+    node.state("fail database")
+    agent.wait_state("shared-outage")
+    time.sleep(4)
+    assert started_at(node) == before
+    assert '"rds.not_available"' in agent.log
+
+
+def test_a_hanging_health_endpoint_counts_as_failing(node, daemon):
+    agent = daemon()
+    agent.wait_state("healthy")
+    before = started_at(node)
+    node.state("hang")
+    wait_for(lambda: started_at(node) != before, 15, "a restart")
+    assert "timed out after 1s" in agent.log
+
+
+def test_sd_notify_ready_only_after_healthy_and_watchdog_pings(node, daemon, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(0.2)
+    messages = []
+
+    def drain(seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+
+    node.state("fail web_gunicorn")
+    agent = daemon(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"},
+                   health={"start_period": "60s"})
+    drain(3)
+    assert not any("READY=1" in m for m in messages)
+    assert sum("WATCHDOG=1" in m for m in messages) >= 3
+    assert any(m.startswith("STATUS=starting") for m in messages)
+    node.state("healthy")
+    drain(3)
+    assert any("READY=1" in m for m in messages)
+    agent.stop()
+    drain(0.5)
+    assert any("STOPPING=1" in m for m in messages)
+    sock.close()
+
+
+def test_sigterm_stops_at_once_and_leaves_quay_running_for_the_next_agent(node, daemon):
+    agent = daemon()
+    agent.wait_state("healthy")
+    before = started_at(node)
+    agent.proc.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    assert agent.proc.wait(timeout=5) == 0
+    assert time.monotonic() - stopped < 2
+    assert node.found().status == "running"
+    again = daemon()
+    again.wait_state("healthy")
+    assert started_at(node) == before and len(node.starts()) == 1
+    assert '"action": "adopt"' in again.log
+
+
+def test_status_command_reads_the_running_agent(node, daemon):
+    agent = daemon()
+    agent.wait_state("healthy")
+    code, out, _ = node.agent.run("status")
+    assert code == 0 and "state       healthy" in out and "marked      no" in out
+    code, out, _ = node.agent.run("status", "--json")
+    assert json.loads(out)["state"] == "healthy"
+    agent.stop()
+    code, out, _ = node.agent.run("status")
+    assert code == 0 and "the agent's endpoint did not answer" in out
+    os.unlink(node.report["state_file"])
+    code, _, err = node.agent.run("status")
+    assert code == 1 and "is quay-bootstrap.service running?" in err
