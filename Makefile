@@ -9,12 +9,12 @@ PYTEST_ARGS ?=
 # where no 3.9 interpreter exists.
 PY39 ?= $(firstword $(wildcard /usr/bin/python3.9 /usr/local/bin/python3.9 $(HOME)/.pyenv/versions/3.9*/bin/python3.9))
 
-.PHONY: help deps venv lint unit py39 test bench dist demo demo-clean clean
+.PHONY: help deps venv lint unit py39 test bench dist install demo demo-clean clean
 
 help:
 	@echo "make demo   - run 'quay-bootstrap run --once' against a local object store, registry and Docker"
 	@echo "make test   - install what is needed, start the test bed, lint, run every test, stop the bed"
-	@echo "make lint | unit | integration | bench | dist | clean"
+	@echo "make lint | unit | bench | dist | install | clean"
 
 deps:
 	@bash tests/testbed/install-debian.sh
@@ -38,7 +38,8 @@ unit: venv
 
 py39: venv
 	@if [ -z "$(PY39)" ]; then echo "py39: no python3.9 here; vermin still checks 3.9 syntax"; exit 0; fi; \
-	  [ -x .venv39/bin/pytest ] || { $(PY39) -m venv .venv39 && .venv39/bin/pip install -q -e . pytest; }; \
+	  if [ ! -f .venv39/.installed ] || [ setup.cfg -nt .venv39/.installed ]; then \
+	    $(PY39) -m venv .venv39 && .venv39/bin/pip install -q -e . pytest && touch .venv39/.installed; fi; \
 	  .venv39/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
 # The bed is stopped even when the tests fail; the suite's status is what make returns.
@@ -64,6 +65,12 @@ demo-clean:
 dist: venv
 	$(PY) -m pip install -q build
 	$(PY) -m build --outdir dist .
+
+# For image builders (Packer, a chroot): a self-contained virtualenv under /opt/quay-bootstrap,
+# /usr/local/bin/quay-bootstrap, the systemd unit (enabled), and config.example.yaml beside
+# /etc/quay-bootstrap/config.yaml (never over it). See systemd/install.sh for the variables.
+install:
+	sh systemd/install.sh
 
 clean:
 	-$(PY) -m tests.testbed stop $(BED) >/dev/null 2>&1

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do one pass, wait for health, and exit (0 healthy, 1 not healthy "
                           "in time)")
     run.set_defaults(func=cmd_run)
+    prefetch = commands.add_parser(
+        "prefetch-image", parents=[common],
+        help="pull the locked Quay image now (at image-build time), so a node can boot while "
+             "the registry is unreachable")
+    prefetch.set_defaults(func=cmd_prefetch)
     status = commands.add_parser("status", parents=[common],
                                  help="what the running agent knows about this node")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -190,6 +195,19 @@ def _daemon(args: argparse.Namespace, cfg, redactor) -> int:
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload())
     return daemon.run()
+
+
+def cmd_prefetch(args: argparse.Namespace, redactor) -> int:
+    from quay_bootstrap.container import Docker
+    from quay_bootstrap.image import ensure_image, registry_auth
+    from quay_bootstrap.once import resolve_image
+
+    cfg = _load(args, redactor)
+    resolved = resolve_image(cfg)
+    auth = registry_auth(cfg.image.auth, resolved.ref.registry, redactor.add)
+    image = ensure_image(Docker(), resolved.ref, auth=auth, deadline=cfg.image.pull_deadline)
+    print(f"image  {'pulled' if image.pulled else 'present':<9}  {image.digest}")
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace, redactor) -> int:

@@ -54,7 +54,15 @@ class Daemon:
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
         self.systemd.notify("STATUS=starting: fetching conf/stack and starting Quay")
-        self._apply()  # errors here are start-up errors: the CLI maps them to exit statuses
+        # The first pass can take minutes (a first pull of Quay's image); its own deadlines
+        # bound it, so keep systemd's watchdog fed meanwhile.
+        passing = threading.Event()
+        if self.systemd.watchdog_every:
+            threading.Thread(target=self._ping_until, args=(passing,), daemon=True).start()
+        try:
+            self._apply()  # errors here are start-up errors: the CLI maps them to exit statuses
+        finally:
+            passing.set()
         endpoint = report.Endpoint(self.board, self.cfg.report.listen).start()
         log.info("agent.listening", address=endpoint.address)
         threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
@@ -161,6 +169,10 @@ class Daemon:
     def _services(self):
         probe = self.state.last_probe
         return dict(probe.services) if probe else {}
+
+    def _ping_until(self, done: threading.Event) -> None:
+        while not done.wait(self.systemd.watchdog_every):
+            self.systemd.notify("WATCHDOG=1")
 
     def _ping_watchdog(self) -> None:
         every = self.systemd.watchdog_every

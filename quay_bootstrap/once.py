@@ -105,30 +105,7 @@ class Pass:
         return fetcher.fetch()
 
     def _resolve(self) -> Resolved:
-        image = self.cfg.image
-        if not image.lock:
-            return resolve(image.reference, image.allowed_tags)
-        source, key = open_object(image.lock, self.cfg.stack)
-        try:
-            for attempt in tenacity.Retrying(
-                    retry=tenacity.retry_if_exception_type(TransientError),
-                    stop=tenacity.stop_after_delay(self.cfg.stack.retry_deadline),
-                    wait=tenacity.wait_random_exponential(multiplier=0.5, max=15),
-                    sleep=self.sleep, reraise=True):
-                with attempt:
-                    text = source.get(key)
-        except TransientError as err:
-            raise Unavailable(f"the cluster image lock could not be read: {err}",
-                              where=image.lock, hint="Check the network path to the store") from err
-        except SourceError as err:
-            raise LockViolation(f"the cluster image lock cannot be read: {err.message}",
-                                where=image.lock, hint="Write the lock file, or unset "
-                                "image.lock to use image.reference") from err
-        resolved = resolve(image.reference, image.allowed_tags, text, image.lock)
-        if resolved.overridden:
-            log.warning("image.lock_overrides", configured=image.reference,
-                        locked=str(resolved.ref), lock=image.lock)
-        return resolved
+        return resolve_image(self.cfg, self.sleep)
 
     def _reconcile(self, docker: Docker, spec: Spec) -> Tuple[Action, str]:
         found = docker.find(spec.name)
@@ -164,6 +141,35 @@ class Pass:
             raise
         docker.remove(old.id)
         return new_id
+
+
+def resolve_image(cfg: Config, sleep: Callable[[float], None] = time.sleep) -> Resolved:
+    """The image this node must run: the cluster lock (read through the stack's sources) when
+    `image.lock` is set, else `image.reference`; the tag policy applies to both."""
+    image = cfg.image
+    if not image.lock:
+        return resolve(image.reference, image.allowed_tags)
+    source, key = open_object(image.lock, cfg.stack)
+    try:
+        for attempt in tenacity.Retrying(
+                retry=tenacity.retry_if_exception_type(TransientError),
+                stop=tenacity.stop_after_delay(cfg.stack.retry_deadline),
+                wait=tenacity.wait_random_exponential(multiplier=0.5, max=15),
+                sleep=sleep, reraise=True):
+            with attempt:
+                text = source.get(key)
+    except TransientError as err:
+        raise Unavailable(f"the cluster image lock could not be read: {err}",
+                          where=image.lock, hint="Check the network path to the store") from err
+    except SourceError as err:
+        raise LockViolation(f"the cluster image lock cannot be read: {err.message}",
+                            where=image.lock, hint="Write the lock file, or unset "
+                            "image.lock to use image.reference") from err
+    resolved = resolve(image.reference, image.allowed_tags, text, image.lock)
+    if resolved.overridden:
+        log.warning("image.lock_overrides", configured=image.reference,
+                    locked=str(resolved.ref), lock=image.lock)
+    return resolved
 
 
 def _describe(name: str, value) -> tuple:

@@ -1,0 +1,118 @@
+"""A machine image for the boot test: Debian bookworm with systemd and cloud-init, and
+quay-bootstrap installed the way an image builder does (systemd/install.sh from wheels).
+
+The base root file system (debootstrap, about a minute) is cached as a tar under CACHE keyed by
+what goes in it; the agent is installed on top for every session, from wheels of this tree.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("QB_E2E_CACHE", "/var/cache/quay-bootstrap-e2e"))
+PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-certificates",
+            "locales"]
+LATE_PACKAGES = ["cloud-init"]
+# cloud-init must never touch the network: with host networking it would be the host's.
+CLOUD_CFG = """datasource_list: [ NoCloud, None ]
+network: {config: disabled}
+"""
+
+
+def _mirror() -> str:
+    """The Debian mirror this machine's apt already uses."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for line in sources.read_text().splitlines():
+            if line.startswith("URIs:"):
+                return line.split()[1]
+    for line in Path("/etc/apt/sources.list").read_text().splitlines():
+        parts = line.split()
+        if parts[:1] == ["deb"]:
+            return parts[1]
+    raise RuntimeError("no Debian mirror found in this machine's apt sources")
+
+
+def _run(*argv: str, **kw) -> None:
+    subprocess.run(list(argv), check=True, **kw)
+
+
+def base_rootfs_tar() -> Path:
+    """The cached tar of the base root file system, built when missing."""
+    key = hashlib.sha256(" ".join(PACKAGES + LATE_PACKAGES + [CLOUD_CFG]).encode()).hexdigest()[:12]
+    tar = CACHE / f"bookworm-{key}.tar"
+    if tar.exists():
+        return tar
+    CACHE.mkdir(parents=True, exist_ok=True)
+    root = CACHE / f"rootfs-{key}.tmp"
+    shutil.rmtree(root, ignore_errors=True)
+    _run("debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", "bookworm",
+         str(root), _mirror(), stdout=subprocess.DEVNULL)
+    try:
+        for fs in ("proc", "sys", "dev"):
+            _run("mount", "--bind", f"/{fs}", str(root / fs))
+        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+        policy = root / "usr/sbin/policy-rc.d"
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+        _run("chroot", str(root), "apt-get", "install", "-y", "-qq", "--no-install-recommends",
+             *LATE_PACKAGES, env=env, stdout=subprocess.DEVNULL)
+        policy.unlink()
+    finally:
+        for fs in ("dev", "sys", "proc"):
+            subprocess.run(["umount", "-l", str(root / fs)], check=False)
+    (root / "etc/cloud/cloud.cfg.d/90-quay-bootstrap-e2e.cfg").write_text(CLOUD_CFG)
+    (root / "etc/locale.gen").write_text("en_US.UTF-8 UTF-8\n")
+    _run("chroot", str(root), "locale-gen", stdout=subprocess.DEVNULL)
+    # The container has no console to log in on; stop getty from trying.
+    for unit in ("getty@tty1.service", "console-getty.service"):
+        (root / f"etc/systemd/system/{unit}").unlink(missing_ok=True)
+        (root / f"etc/systemd/system/{unit}").symlink_to("/dev/null")
+    partial = tar.with_suffix(".partial")
+    _run("tar", "-C", str(root), "--numeric-owner", "-cf", str(partial), ".")
+    partial.rename(tar)
+    shutil.rmtree(root, ignore_errors=True)
+    return tar
+
+
+def wheels(into: Path) -> Path:
+    """Wheels of this tree and every dependency, so install.sh can run offline in the image."""
+    into.mkdir(parents=True, exist_ok=True)
+    _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(into), str(REPO),
+         stdout=subprocess.DEVNULL)
+    return into
+
+
+def node_image(client, workdir: Path) -> str:
+    """The image a cloud would boot: base + quay-bootstrap installed by systemd/install.sh."""
+    base_tar = base_rootfs_tar()
+    base = f"qb-e2e-base:{base_tar.stem.split('-')[-1]}"
+    try:
+        client.images.get(base)
+    except Exception:  # noqa: BLE001 - docker.errors.ImageNotFound
+        client.api.import_image_from_file(str(base_tar), repository=base.split(":")[0],
+                                          tag=base.split(":")[1])
+    wheel_dir = wheels(workdir / "wheels")
+    installer = client.containers.run(
+        base, ["/bin/sh", "/src/systemd/install.sh", "--wheels", "/wheels"], detach=True,
+        network_mode="none",
+        volumes={str(wheel_dir): {"bind": "/wheels", "mode": "ro"},
+                 str(REPO / "systemd"): {"bind": "/src/systemd", "mode": "ro"},
+                 str(REPO / "README.md"): {"bind": "/src/README.md", "mode": "ro"}})
+    try:
+        result = installer.wait(timeout=600)
+        logs = installer.logs().decode(errors="replace")
+        if result["StatusCode"] != 0:
+            raise RuntimeError(f"install.sh failed in the image:\n{logs}")
+        image = installer.commit(repository="qb-e2e-node", tag="latest",
+                                 changes=['CMD ["/sbin/init"]', "ENV container=docker",
+                                          "STOPSIGNAL SIGRTMIN+3"])
+    finally:
+        installer.remove(force=True)
+    return image.id
+

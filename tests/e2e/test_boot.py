@@ -1,0 +1,190 @@
+"""The boot test: a real systemd + cloud-init machine (a container of the test bed's dockerd,
+systemd as PID 1) given one of cloud-config/ as user-data, ends with a healthy Quay.
+
+The machine uses host networking, so the agent inside reaches moto and the registry on
+127.0.0.1, and the test bed's Docker socket, so the Quay it starts is a sibling container.
+The tests run in file order on one booted machine: each step starts where the last one ended.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e import machine
+from tests.integration.conftest import free_port
+from tests.testbed.stacks import sample_stack
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = "quay-bootstrap.service"
+
+
+def wait_for(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Machine:
+    def __init__(self, container):
+        self.container = container
+
+    def sh(self, command: str, check: bool = True) -> str:
+        code, out = self.container.exec_run(["/bin/sh", "-c", command])
+        text = out.decode(errors="replace")
+        if check and code != 0:
+            raise AssertionError(f"`{command}` exited {code}:\n{text}")
+        return text
+
+    def show(self, prop: str) -> str:
+        return self.sh(f"systemctl show -p {prop} --value {UNIT}").strip()
+
+
+@pytest.fixture(scope="module")
+def node_image(docker_client, tmp_path_factory):
+    return machine.node_image(docker_client, tmp_path_factory.mktemp("e2e-build"))
+
+
+@pytest.fixture(scope="module")
+def world(moto_endpoint, fake_images, docker_client, tmp_path_factory):
+    """The cluster's bucket on moto with the sample stack; folders shared with the machine."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    bucket = f"qb-e2e-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    for key, data in sample_stack().items():
+        s3.put_object(Bucket=bucket, Key=f"conf/stack/{key}", Body=data)
+    # The stack folder must have the same path on the host and in the machine: the machine's
+    # agent names it to the host's dockerd when it mounts it into Quay.
+    shared = Path("/var/lib/quay-bootstrap") / f"e2e-{uuid.uuid4().hex[:8]}"
+    shared.mkdir(parents=True)
+    control = tmp_path_factory.mktemp("e2e-control")
+    control.chmod(0o777)
+    yield {"bucket": bucket, "moto": moto_endpoint, "shared": shared, "control": control,
+           "image": fake_images["v3.9.0"], "port": free_port(), "listen": free_port(),
+           "name": f"quay-e2e-{uuid.uuid4().hex[:6]}"}
+    shutil.rmtree(shared, ignore_errors=True)
+    try:
+        shared.parent.rmdir()
+    except OSError:
+        pass
+
+
+def user_data(world) -> str:
+    """cloud-config/s3-compatible.yaml, pointed at the test bed."""
+    doc = yaml.safe_load((REPO / "cloud-config/s3-compatible.yaml").read_text())
+    files = {f["path"]: f for f in doc["write_files"]}
+    files["/etc/quay-bootstrap/environment"]["content"] = (
+        "AWS_ACCESS_KEY_ID=testing\nAWS_SECRET_ACCESS_KEY=testing\n")
+    config = yaml.safe_load(files["/etc/quay-bootstrap/config.yaml"]["content"])
+    config["stack"].update(source=f"s3://{world['bucket']}/conf/stack",
+                           endpoint_url=world["moto"], dir=str(world["shared"] / "stack"))
+    config["image"] = {"reference": world["image"]}
+    config["container"] = {"name": world["name"], "network_mode": "host", "ports": [],
+                           "sysctls": {}, "env": {"PORT": str(world["port"])},
+                           "volumes": [f"{world['control']}:/control"]}
+    config["health"] = {"url": f"http://127.0.0.1:{world['port']}/health/instance",
+                        "interval": "1s", "start_period": "30s"}
+    config["report"] = {"autoscaling": False, "listen": f"127.0.0.1:{world['listen']}"}
+    files["/etc/quay-bootstrap/config.yaml"]["content"] = yaml.safe_dump(config)
+    return "#cloud-config\n" + yaml.safe_dump(doc)
+
+
+@pytest.fixture(scope="module")
+def booted(node_image, world, docker_client, testbed, tmp_path_factory):
+    seed = tmp_path_factory.mktemp("nocloud")
+    (seed / "meta-data").write_text("instance-id: qb-e2e-1\nlocal-hostname: quay-node-1\n")
+    (seed / "user-data").write_text(user_data(world))
+    socket_path = testbed["docker_host"].replace("unix://", "")
+    container = docker_client.containers.run(
+        node_image, detach=True, name=f"qb-e2e-machine-{uuid.uuid4().hex[:6]}",
+        network_mode="host", cap_add=["SYS_ADMIN", "NET_ADMIN"],
+        security_opt=["seccomp=unconfined", "apparmor=unconfined"],
+        tmpfs={"/run": "", "/run/lock": "", "/tmp": ""}, environment={"container": "docker"},
+        volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"},
+                 str(seed): {"bind": "/var/lib/cloud/seed/nocloud", "mode": "ro"},
+                 socket_path: {"bind": "/run/docker.sock", "mode": "rw"},
+                 str(world["shared"]): {"bind": str(world["shared"]), "mode": "rw"},
+                 str(REPO / "cloud-config"): {"bind": "/src/cloud-config", "mode": "ro"}})
+    node = Machine(container)
+    try:
+        yield node
+    finally:
+        print(node.sh("journalctl -u quay-bootstrap --no-pager | tail -40", check=False))
+        container.remove(force=True)
+        for other in docker_client.containers.list(all=True):
+            if other.name.startswith(world["name"]):
+                other.remove(force=True)
+
+
+def quay_started_at(docker_client, world) -> str:
+    return docker_client.containers.get(world["name"]).attrs["State"]["StartedAt"]
+
+
+def test_every_cloud_config_example_passes_the_schema(booted):
+    for path in sorted((REPO / "cloud-config").glob("*.yaml")):
+        out = booted.sh(f"cloud-init schema --config-file /src/cloud-config/{path.name}")
+        assert "Valid schema" in out, out
+
+
+def test_the_unit_verifies(booted):
+    out = booted.sh(f"systemd-analyze verify /etc/systemd/system/{UNIT} 2>&1", check=False)
+    assert "quay-bootstrap" not in out, out
+
+
+def test_boot_ends_with_a_healthy_quay(booted, world, docker_client):
+    status = booted.sh("cloud-init status --wait", check=False)
+    assert "status: done" in status, status
+    result = json.loads(booted.sh("cat /run/cloud-init/result.json"))
+    assert result["v1"]["errors"] == [], result
+    wait_for(lambda: booted.show("ActiveState") == "active", 120, "the unit active")
+    assert docker_client.containers.get(world["name"]).status == "running"
+    assert "healthy" in wait_for(lambda: booted.show("StatusText"), 30, "a status text")
+    version = booted.sh(f"readlink {world['shared']}/stack/current").strip()
+    assert version.startswith("versions/")
+
+
+def test_stopping_the_agent_leaves_quay_running(booted, world, docker_client):
+    before = quay_started_at(docker_client, world)
+    booted.sh(f"systemctl stop {UNIT}")
+    assert booted.show("ActiveState") == "inactive"
+    quay = docker_client.containers.get(world["name"])
+    assert quay.status == "running" and quay.attrs["State"]["StartedAt"] == before
+    booted.sh(f"systemctl start {UNIT}")
+    wait_for(lambda: booted.show("ActiveState") == "active", 60, "the unit active again")
+    assert quay_started_at(docker_client, world) == before
+
+
+def test_a_killed_agent_is_restarted_by_systemd_and_adopts_quay(booted, world, docker_client):
+    before = quay_started_at(docker_client, world)
+    restarts = int(booted.show("NRestarts"))
+    booted.sh(f"systemctl kill -s KILL {UNIT}")
+    wait_for(lambda: int(booted.show("NRestarts")) > restarts, 30, "systemd restarting it")
+    wait_for(lambda: booted.show("ActiveState") == "active", 60, "the unit active again")
+    assert quay_started_at(docker_client, world) == before
+
+
+def test_a_broken_config_fails_with_78_and_does_not_restart_loop(booted, world, docker_client):
+    booted.sh("cp /etc/quay-bootstrap/config.yaml /tmp/config.yaml.good")
+    booted.sh("printf 'stack: [unclosed\\n' > /etc/quay-bootstrap/config.yaml")
+    booted.sh(f"systemctl restart {UNIT}", check=False)
+    wait_for(lambda: booted.show("ActiveState") == "failed", 30, "the unit failed")
+    assert booted.show("ExecMainStatus") == "78"
+    restarts = booted.show("NRestarts")
+    time.sleep(7)  # longer than RestartSec
+    assert booted.show("ActiveState") == "failed" and booted.show("NRestarts") == restarts
+    journal = booted.sh(f"journalctl -u {UNIT} --no-pager")
+    assert "the agent config is not valid YAML" in journal
+    assert docker_client.containers.get(world["name"]).status == "running"
