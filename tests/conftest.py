@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.testbed import bed
+from tests.testbed import bed, fake_quay
 
 
 @pytest.fixture(scope="session")
@@ -135,3 +135,10 @@ def gcs_bucket(gcs_client) -> Iterator[str]:
     gcs_client.create_bucket(name)
     yield name
     gcs_client.bucket(name).delete(force=True)
+
+
+@pytest.fixture(scope="session")
+def fake_images(docker_client, registry):
+    """The fake Quay (tests/testbed/fake_quay.py), v3.9.0 and v3.9.1, in the bed's registry:
+    {tag: reference}."""
+    return {tag: fake_quay.build(docker_client, registry, tag) for tag in ("v3.9.0", "v3.9.1")}

@@ -83,8 +83,10 @@ def base_rootfs_tar() -> Path:
 def wheels(into: Path) -> Path:
     """Wheels of this tree and every dependency, so install.sh can run offline in the image."""
     into.mkdir(parents=True, exist_ok=True)
-    _run(sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(into), str(REPO),
-         stdout=subprocess.DEVNULL)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir",
+                           str(into), str(REPO)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip wheel failed:\n{done.stdout}{done.stderr}")
     return into
 
 
@@ -98,20 +100,21 @@ def node_image(client, workdir: Path) -> str:
         client.api.import_image_from_file(str(base_tar), repository=base.split(":")[0],
                                           tag=base.split(":")[1])
     wheel_dir = wheels(workdir / "wheels")
-    installer = client.containers.run(
-        base, ["/bin/sh", "/src/systemd/install.sh", "--wheels", "/wheels"], detach=True,
-        network_mode="none",
-        volumes={str(wheel_dir): {"bind": "/wheels", "mode": "ro"},
-                 str(REPO / "systemd"): {"bind": "/src/systemd", "mode": "ro"},
-                 str(REPO / "README.md"): {"bind": "/src/README.md", "mode": "ro"}})
+    # Binds only (no `volumes` list): a declared volume would be committed into the image.
+    created = client.api.create_container(
+        base, ["/bin/sh", "/src/systemd/install.sh", "--wheels", "/wheels"],
+        host_config=client.api.create_host_config(network_mode="none", binds=[
+            f"{wheel_dir}:/wheels:ro", f"{REPO / 'systemd'}:/src/systemd:ro",
+            f"{REPO / 'README.md'}:/src/README.md:ro"]))
+    installer = client.containers.get(created["Id"])
+    installer.start()
     try:
         result = installer.wait(timeout=600)
         logs = installer.logs().decode(errors="replace")
         if result["StatusCode"] != 0:
             raise RuntimeError(f"install.sh failed in the image:\n{logs}")
         image = installer.commit(repository="qb-e2e-node", tag="latest",
-                                 changes=['CMD ["/sbin/init"]', "ENV container=docker",
-                                          "STOPSIGNAL SIGRTMIN+3"])
+                                 changes=['CMD ["/sbin/init"]', "ENV container=docker"])
     finally:
         installer.remove(force=True)
     return image.id

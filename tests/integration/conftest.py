@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from quay_bootstrap.cli import main
-from tests.testbed import fake_quay
 from tests.testbed.stacks import sample_stack
 
 PREFIX = "conf/stack"
@@ -140,12 +139,6 @@ class Agent:
 @pytest.fixture
 def agent(tmp_path, capsys) -> Agent:
     return Agent(tmp_path / "agent.yaml", tmp_path / "stack", capsys, {})
-
-
-@pytest.fixture(scope="session")
-def fake_images(docker_client, registry):
-    """The fake Quay as v3.9.0 and v3.9.1 in the bed's registry: {tag: reference}."""
-    return {tag: fake_quay.build(docker_client, registry, tag) for tag in ("v3.9.0", "v3.9.1")}
 
 
 def free_port() -> int:
