@@ -197,3 +197,14 @@ def test_registry_credentials(node, auth_registry, docker_client, tmp_path):
     assert "image      pulled" in out and auth_registry["password"] not in out + err
     assert not Path.home().joinpath(".docker", "config.json").exists() or \
         auth_registry["registry"] not in Path.home().joinpath(".docker", "config.json").read_text()
+
+
+def test_prefetch_image_pulls_the_locked_image_and_runs_nothing(node):
+    node.docker.images.remove(node.images["v3.9.1"])
+    node.configure(image={"reference": node.images["v3.9.1"]})
+    code, out, err = node.agent.run("prefetch-image")
+    assert code == 0, err
+    assert out.startswith("image  pulled") and "@sha256:" in out
+    assert node.found() is None
+    code, out, _ = node.agent.run("prefetch-image")
+    assert code == 0 and out.startswith("image  present")
