@@ -2,10 +2,11 @@
 
 Usage: python bench/run.py [--rounds 5] [--runs 20]
 
-Runs bench/cli_startup.py and bench/fetch_vs_sync.py as child processes with this interpreter
-(their own output is shown as they go), then reads their JSON results from bench/results/ and
-prints the figures, ratios and goals as Markdown. Exit status: 0 when both benchmarks ran (a goal
-not met is reported, not an error), otherwise the first failing benchmark's status.
+Runs bench/cli_startup.py, bench/fetch_vs_sync.py and bench/once_vs_init_script.py as child
+processes with this interpreter (their own output is shown as they go), then reads their JSON
+results from bench/results/ and prints the figures, ratios and goals as Markdown. Exit status: 0
+when every benchmark ran (a goal not met is reported, not an error), otherwise the first failing
+benchmark's status.
 """
 from __future__ import annotations
 
@@ -78,6 +79,46 @@ def fetch_section(r: dict) -> list[str]:
     return lines
 
 
+def once_section(r: dict) -> list[str]:
+    s, q, p = r["summary"], r["ratios"], r["params"]
+    agent, script = s["agent"], s["script"]
+    lines = [
+        (f"### `run --once` (cached image, {p['files']}-file stack, fake Quay) against the init "
+         "script of Quay's HA guide"),
+        "",
+        "| | `quay-bootstrap run --once` | init script | ratio |",
+        "|---|---:|---:|---:|",
+        (f"| until Quay answers 200, median | {_s(agent['median_s'])} | "
+         f"{_s(script['median_s'])} | {q['wall']:.2f} |"),
+        f"| fastest run | {_s(agent['min_s'])} | {_s(script['min_s'])} | {q['wall_min']:.2f} |",
+        (f"| client CPU (user + system, with child processes) | {_s(agent['median_cpu_s'])} | "
+         f"{_s(script['median_cpu_s'])} | {q['client_cpu']:.2f} |"),
+    ]
+    for key, what in (("median_server_cpu_s", "moto server CPU"),
+                      ("median_docker_cpu_s", "dockerd + containerd CPU")):
+        if agent[key] is not None and script[key] is not None:
+            lines.append(f"| {what} | {_s(agent[key])} | {_s(script[key])} | |")
+    lines += [
+        (f"| peak RSS | {agent['median_maxrss_mib']:.0f} MiB | "
+         f"{script['median_maxrss_mib']:.0f} MiB | {q['rss']:.2f} |"),
+        "",
+        (f"Goal: {r['goal']['ratio_max']:.1f}x the init script's time or less (ratio of medians): "
+         f"{_met(r['goal']['met'])} ({q['wall']:.2f})."),
+        "",
+        "Where the agent's time goes (medians of its own `<step>.done` log lines): "
+        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in
+                    agent["median_steps_s"].items())
+        + " (outside steps: interpreter start-up, imports, config, Docker connection, exit).",
+        "",
+        f"Medians of {p['rounds']} rounds after {p['warmup']} warm-up round(s); within a round the "
+        "two sides alternate which goes first. Both start with the image in the daemon, a new "
+        "stack folder and no container, run the same image with host networking and poll "
+        f"/health/instance every {p['poll_s']:g} s; after every run the container, its health "
+        "and the mounted conf/stack are checked. The script: `" + r["commands"]["script"] + "`.",
+    ]
+    return lines
+
+
 def cli_section(r: dict) -> list[str]:
     s = r["summary"]
     lines = [
@@ -104,19 +145,24 @@ def cli_section(r: dict) -> list[str]:
     return lines
 
 
-def markdown(fetch: dict | None, cli: dict | None) -> str:
-    m = (fetch or cli or {}).get("machine", {})
+def markdown(fetch: dict | None, cli: dict | None, once: dict | None = None) -> str:
+    m = (fetch or once or cli or {}).get("machine", {})
     when = time.strftime("%Y-%m-%d")
     machine = (f"{m.get('nproc')} cores" + (f" ({m['cpu']})" if m.get("cpu") else "")
                + f", {m.get('os')}, Python {m.get('python')}")
-    if fetch:
+    if fetch or once:
         machine += f", moto {m.get('moto')}, {m.get('aws_cli', '').split(' ')[0]}"
+    if once:
+        docker = once["machine"]
+        machine += f", Docker CLI {docker.get('docker_cli')}, dockerd {docker.get('dockerd')}"
     lines = ["## Benchmarks", "",
              f"Measured with `make bench` on {when}; machine: {machine}."]
-    loads = [x for r in (fetch, cli) if r for x in r["machine"].get("loadavg", [])[:1]]
+    loads = [x for r in (fetch, cli, once) if r for x in r["machine"].get("loadavg", [])[:1]]
     if loads and max(loads) > BUSY_LOAD:
         lines.append(f"The machine was not idle (1-minute load average up to {max(loads):.1f}); "
                      "absolute times are noisy, ratios less so.")
+    if once:
+        lines += [""] + once_section(once)
     if fetch:
         lines += [""] + fetch_section(fetch)
     if cli:
@@ -126,7 +172,8 @@ def markdown(fetch: dict | None, cli: dict | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="fetch_vs_sync rounds (default 5)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="fetch_vs_sync and once_vs_init_script rounds (default 5)")
     parser.add_argument("--runs", type=int, default=20, help="cli_startup runs (default 20)")
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -134,14 +181,17 @@ def main(argv: list[str] | None = None) -> int:
                         RESULTS / "cli_startup.json")
     fetch_code, fetch = run("fetch_vs_sync.py", ["--rounds", str(args.rounds)],
                             RESULTS / "fetch_vs_sync.json")
+    once_code, once = run("once_vs_init_script.py", ["--rounds", str(args.rounds)],
+                          RESULTS / "once_vs_init_script.json")
     print("\n=== Markdown for BENCHMARKS.md\n")
-    print(markdown(fetch, cli))
-    failed = [name for name, code in (("cli_startup", cli_code), ("fetch_vs_sync", fetch_code))
-              if code]
+    print(markdown(fetch, cli, once))
+    codes = (("cli_startup", cli_code), ("fetch_vs_sync", fetch_code),
+             ("once_vs_init_script", once_code))
+    failed = [name for name, code in codes if code]
     if failed:
         print(f"\nFAIL: {', '.join(failed)} did not complete; its figures are missing above",
               file=sys.stderr)
-    return cli_code or fetch_code
+    return cli_code or fetch_code or once_code
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ class Daemon:
         self._fast_probe = threading.Event()
         self._fast_probe.set()
         self._last_ping = 0.0
+        # Docker events up to this time are echoes of our own restart (its die, destroy and
+        # start), not news: counting them would double every restart.
+        self._own_until = float("-inf")
 
     # --- signals: only set flags ------------------------------------------------------------
     def request_stop(self) -> None:
@@ -95,6 +98,9 @@ class Daemon:
             return None
 
     def _feed(self, seen) -> None:
+        if isinstance(seen, (watchdog.Died, watchdog.Started, watchdog.Missing)) and \
+                seen.at <= self._own_until:
+            return
         before = self.state
         self.state, actions = watchdog.step(self.state, seen, self.policy)
         for action in actions:
@@ -130,6 +136,7 @@ class Daemon:
         name = self.cfg.container.name
         log.warning("container.restarting", reason=action.reason, backoff=self.state.backoff,
                     restarts_in_window=len(self.state.restarts), services=self._services())
+        self._own_until = float("inf")
         try:
             found = self.docker.find(name)
             if found is None or action.recreate:
@@ -143,6 +150,9 @@ class Daemon:
         except Exception as err:  # noqa: BLE001 - the loop must survive; the next tick retries
             log.error("container.restart_failed", error=str(err))
             self.state = replace(self.state, pending=action.reason)
+        finally:
+            # The event thread stamps events as they arrive; allow it a moment to catch up.
+            self._own_until = self.clock() + 1.0
 
     def _escalate(self, reason: str) -> None:
         try:

@@ -286,3 +286,15 @@ def test_status_command_reads_the_running_agent(node, daemon):
     os.unlink(node.report["state_file"])
     code, _, err = node.agent.run("status")
     assert code == 1 and "is quay-bootstrap.service running?" in err
+
+
+def test_each_restart_counts_once(node, daemon):
+    """Restarting a running container makes Docker report a die and a start: those are echoes
+    of our own restart, not a second one."""
+    node.state("fail web_gunicorn")
+    agent = daemon(restart={"unhealthy_after": 99})
+    wait_for(lambda: agent.log.count('"container.restarting"') >= 2, 40, "two restarts")
+    node.state("healthy")
+    status = agent.wait_state("healthy", timeout=30)
+    assert status["restarts_in_window"] == agent.log.count('"container.restarting"')
+    assert '"container.restarted_by_docker"' not in agent.log
