@@ -258,7 +258,10 @@ class Bench:
                 status, body = response.status, response.read()
         except (urllib.error.URLError, OSError) as err:
             raise BenchError(f"{what}: {url} does not answer 200: {err}") from err
-        services = json.loads(body)["data"]["services"]
+        try:
+            services = json.loads(body)["data"]["services"]
+        except (ValueError, KeyError, TypeError):
+            services = {}
         if status != 200 or not services or not all(services.values()):
             raise BenchError(f"{what}: {url} answered {status} {body[:200]!r}")
         starts_file = control / "starts"

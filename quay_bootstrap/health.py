@@ -11,6 +11,10 @@ from typing import Callable, Dict, Optional
 from urllib.parse import urlsplit
 
 
+QUICK_POLL = 0.05
+QUICK_SECONDS = 2.0
+
+
 @dataclass(frozen=True)
 class Probe:
     """One answer (or non-answer) of the health endpoint.
@@ -99,7 +103,8 @@ def wait_healthy(url: str, *, within: float, interval: float, timeout: float,
 
     Returns the last probe. Stops early when `still_running()` says the container has exited.
     """
-    deadline = clock() + within
+    started = clock()
+    deadline = started + within
     while True:
         result = probe(url, timeout=min(timeout, max(deadline - clock(), 0.1)),
                        tls_verify=tls_verify, clock=clock)
@@ -109,4 +114,7 @@ def wait_healthy(url: str, *, within: float, interval: float, timeout: float,
             return Probe(False, result.status, result.services,
                          error="the container exited: " + (result.error or "no answer"),
                          seconds=result.seconds)
-        sleep(min(interval, max(deadline - clock(), 0)))
+        # Right after a start the first probes usually find nothing listening yet; poll fast
+        # for a moment so "ready" is seen within milliseconds, then at `interval`.
+        pace = QUICK_POLL if clock() - started < QUICK_SECONDS else interval
+        sleep(min(pace, max(deadline - clock(), 0)))
