@@ -206,6 +206,7 @@ class Daemon:
 
     def _reload(self) -> None:
         log.info("agent.reload", why="SIGHUP")
+        self._own_until = float("inf")  # a replacement's die/destroy/start are ours
         try:
             if self.reload_config:
                 self.cfg = self.reload_config()
@@ -213,6 +214,8 @@ class Daemon:
         except QuayBootstrapError as err:
             # A bad new config must not stop the watch over the Quay that runs.
             log.error("agent.reload_failed", error=str(err))
+        finally:
+            self._own_until = self.clock() + 1.0
 
     # --- the two feeders --------------------------------------------------------------------
     def _probe_loop(self) -> None:

@@ -298,3 +298,22 @@ def test_each_restart_counts_once(node, daemon):
     status = agent.wait_state("healthy", timeout=30)
     assert status["restarts_in_window"] == agent.log.count('"container.restarting"')
     assert '"container.restarted_by_docker"' not in agent.log
+
+
+def test_sighup_applies_a_new_stack_and_a_bad_config_keeps_quay_watched(node, daemon):
+    agent = daemon()
+    agent.wait_state("healthy")
+    old_id = node.found().id
+    node.backend.put("robots.txt", b"User-agent: *\nDisallow: /changed\n")
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: node.found() is not None and node.found().id != old_id, 20,
+             "the container replaced with the new stack")
+    version, files = node.agent.live()
+    assert files["robots.txt"].endswith(b"/changed\n")
+    assert node.found().labels["io.quay-bootstrap.stack-version"] == version
+    status = agent.wait_state("healthy")
+    assert status["restarts_in_window"] == 0  # a change is not a failure
+    node.agent.config_path.write_text("stack: [broken\n")
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: '"agent.reload_failed"' in agent.log, 10, "the reload refused")
+    assert agent.proc.poll() is None and agent.status()["state"] == "healthy"
