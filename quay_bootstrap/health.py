@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 from urllib.parse import urlsplit
 
-
 QUICK_POLL = 0.05
 QUICK_SECONDS = 2.0
 
