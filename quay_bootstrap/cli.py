@@ -96,6 +96,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: say it, redacted
+        import structlog
+
+        structlog.get_logger("quay_bootstrap").error("command.crashed", exc_info=True)
+        print(f"quay-bootstrap: unexpected {type(err).__name__}: "
+              f"{redactor.redact_text(str(err))}; this is a bug, please report it with the "
+              "log above", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _load(args: argparse.Namespace, redactor):
@@ -188,8 +196,8 @@ def _daemon(args: argparse.Namespace, cfg, redactor) -> int:
     from quay_bootstrap.once import Pass
 
     stop = threading.Event()
-    daemon = Daemon(cfg, lambda c: Pass(c, _store(c, redactor), redactor.add), stop,
-                    reload_config=lambda: _load(args, redactor))
+    daemon = Daemon(cfg, lambda c, sleep: Pass(c, _store(c, redactor), redactor.add, sleep=sleep),
+                    stop, reload_config=lambda: _load(args, redactor))
     # Handlers only set flags; the loop does the work. SIGTERM leaves Quay running.
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
@@ -260,7 +268,10 @@ def cmd_validate(args: argparse.Namespace, redactor) -> int:
 
     explicit = hasattr(args, "config") or "QUAY_BOOTSTRAP_CONFIG" in os.environ
     if explicit or not args.stack:
+        from quay_bootstrap.lock import check_policy, parse_reference
+
         cfg = _load(args, redactor)
+        check_policy(parse_reference(cfg.image.reference), cfg.image.allowed_tags)
         print(f"config ok: stack from {cfg.stack.source}, image {cfg.image.reference}")
     if args.stack:
         from quay_bootstrap.stack.fetch import check_local_stack

@@ -69,6 +69,7 @@ def parse_size(value: Any) -> int:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Size = Annotated[int, BeforeValidator(parse_size)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -161,7 +162,14 @@ class ImageConfig(_Section):
     @field_validator("lock")
     @classmethod
     def _lock(cls, value: Optional[str]) -> Optional[str]:
-        return None if value is None else _check_url(value, ("s3", "gs", "file"), "image lock")
+        if value is None:
+            return None
+        _check_url(value, ("s3", "gs", "file"), "image lock")
+        rest = value.partition("://")[2].strip("/")
+        if value.startswith(("s3://", "gs://")) and "/" not in rest:
+            raise ValueError(f"{value!r} names a bucket; the lock is one object, e.g. "
+                             "s3://my-quay-config/quay-lock.yaml")
+        return value
 
     @field_validator("allowed_tags")
     @classmethod
@@ -198,8 +206,8 @@ class HealthConfig(_Section):
     url: str = "https://127.0.0.1:443/health/instance"
     tls_verify: bool = False
     start_period: Duration = 300.0
-    interval: Duration = 10.0
-    timeout: Duration = 5.0
+    interval: PositiveDuration = 10.0
+    timeout: PositiveDuration = 5.0
     failure_threshold: PositiveInt = 3
     success_threshold: PositiveInt = 1
     shared_services: List[str] = Field(
@@ -212,10 +220,10 @@ class HealthConfig(_Section):
 
 
 class RestartConfig(_Section):
-    backoff_initial: Duration = 10.0
-    backoff_max: Duration = 300.0
+    backoff_initial: PositiveDuration = 10.0
+    backoff_max: PositiveDuration = 300.0
     unhealthy_after: PositiveInt = 5
-    window: Duration = 1800.0
+    window: PositiveDuration = 1800.0
 
 
 class RdsConfig(_Section):

@@ -66,7 +66,8 @@ def build_spec(container, image_id: str, image_digest: str, stack_path: Path,
     The stack is the resolved version folder, read-only, so a later switch of `current` never
     changes a running container's files.
     """
-    binds = (f"{stack_path}:{STACK_MOUNT}:ro", *container.volumes)
+    # Z: relabel for SELinux hosts, as Quay's documented run does (a no-op elsewhere).
+    binds = (f"{stack_path}:{STACK_MOUNT}:ro,Z", *container.volumes)
     spec = Spec(
         name=container.name, image=image_id,
         ports={} if container.network_mode == "host" else parse_ports(container.ports),
@@ -176,6 +177,14 @@ class Docker:
 
     def remove(self, container_id: str) -> None:
         self.client.api.remove_container(container_id, force=True)
+
+    def remove_stale_previous(self, name: str) -> None:
+        """Remove stopped `NAME-previous-*` containers a replacement interrupted by a crash left."""
+        for item in self.client.containers.list(all=True, filters={"name": f"{name}-previous-"}):
+            if item.labels.get(MANAGED) == "true" and item.status != "running" and \
+                    item.name.startswith(f"{name}-previous-"):
+                log.info("container.remove_stale", name=item.name)
+                item.remove(force=True)
 
     def running(self, container_id: str) -> bool:
         try:

@@ -2,18 +2,20 @@
 decisions until SIGTERM, which leaves Quay running."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import queue
+import re
 import threading
 import time
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Iterator
 
 import structlog
 
 from quay_bootstrap import health, report, watchdog
 from quay_bootstrap.config import Config
-from quay_bootstrap.errors import QuayBootstrapError
+from quay_bootstrap.container import MANAGED
 from quay_bootstrap.once import START_POLL, Pass
 
 log = structlog.get_logger(__name__)
@@ -23,11 +25,15 @@ _STOP = object()
 _RELOAD = object()
 
 
-class Daemon:
-    """Args: the agent config; a factory for a `Pass` (stack, lock, image, container); the
-    shared stop event that signal handlers set; a clock."""
+class Interrupted(Exception):
+    """SIGTERM arrived while a pass was waiting to retry: give up the pass, leave Quay as is."""
 
-    def __init__(self, cfg: Config, make_pass: Callable[[Config], Pass],
+
+class Daemon:
+    """Args: the agent config; a factory `make_pass(cfg, sleep)` for a `Pass` (stack, lock,
+    image, container); the shared stop event that signal handlers set; a clock."""
+
+    def __init__(self, cfg: Config, make_pass: Callable[..., Pass],
                  stop: threading.Event, *, reload_config: Callable[[], Config] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
@@ -35,7 +41,8 @@ class Daemon:
         self.stop = stop
         self.reload_config = reload_config
         self.clock = clock
-        self.events: "queue.Queue" = queue.Queue()
+        # SimpleQueue: its put() is safe to call from a signal handler.
+        self.events: "queue.SimpleQueue" = queue.SimpleQueue()
         self.systemd = report.Systemd()
         self.board = report.Board(cfg.report.state_file)
         self.state = watchdog.State()
@@ -57,15 +64,12 @@ class Daemon:
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> int:
         self.systemd.notify("STATUS=starting: fetching conf/stack and starting Quay")
-        # The first pass can take minutes (a first pull of Quay's image); its own deadlines
-        # bound it, so keep systemd's watchdog fed meanwhile.
-        passing = threading.Event()
-        if self.systemd.watchdog_every:
-            threading.Thread(target=self._ping_until, args=(passing,), daemon=True).start()
         try:
-            self._apply()  # errors here are start-up errors: the CLI maps them to exit statuses
-        finally:
-            passing.set()
+            with self._busy():  # errors here are start-up errors: the CLI maps them to exits
+                self._apply(self.cfg)
+        except Interrupted:
+            log.info("agent.stopped", during="the first pass")
+            return 0
         endpoint = report.Endpoint(self.board, self.cfg.report.listen).start()
         log.info("agent.listening", address=endpoint.address)
         threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
@@ -105,7 +109,10 @@ class Daemon:
         self.state, actions = watchdog.step(self.state, seen, self.policy)
         for action in actions:
             self._do(action)
-        if self.state.phase == "starting":
+        # Fast probes only while Quay may still be coming up, to see "ready" at once; after
+        # its start period, failures are counted at the configured pace.
+        if self.state.phase == "starting" and \
+                self.clock() - self.state.started_at < self.policy.start_period:
             self._fast_probe.set()
         else:
             self._fast_probe.clear()
@@ -130,29 +137,40 @@ class Daemon:
             self.board.update(marked_unhealthy=False, marked_reason=None)
         elif isinstance(action, watchdog.Ready):
             self.systemd.notify("READY=1")
+        if isinstance(action, watchdog.Log) and action.event == "health.healthy":
+            # Quay answered healthy on this stack: it is the one to go back to.
+            self.store.mark_known_good(self.stack_version)
 
     def _restart(self, action: watchdog.Restart) -> None:
         self.board.m_restarts.inc()
-        name = self.cfg.container.name
         log.warning("container.restarting", reason=action.reason, backoff=self.state.backoff,
                     restarts_in_window=len(self.state.restarts), services=self._services())
         self._own_until = float("inf")
         try:
-            found = self.docker.find(name)
-            if found is None or action.recreate:
-                if found is not None:
-                    self.docker.remove(found.id)
-                self.container_id = self.docker.create_and_start(self.spec)
-            elif found.status in ("running", "restarting", "paused"):
-                self.docker.client.api.restart(found.id, timeout=self.spec.stop_timeout)
-            else:
-                self.docker.start(found.id)
+            with self._busy():
+                self._restart_container(action)
         except Exception as err:  # noqa: BLE001 - the loop must survive; the next tick retries
             log.error("container.restart_failed", error=str(err))
             self.state = replace(self.state, pending=action.reason)
         finally:
             # The event thread stamps events as they arrive; allow it a moment to catch up.
             self._own_until = self.clock() + 1.0
+
+    def _restart_container(self, action: watchdog.Restart) -> None:
+        found = self.docker.find(self.spec.name)
+        if found is not None and found.labels.get(MANAGED) != "true":
+            log.error("container.not_ours", name=self.spec.name,
+                      hint="a container quay-bootstrap did not create took Quay's name; it is "
+                           "left alone. Remove it, then restart quay-bootstrap")
+            return
+        if found is None or action.recreate:
+            if found is not None:
+                self.docker.remove(found.id)
+            self.container_id = self.docker.create_and_start(self.spec)
+        elif found.status in ("running", "restarting", "paused"):
+            self.docker.client.api.restart(found.id, timeout=self.spec.stop_timeout)
+        else:
+            self.docker.start(found.id)
 
     def _escalate(self, reason: str) -> None:
         try:
@@ -180,6 +198,18 @@ class Daemon:
         probe = self.state.last_probe
         return dict(probe.services) if probe else {}
 
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Keep systemd's watchdog fed while the loop does something long (a pass, a restart
+        with its stop timeout); each of those is bounded by its own deadline."""
+        done = threading.Event()
+        if self.systemd.watchdog_every:
+            threading.Thread(target=self._ping_until, args=(done,), daemon=True).start()
+        try:
+            yield
+        finally:
+            done.set()
+
     def _ping_until(self, done: threading.Event) -> None:
         while not done.wait(self.systemd.watchdog_every):
             self.systemd.notify("WATCHDOG=1")
@@ -192,28 +222,37 @@ class Daemon:
             self._last_ping = now
 
     # --- applying the config ----------------------------------------------------------------
-    def _apply(self) -> None:
-        one = self.make_pass(self.cfg)
+    def _apply(self, cfg: Config) -> None:
+        """One pass with `cfg`; the daemon adopts `cfg` only when the pass succeeded."""
+        one = self.make_pass(cfg, self._sleep)
         outcome = one.run(wait_for_health=False)
-        self.docker, self.spec = one.docker, one.spec
+        self.cfg = cfg
+        self.docker, self.spec, self.store = one.docker, one.spec, one.store
         self.container_id = outcome.container_id
-        self.policy = watchdog.Policy.from_config(self.cfg)
+        self.stack_version = outcome.stack_version
+        self.policy = watchdog.Policy.from_config(cfg)
         started = _started_at(self.docker, outcome.container_id, self.clock)
         self.state = replace(self.state, started_at=started, phase="starting", since=self.clock(),
-                             container_up=True)
+                             container_up=True, successes=0, failures=0, pending=None)
         self.board.update(state="starting", stack_version=outcome.stack_version,
-                          image_digest=outcome.image_digest, container=self.cfg.container.name)
+                          image_digest=outcome.image_digest, container=cfg.container.name)
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise Interrupted()
 
     def _reload(self) -> None:
         log.info("agent.reload", why="SIGHUP")
         self._own_until = float("inf")  # a replacement's die/destroy/start are ours
         try:
-            if self.reload_config:
-                self.cfg = self.reload_config()
-            self._apply()
-        except QuayBootstrapError as err:
-            # A bad new config must not stop the watch over the Quay that runs.
-            log.error("agent.reload_failed", error=str(err))
+            with self._busy():
+                cfg = self.reload_config() if self.reload_config else self.cfg
+                self._apply(cfg)
+        except Interrupted:
+            return
+        except Exception as err:  # noqa: BLE001 - a bad reload must not end the watch over Quay
+            log.error("agent.reload_failed", error=str(err),
+                      note="still watching the Quay that runs, with the previous config")
         finally:
             self._own_until = self.clock() + 1.0
 
@@ -222,16 +261,19 @@ class Daemon:
         rds = None
         while not self.stop.is_set():
             cfg = self.cfg
-            result = health.probe(cfg.health.url, timeout=cfg.health.timeout,
-                                  tls_verify=cfg.health.tls_verify, clock=self.clock)
-            self.board.m_probe.observe(result.seconds)
-            rds_down = False
-            if not result.ok and cfg.report.rds and result.services.get("database") is False:
-                rds = rds or _Rds(cfg.report.rds)
-                rds_down = rds.unavailable()
-            self.events.put(watchdog.Probed(self.clock(), result.ok,
-                                            tuple(sorted(result.services.items())),
-                                            result.error, result.status, rds_down))
+            try:
+                result = health.probe(cfg.health.url, timeout=cfg.health.timeout,
+                                      tls_verify=cfg.health.tls_verify, clock=self.clock)
+                self.board.m_probe.observe(result.seconds)
+                rds_down = False
+                if not result.ok and cfg.report.rds and result.services.get("database") is False:
+                    rds = rds or _Rds(cfg.report.rds)
+                    rds_down = rds.unavailable()
+                self.events.put(watchdog.Probed(self.clock(), result.ok,
+                                                tuple(sorted(result.services.items())),
+                                                result.error, result.status, rds_down))
+            except Exception as err:  # noqa: BLE001 - a dead probe thread would freeze the state
+                log.error("probe.failed", error=str(err))
             wait = START_POLL if self._fast_probe.is_set() else cfg.health.interval
             self.stop.wait(wait)
 
@@ -265,13 +307,17 @@ class _Rds:
     """RDS says whether the database is mid-failover or stopped (not `available`)."""
 
     def __init__(self, rds) -> None:
-        import boto3
-
         self.db_instance = rds.db_instance
-        self.client = boto3.client("rds", region_name=rds.region)
+        self.region = rds.region
+        self.client = None
 
     def unavailable(self) -> bool:
+        import boto3
+
         try:
+            if self.client is None:
+                # Its own session: boto3's default one is not safe to share across threads.
+                self.client = boto3.session.Session().client("rds", region_name=self.region)
             found = self.client.describe_db_instances(DBInstanceIdentifier=self.db_instance)
             status = found["DBInstances"][0]["DBInstanceStatus"]
         except Exception as err:  # noqa: BLE001 - unknown means: judge by Quay's answer alone
@@ -287,9 +333,10 @@ def _started_at(docker, container_id: str, clock: Callable[[], float]) -> float:
     start period."""
     try:
         text = docker.client.api.inspect_container(container_id)["State"]["StartedAt"]
-        started = datetime.datetime.fromisoformat(text[:26].rstrip("Z") + "+00:00")
-        age = time.time() - started.timestamp()
+        match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?", text)
+        started = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(
+            tzinfo=datetime.timezone.utc).timestamp() + float(match.group(2) or 0)
+        age = time.time() - started
     except Exception:  # noqa: BLE001 - unknown: give it a full start period
         age = 0.0
     return clock() - max(age, 0.0)
-

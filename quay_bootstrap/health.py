@@ -91,6 +91,10 @@ def probe(url: str, *, timeout: float, tls_verify: bool = False,
         failing = sorted(k for k, v in services.items() if not v)
         why = f"HTTP {status}" + (f", failing: {', '.join(failing)}" if failing else "")
         return Probe(False, status, services, error=why, seconds=seconds)
+    if not services:
+        # A 200 without Quay's body is not Quay (a wrong health.url, a proxy's error page).
+        return Probe(False, status, error="HTTP 200 without Quay's health body; check that "
+                     "health.url is Quay's /health/instance", seconds=seconds)
     return Probe(True, status, services, seconds=seconds)
 
 

@@ -163,6 +163,10 @@ def _pull(docker, ref: ImageRef, auth: Optional[Dict[str, str]]) -> None:
 
 def _raise_for(text: str, ref: ImageRef, cause: Optional[Exception] = None) -> None:
     lowered = text.lower()
+    if "no space left on device" in lowered:
+        raise ImageError(f"the disk filled up while pulling {ref}: {text}", where="dockerd",
+                         hint="Free space under Docker's data root (docker system prune, a "
+                              "bigger disk); the running Quay was left as it was") from cause
     if any(word in lowered for word in _PERMANENT):
         hint = ("Check image.auth (username and password_file, or ecr: true)"
                 if any(w in lowered for w in ("unauthorized", "authentication", "denied",

@@ -73,6 +73,7 @@ class Pass:
         _, container_id = self._timed(outcome, "container", lambda: self._reconcile(docker, spec))
         outcome.stack_version, outcome.image_digest = stack.version, image.digest
         outcome.container_id = container_id
+        self.store.mark_in_use(stack.version)
         self.spec, self.docker = spec, docker
         if not wait_for_health:
             return outcome
@@ -108,6 +109,7 @@ class Pass:
         return resolve_image(self.cfg, self.sleep)
 
     def _reconcile(self, docker: Docker, spec: Spec) -> Tuple[Action, str]:
+        docker.remove_stale_previous(spec.name)
         found = docker.find(spec.name)
         action = decide(found, spec, self.cfg.container.adopt_unmanaged)
         log.info("container.reconcile", action=action.kind, reason=action.reason,

@@ -61,8 +61,8 @@ class Board:
             if "consecutive_failures" in fields:
                 self.m_failures.set(fields["consecutive_failures"])
             self._status.update(fields)
-            snapshot = dict(self._status)
-        self._persist(snapshot)
+            # Under the lock: two writers must not interleave their snapshots.
+            self._persist(dict(self._status))
 
     def snapshot(self) -> Dict[str, Any]:
         with self._lock:

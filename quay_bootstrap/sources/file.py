@@ -33,6 +33,10 @@ class FileSource:
                     path = Path(folder, name)
                     if not path.is_file():
                         continue  # sockets, FIFOs, dangling links: not part of a stack
+                    if path.is_symlink() and not _inside(path, self.root):
+                        raise SourceError(f"refusing the whole stack: {path} links outside the "
+                                          "stack directory", where=self.url,
+                                          hint="Copy the file into the directory instead")
                     st = path.stat()
                     key = path.relative_to(self.root).as_posix()
                     objects.append(ObjectInfo(key=key, size=st.st_size,
@@ -57,6 +61,14 @@ class FileSource:
                               hint="Check the URL") from err
         except OSError as err:
             raise _classify(err, f"{self.url}/{key}") from err
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def _raise(err: OSError) -> None:

@@ -17,6 +17,7 @@ _DENIED = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "Signature
            "InvalidToken", "ExpiredToken", "AccountProblem", "403"}
 _CHANGED = {"PreconditionFailed", "NoSuchKey", "412", "404"}
 _CONNECTION_FAULTS = (
+    botocore.exceptions.ProxyConnectionError,
     botocore.exceptions.EndpointConnectionError,
     botocore.exceptions.ConnectTimeoutError,
     botocore.exceptions.ReadTimeoutError,
@@ -73,10 +74,8 @@ class S3Source:
             raise self._classify(err, "list") from err
         except _CONNECTION_FAULTS as err:
             raise TransientError(f"{self.url}: {err}") from err
-        except botocore.exceptions.NoCredentialsError as err:
-            raise SourceError("no AWS credentials found to list the stack", where=self.url,
-                              hint="Attach an instance profile that may read the bucket, or "
-                                   "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") from err
+        except (botocore.exceptions.NoCredentialsError, botocore.exceptions.SSLError) as err:
+            raise _permanent(err, self.url) from err
         return objects
 
     def read(self, obj: ObjectInfo) -> Download:
@@ -93,6 +92,8 @@ class S3Source:
             raise CorruptDownload(str(err)) from err
         except _TRUNCATED as err:
             raise CorruptDownload(f"truncated download: {err}") from err
+        except (botocore.exceptions.NoCredentialsError, botocore.exceptions.SSLError) as err:
+            raise _permanent(err, f"s3://{self.bucket}/{key}") from err
         checksums = {}
         sha256 = response.get("ChecksumSHA256") or ""
         if sha256 and "-" not in sha256:  # "-N" marks a composite multipart checksum
@@ -114,6 +115,8 @@ class S3Source:
             raise self._classify(err, "read", full) from err
         except _CONNECTION_FAULTS + _TRUNCATED as err:
             raise TransientError(f"s3://{self.bucket}/{full}: {err}") from err
+        except (botocore.exceptions.NoCredentialsError, botocore.exceptions.SSLError) as err:
+            raise _permanent(err, f"s3://{self.bucket}/{full}") from err
 
     def _classify(self, err: botocore.exceptions.ClientError, action: str,
                   key: str = "") -> Exception:
@@ -135,3 +138,13 @@ class S3Source:
             return TransientError(f"{where}: {code or status} {error.get('Message', '')}")
         return SourceError(f"the object store refused to {action} the stack: {code} "
                            f"{error.get('Message', '')}".rstrip(), where=where)
+
+
+def _permanent(err: Exception, where: str) -> SourceError:
+    if isinstance(err, botocore.exceptions.SSLError):
+        return SourceError(f"the store's TLS certificate was not accepted: {err}", where=where,
+                           hint="For a private CA set stack.ca_bundle to its PEM file")
+    return SourceError("no AWS credentials found to read the stack", where=where,
+                       hint="Attach an instance profile that may read the bucket, or set "
+                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                            "(/etc/quay-bootstrap/environment under systemd)")

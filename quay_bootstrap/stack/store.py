@@ -5,6 +5,7 @@ Layout under stack.dir:
     manifests/<id>.json       what each file was in the store (size, token, sha256)
     current -> versions/<id>  replaced by rename, so readers see the old or the new, never half
     last-known-good -> versions/<id>
+    in-use -> versions/<id>   what the Quay container mounts right now
     .staging-<pid>-<rand>/    a fetch in progress; removed on failure, or on the next run
     .lock                     one fetch at a time
 """
@@ -76,6 +77,9 @@ class StackStore:
     def known_good(self) -> Optional[str]:
         return self._link_target("last-known-good")
 
+    def in_use(self) -> Optional[str]:
+        return self._link_target("in-use")
+
     def path(self, version: str) -> Path:
         return self.versions / version
 
@@ -135,10 +139,12 @@ class StackStore:
         if self.owner:
             os.chown(staging, *self.owner)
         final = self.path(version)
-        if final.is_dir():
+        if final.is_dir() and (version == self.in_use() or _matches(final, manifest)):
             shutil.rmtree(staging)  # an older version came back: its folder is still here
             os.utime(final)
         else:
+            if final.is_dir():  # damaged since it was written: replace it
+                shutil.rmtree(final)
             _fsync_tree(staging)
             os.rename(staging, final)
         self.write_manifest(version, manifest, source)
@@ -154,6 +160,10 @@ class StackStore:
     def mark_known_good(self, version: str) -> None:
         self._set_link("last-known-good", version)
 
+    def mark_in_use(self, version: str) -> None:
+        """The version a Quay container mounts: never pruned while it does."""
+        self._set_link("in-use", version)
+
     def _set_link(self, name: str, version: str) -> None:
         tmp = self.root / f".link-{name}-{os.getpid()}"
         tmp.unlink(missing_ok=True)
@@ -162,9 +172,9 @@ class StackStore:
         _fsync_dir(self.root)
 
     def prune(self, keep: int) -> List[str]:
-        """Delete versions beyond the `keep` newest; never current or last-known-good."""
+        """Delete versions beyond the `keep` newest; never current, last-known-good or in-use."""
         versions = [(p.name, p.stat().st_mtime) for p in self._version_dirs()]
-        protected = [v for v in (self.current(), self.known_good()) if v]
+        protected = [v for v in (self.current(), self.known_good(), self.in_use()) if v]
         doomed = prune(versions, keep, protected)
         for version in doomed:
             shutil.rmtree(self.path(version), ignore_errors=True)
@@ -173,6 +183,17 @@ class StackStore:
 
     def _version_dirs(self) -> Iterator[Path]:
         return (p for p in self.versions.iterdir() if p.is_dir())
+
+
+def _matches(folder: Path, manifest: Dict[str, ManifestEntry]) -> bool:
+    """True when `folder` holds exactly the manifest's files with their content."""
+    import hashlib
+
+    found = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+    if set(found) != set(manifest):
+        return False
+    return all(hashlib.sha256(found[k].read_bytes()).hexdigest() == v.sha256
+               for k, v in manifest.items())
 
 
 def _fsync_tree(root: Path) -> None:

@@ -306,13 +306,21 @@ def test_sighup_applies_a_new_stack_and_a_bad_config_keeps_quay_watched(node, da
     old_id = node.found().id
     node.backend.put("robots.txt", b"User-agent: *\nDisallow: /changed\n")
     agent.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: node.found() is not None and node.found().id != old_id, 20,
-             "the container replaced with the new stack")
+    def replaced():
+        found = node.found()  # once: between rename and create there is no container
+        return found is not None and found.id != old_id
+
+    wait_for(replaced, 20, "the container replaced with the new stack")
     version, files = node.agent.live()
     assert files["robots.txt"].endswith(b"/changed\n")
     assert node.found().labels["io.quay-bootstrap.stack-version"] == version
-    status = agent.wait_state("healthy")
-    assert status["restarts_in_window"] == 0  # a change is not a failure
+    status = wait_for(lambda: agent.status().get("stack_version") == version and
+                      agent.status().get("state") == "healthy" and agent.status(), 20,
+                      "healthy on the new stack")
+    time.sleep(3)  # past the start period: a late echo of the replacement would show by now
+    status = agent.status()
+    assert status["restarts_in_window"] == 0 and status["state"] == "healthy"  # not a failure
+    assert '"container.restarting"' not in agent.log
     node.agent.config_path.write_text("stack: [broken\n")
     agent.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: '"agent.reload_failed"' in agent.log, 10, "the reload refused")

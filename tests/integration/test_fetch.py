@@ -309,3 +309,11 @@ def test_many_files_in_parallel_fetch_cleanly(agent, cloud_backend):
     assert agent.live()[1] == files
     # e.g. urllib3's "Connection pool is full, discarding connection" when the pool is too small
     assert [line for line in err.splitlines() if '"level": "info"' not in line] == []
+
+
+def test_a_symlink_out_of_the_source_directory_is_refused(agent, file_backend, tmp_path):
+    applied(agent, file_backend)
+    secret = tmp_path / "outside-secret"
+    secret.write_text("root only")
+    (tmp_path / "source" / "leak.crt").symlink_to(secret)
+    refused(agent, code=1, says=["links outside the stack directory", "leak.crt"])

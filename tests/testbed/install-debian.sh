@@ -3,7 +3,7 @@
 # Idempotent; run as root on Debian/Ubuntu. Never starts a system-wide Docker daemon.
 set -euo pipefail
 
-pkgs=(docker.io docker-registry busybox-static libsystemd-dev pkg-config iproute2 python3-venv debootstrap)
+pkgs=(docker.io docker-registry busybox-static libsystemd-dev pkg-config gcc python3-dev iproute2 python3-venv debootstrap)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -73,3 +73,10 @@ def test_validate_a_local_stack_changes_nothing(tmp_path, capsys, monkeypatch):
     assert "DB_URI: required by Quay's schema but missing" in err
     assert "ssl.cert: missing" in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_validate_refuses_a_floating_tag_like_run_does(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("stack: {source: s3://b/p}\nimage: {reference: quay.io/projectquay/quay:latest}\n")
+    proc = run("--config", str(path), "validate")
+    assert proc.returncode == 65 and "'latest'" in proc.stderr

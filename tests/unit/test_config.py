@@ -123,3 +123,19 @@ def test_config_path_precedence():
     assert config_path("/a", {"QUAY_BOOTSTRAP_CONFIG": "/b"}) == "/a"
     assert config_path(None, {"QUAY_BOOTSTRAP_CONFIG": "/b"}) == "/b"
     assert config_path(None, {}) == "/etc/quay-bootstrap/config.yaml"
+
+
+@pytest.mark.parametrize("section,key", [("health", "interval"), ("health", "timeout"),
+                                         ("restart", "backoff_initial"), ("restart", "window")])
+def test_zero_durations_that_would_spin_or_never_wait_are_refused(section, key):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + f"{section}: {{{key}: 0}}\n")
+    assert f"{section}.{key}" in dict(caught.value.problems)
+
+
+def test_the_lock_must_name_an_object():
+    text = ("stack: {source: s3://bucket/conf/stack}\n"
+            "image: {reference: quay.io/projectquay/quay:v3.9.0, lock: s3://bucket}\n")
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert "names a bucket" in dict(caught.value.problems)["image.lock"]

@@ -26,7 +26,7 @@ def spec(**container):
 def test_documented_defaults_make_the_documented_run():
     desired = spec()
     assert desired.ports == {"8443/tcp": 443, "8080/tcp": 80}
-    assert desired.binds[0] == "/var/lib/quay-bootstrap/stack/versions/v1:/conf/stack:ro"
+    assert desired.binds[0] == "/var/lib/quay-bootstrap/stack/versions/v1:/conf/stack:ro,Z"
     assert desired.sysctls == {"net.core.somaxconn": "4096"}
     assert desired.image == "sha256:img"
     assert desired.labels[MANAGED] == "true" and desired.labels[STACK_VERSION] == "v1"

@@ -58,6 +58,7 @@ def test_probe_verdicts(server):
         "/db": (503, b'{"data":{"services":{"database":false,"web_gunicorn":true}},'
                      b'"status_code":503}', {}),
         "/redirect": (301, b"", {"Location": "https://quay.example.com/health/instance"}),
+        "/plain": (200, b"ok", {}),
     }
     ok = probe(server + "/ok", timeout=2)
     assert ok.ok and ok.status == 200 and ok.services["web_gunicorn"] is True
@@ -66,6 +67,8 @@ def test_probe_verdicts(server):
     assert db.error == "HTTP 503, failing: database"
     moved = probe(server + "/redirect", timeout=2)
     assert not moved.ok and "probe the HTTPS port" in moved.error
+    plain = probe(server + "/plain", timeout=2)
+    assert not plain.ok and "without Quay's health body" in plain.error
 
 
 def test_nothing_listening_is_a_failed_probe_not_an_exception():
