@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import queue
+import random
 import re
+import socket
 import threading
 import time
 from dataclasses import replace
@@ -13,9 +16,9 @@ from typing import Callable, Iterator
 
 import structlog
 
-from quay_bootstrap import health, report, watchdog
+from quay_bootstrap import health, report, rollout, watchdog
 from quay_bootstrap.config import Config
-from quay_bootstrap.container import MANAGED
+from quay_bootstrap.container import IMAGE_DIGEST, MANAGED, SPEC_HASH, STACK_VERSION, decide
 from quay_bootstrap.once import START_POLL, Pass
 
 log = structlog.get_logger(__name__)
@@ -52,6 +55,9 @@ class Daemon:
         # Docker events up to this time are echoes of our own restart (its die, destroy and
         # start), not news: counting them would double every restart.
         self._own_until = float("-inf")
+        self._next_refresh: "float | None" = None
+        self.rejected: set = set()  # (stack, image, spec) that rolled back: not retried
+        self.me = f"{socket.gethostname()}:{cfg.container.name}"
 
     # --- signals: only set flags ------------------------------------------------------------
     def request_stop(self) -> None:
@@ -74,6 +80,7 @@ class Daemon:
         log.info("agent.listening", address=endpoint.address)
         threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
         threading.Thread(target=self._event_loop, name="docker-events", daemon=True).start()
+        self._schedule_refresh()
         try:
             while not self.stop.is_set():
                 self._ping_watchdog()
@@ -82,6 +89,9 @@ class Daemon:
                     break
                 if item is _RELOAD:
                     self._reload()
+                    continue
+                if self._next_refresh is not None and self.clock() >= self._next_refresh:
+                    self._refresh()
                     continue
                 self._feed(item if item is not None else watchdog.Tick(self.clock()))
         finally:
@@ -93,9 +103,9 @@ class Daemon:
 
     def _next_item(self):
         timeout = 0.5
-        due = self.state.restart_due_at()
-        if due is not None:
-            timeout = max(0.0, min(timeout, due - self.clock()))
+        for due in (self.state.restart_due_at(), self._next_refresh):
+            if due is not None:
+                timeout = max(0.0, min(timeout, due - self.clock()))
         try:
             return self.events.get(timeout=timeout)
         except queue.Empty:
@@ -241,20 +251,156 @@ class Daemon:
         if self.stop.wait(seconds):
             raise Interrupted()
 
+    def _schedule_refresh(self) -> None:
+        interval = self.cfg.stack.refresh_interval
+        # Jitter, so a cluster's nodes do not all ask the store in the same second.
+        self._next_refresh = (self.clock() + interval * random.uniform(0.8, 1.2)
+                              if interval > 0 else None)
+
+    def _refresh(self) -> None:
+        try:
+            self._roll(self.cfg, "refresh")
+        finally:
+            self._schedule_refresh()
+
     def _reload(self) -> None:
         log.info("agent.reload", why="SIGHUP")
+        try:
+            cfg = self.reload_config() if self.reload_config else self.cfg
+        except Exception as err:  # noqa: BLE001 - a bad config must not end the watch over Quay
+            log.error("agent.reload_failed", error=str(err),
+                      note="still watching the Quay that runs, with the previous config")
+            return
+        self._roll(cfg, "SIGHUP")
+
+    def _roll(self, cfg: Config, why: str) -> None:
+        """Apply a changed stack, image or spec to this node within the cluster's budget:
+        everything fetched and pulled first, then a lease, then stop + start, then healthy
+        within start_period or back to the previous stack and image."""
         self._own_until = float("inf")  # a replacement's die/destroy/start are ours
         try:
             with self._busy():
-                cfg = self.reload_config() if self.reload_config else self.cfg
-                self._apply(cfg)
+                self._roll_inner(cfg, why)
         except Interrupted:
             return
-        except Exception as err:  # noqa: BLE001 - a bad reload must not end the watch over Quay
-            log.error("agent.reload_failed", error=str(err),
-                      note="still watching the Quay that runs, with the previous config")
+        except Exception as err:  # noqa: BLE001 - a failed change must not end the watch
+            log.error("rollout.failed", why=why, error=str(err),
+                      note="still watching the Quay that runs")
+            self.board.update(last_change={"why": why, "result": "failed", "error": str(err)})
         finally:
             self._own_until = self.clock() + 1.0
+
+    def _roll_inner(self, cfg: Config, why: str) -> None:
+        one = self.make_pass(cfg, self._sleep)
+        spec = one.prepare()  # fetched, validated, pulled: Quay is untouched so far
+        found = one.docker.find(spec.name)
+        action = decide(found, spec, cfg.container.adopt_unmanaged)
+        key = (spec.labels[STACK_VERSION], spec.labels[IMAGE_DIGEST], spec.labels[SPEC_HASH])
+        if action.kind == "adopt":
+            self.cfg, self.policy = cfg, watchdog.Policy.from_config(cfg)
+            log.debug("rollout.unchanged", why=why)
+            return
+        if action.kind != "replace":  # missing, stopped or not ours: the watchdog's business
+            log.info("rollout.skipped", why=why, action=action.kind, reason=action.reason)
+            return
+        old_spec, old_version = self.spec, self.stack_version
+        if key in self.rejected:
+            one.store.switch_current(old_version)
+            log.debug("rollout.still_rejected", version=key[0][:12], image=key[1])
+            return
+        leases = rollout.open_store(cfg.stack)
+        canary = None
+        if spec.labels[IMAGE_DIGEST] != old_spec.labels[IMAGE_DIGEST]:
+            canary = self._canary_gate(leases, spec.labels[IMAGE_DIGEST], cfg)
+            if canary == "stop":
+                self.rejected.add(key)
+                one.store.switch_current(old_version)
+                return
+        budget = rollout.Budget(leases, self.me, cfg.rollout.max_unavailable,
+                                cfg.rollout.lease_ttl)
+        slot = budget.acquire(f"{why}: {action.reason}", self._sleep)
+        try:
+            log.info("rollout.replacing", why=why, reason=action.reason, canary=canary == "canary",
+                     version=key[0], image=key[1])
+            _, container_id = one.reconcile(one.docker, spec)
+            probe = one.wait_healthy(container_id)
+            if probe.ok:
+                one.store.mark_known_good(key[0])
+                self._adopt(cfg, one, spec, container_id, key[0])
+                self._canary_done(leases, canary, spec.labels[IMAGE_DIGEST], "healthy")
+                log.info("rollout.applied", why=why, version=key[0], image=key[1])
+                self.board.update(last_change={"why": why, "result": "applied",
+                                               "version": key[0], "image": key[1]})
+                return
+            log.error("rollout.rolling_back", why=why, version=key[0], image=key[1],
+                      error=probe.error, services=probe.services)
+            self.rejected.add(key)
+            self._canary_done(leases, canary, spec.labels[IMAGE_DIGEST], "failed")
+            one.store.switch_current(old_version)
+            _, container_id = one.reconcile(one.docker, old_spec)
+            back = one.wait_healthy(container_id)
+            self._adopt(self.cfg, one, old_spec, container_id, old_version)
+            log.warning("rollout.rolled_back", version=old_version, healthy=back.ok,
+                        rejected=key[0], note="not retried until the source changes again")
+            self.board.m_rollbacks.inc()
+            self.board.update(last_change={"why": why, "result": "rolled back",
+                                           "rejected_version": key[0], "rejected_image": key[1],
+                                           "error": probe.error})
+        finally:
+            budget.release(slot)
+
+    def _adopt(self, cfg, one, spec, container_id, version) -> None:
+        self.cfg, self.policy = cfg, watchdog.Policy.from_config(cfg)
+        self.docker, self.spec, self.store = one.docker, spec, one.store
+        self.container_id, self.stack_version = container_id, version
+        self.state = replace(self.state, started_at=self.clock(), phase="starting",
+                             since=self.clock(), container_up=True, successes=0, failures=0,
+                             pending=None)
+        self.board.update(state="starting", stack_version=version,
+                          image_digest=spec.labels[IMAGE_DIGEST])
+
+    def _canary_gate(self, leases, digest: str, cfg: Config) -> str:
+        """A new image: Quay migrates its database on the first start of a new version, so one
+        node (the first to claim the upgrade record) goes first; the rest wait for its verdict.
+        Returns "canary", "go" (the canary is healthy) or "stop" (it failed)."""
+        waited = False
+        while True:
+            got = leases.get("upgrade")
+            record = _json(got[0]) if got else None
+            now = time.time()
+            stale = record is not None and record.get("state") == "rolling" and \
+                now - float(record.get("since", 0)) > cfg.rollout.lease_ttl
+            if record is None or record.get("image") != digest or stale:
+                body = json.dumps({"image": digest, "canary": self.me, "state": "rolling",
+                                   "since": now}).encode()
+                claimed = leases.create("upgrade", body) if got is None else \
+                    leases.replace("upgrade", body, got[1])
+                if claimed:
+                    log.info("rollout.canary", image=digest, node=self.me)
+                    return "canary"
+                continue
+            if record.get("state") == "healthy":
+                return "go"
+            if record.get("state") == "failed":
+                log.error("rollout.stopped", image=digest, canary=record.get("canary"),
+                          note="the canary failed on this image and rolled back; fix it and "
+                               "change the lock again")
+                return "stop"
+            if record.get("canary") == self.me:
+                return "canary"  # this agent restarted mid-upgrade
+            if not waited:
+                log.info("rollout.waiting_for_canary", image=digest, canary=record.get("canary"))
+                waited = True
+            self._sleep(2.0)
+
+    def _canary_done(self, leases, canary, digest: str, state: str) -> None:
+        if canary != "canary":
+            return
+        got = leases.get("upgrade")
+        body = json.dumps({"image": digest, "canary": self.me, "state": state,
+                           "since": time.time()}).encode()
+        if got is None or not leases.replace("upgrade", body, got[1]):
+            leases.create("upgrade", body)
 
     # --- the two feeders --------------------------------------------------------------------
     def _probe_loop(self) -> None:
@@ -340,3 +486,11 @@ def _started_at(docker, container_id: str, clock: Callable[[], float]) -> float:
     except Exception:  # noqa: BLE001 - unknown: give it a full start period
         age = 0.0
     return clock() - max(age, 0.0)
+
+
+def _json(data: bytes):
+    try:
+        value = json.loads(data.decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None

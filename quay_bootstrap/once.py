@@ -10,7 +10,7 @@ import tenacity
 
 from quay_bootstrap import health
 from quay_bootstrap.config import Config
-from quay_bootstrap.container import Action, Docker, Spec, build_spec, decide
+from quay_bootstrap.container import STACK_VERSION, Action, Docker, Spec, build_spec, decide
 from quay_bootstrap.errors import ContainerError, LockViolation, SourceError, Unavailable
 from quay_bootstrap.image import ensure_image, registry_auth
 from quay_bootstrap.lock import Resolved, resolve
@@ -62,30 +62,40 @@ class Pass:
         """The pass. Without `wait_for_health` it stops once the container runs (the daemon's
         watchdog takes over from there)."""
         outcome = self.outcome
-        stack = self._timed(outcome, "stack", self._fetch)
-        resolved = self._timed(outcome, "lock", self._resolve)
-        docker = self.docker_factory()
-        auth = registry_auth(self.cfg.image.auth, resolved.ref.registry, self.add_secrets)
-        image = self._timed(outcome, "image", lambda: ensure_image(
-            docker, resolved.ref, auth=auth, deadline=self.cfg.image.pull_deadline,
-            sleep=self.sleep))
-        spec = build_spec(self.cfg.container, image.id, image.digest, stack.path, stack.version)
-        _, container_id = self._timed(outcome, "container", lambda: self._reconcile(docker, spec))
-        outcome.stack_version, outcome.image_digest = stack.version, image.digest
+        spec = self.prepare()
+        _, container_id = self._timed(outcome, "container",
+                                      lambda: self.reconcile(self.docker, spec))
         outcome.container_id = container_id
-        self.store.mark_in_use(stack.version)
-        self.spec, self.docker = spec, docker
         if not wait_for_health:
             return outcome
-        probe = self._timed(outcome, "health", lambda: health.wait_healthy(
-            self.cfg.health.url, within=self.cfg.health.start_period, interval=START_POLL,
-            timeout=self.cfg.health.timeout, tls_verify=self.cfg.health.tls_verify,
-            still_running=lambda: docker.running(container_id), sleep=self.sleep,
-            clock=self.clock))
+        probe = self._timed(outcome, "health", lambda: self.wait_healthy(container_id))
         outcome.probe, outcome.healthy = probe, probe.ok
         if probe.ok:
-            self.store.mark_known_good(stack.version)
+            self.store.mark_known_good(outcome.stack_version)
         return outcome
+
+    def prepare(self) -> Spec:
+        """Everything before touching the container: the stack fetched and live, the lock
+        resolved, the image pulled and verified. Returns the container the node should run."""
+        outcome = self.outcome
+        stack = self._timed(outcome, "stack", self._fetch)
+        resolved = self._timed(outcome, "lock", self._resolve)
+        self.docker = self.docker_factory()
+        auth = registry_auth(self.cfg.image.auth, resolved.ref.registry, self.add_secrets)
+        image = self._timed(outcome, "image", lambda: ensure_image(
+            self.docker, resolved.ref, auth=auth, deadline=self.cfg.image.pull_deadline,
+            sleep=self.sleep))
+        self.spec = build_spec(self.cfg.container, image.id, image.digest, stack.path,
+                               stack.version)
+        outcome.stack_version, outcome.image_digest = stack.version, image.digest
+        return self.spec
+
+    def wait_healthy(self, container_id: str) -> health.Probe:
+        return health.wait_healthy(
+            self.cfg.health.url, within=self.cfg.health.start_period, interval=START_POLL,
+            timeout=self.cfg.health.timeout, tls_verify=self.cfg.health.tls_verify,
+            still_running=lambda: self.docker.running(container_id), sleep=self.sleep,
+            clock=self.clock)
 
     def _timed(self, outcome: Outcome, name: str, call):
         started = self.clock()
@@ -107,6 +117,12 @@ class Pass:
 
     def _resolve(self) -> Resolved:
         return resolve_image(self.cfg, self.sleep)
+
+    def reconcile(self, docker: Docker, spec: Spec) -> Tuple[Action, str]:
+        """Make the container `spec`; records the stack version it mounts as in use."""
+        action, container_id = self._reconcile(docker, spec)
+        self.store.mark_in_use(spec.labels[STACK_VERSION])
+        return action, container_id
 
     def _reconcile(self, docker: Docker, spec: Spec) -> Tuple[Action, str]:
         docker.remove_stale_previous(spec.name)

@@ -42,6 +42,8 @@ class Board:
         self.m_probe = Histogram("quay_bootstrap_probe_seconds", "Health probe latency",
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                  registry=self.registry)
+        self.m_rollbacks = Counter("quay_bootstrap_rollbacks", "Changes rolled back because Quay "
+                                   "was not healthy on them", registry=self.registry)
         self.m_info = Gauge("quay_bootstrap_info", "The live stack version and image digest",
                             ["stack_version", "image_digest"], registry=self.registry)
 

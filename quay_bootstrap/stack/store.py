@@ -160,6 +160,10 @@ class StackStore:
     def mark_known_good(self, version: str) -> None:
         self._set_link("last-known-good", version)
 
+    def switch_current(self, version: str) -> None:
+        """Point `current` back at an older version (a rollback)."""
+        self._set_link("current", version)
+
     def mark_in_use(self, version: str) -> None:
         """The version a Quay container mounts: never pruned while it does."""
         self._set_link("in-use", version)

@@ -10,80 +10,11 @@ import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import boto3
 import pytest
 
-FAST = {"interval": "0.5s", "timeout": "1s", "failure_threshold": 2, "start_period": "3s"}
-BACKOFF = {"backoff_initial": "1s", "backoff_max": "4s", "unhealthy_after": 3, "window": "10m"}
-
-
-def wait_for(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Daemon:
-    def __init__(self, node, env=None):
-        self.node = node
-        node.agent.env.update(env or {})
-        self.proc = node.agent.spawn("run", log_level="debug")
-        self._out = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self._out.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self._out)
-
-    def get(self, path):
-        try:
-            with urllib.request.urlopen(f"http://{self.node.listen}{path}", timeout=2) as answer:
-                return answer.status, answer.read()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read()
-        except OSError:
-            return None, b""
-
-    def status(self):
-        code, body = self.get("/status")
-        return json.loads(body) if code == 200 else {}
-
-    def wait_state(self, state, timeout=20):
-        return wait_for(lambda: self.status().get("state") == state and self.status(), timeout,
-                        f"state {state}; log:\n{self.log[-3000:]}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def daemon(node):
-    started = []
-
-    def start(env=None, **config):
-        node.configure(health={**FAST, **config.pop("health", {})},
-                       restart={**BACKOFF, **config.pop("restart", {})}, **config)
-        made = Daemon(node, env)
-        started.append(made)
-        return made
-
-    yield start
-    for made in started:
-        made.stop()
+from tests.integration.conftest import wait_for
 
 
 def started_at(node):

@@ -3,7 +3,8 @@
 It serves Quay's /health/instance JSON (see ../shared/notes/quay-facts.md) on $PORT with
 host networking, as user 1001 like Quay's image, and refuses to start when it cannot read
 /conf/stack/config.yaml (Quay's config validation would fail the same way). What it answers is
-read, per request, from /control/state in a folder the test mounts:
+read, per request, from /conf/stack/fake-health when the stack has one (a config that breaks
+Quay), else from /control/state in a folder the test mounts:
 
     healthy                      200, every service true (also when the file is missing)
     fail web_gunicorn database   503, those services false
@@ -24,7 +25,8 @@ read -r method path proto
 while IFS= read -r line; do
   [ -z "$(printf '%s' "$line" | tr -d '\r')" ] && break
 done
-state=$(cat /control/state 2>/dev/null || echo healthy)
+state=$(cat /conf/stack/fake-health /control/state 2>/dev/null | head -n 1)
+[ -n "$state" ] || state=healthy
 set -- $state
 case "${path%%\?*}" in
   /health/instance|/health) ;;

@@ -1,0 +1,126 @@
+"""Changes across the cluster: refresh, apply with rollback, the lease budget, the canary."""
+from __future__ import annotations
+
+import json
+import time
+
+import boto3
+
+from tests.integration.conftest import wait_for
+
+ROLL = {"health": {"interval": "0.5s", "timeout": "1s", "failure_threshold": 2,
+                   "start_period": "4s"},
+        "refresh_interval": "1s"}
+
+
+def start(node, daemon, **extra):
+    agent = daemon(health=ROLL["health"], refresh_interval=ROLL["refresh_interval"], **extra)
+    agent.wait_state("healthy")
+    return agent
+
+
+def put_lock(node, moto_endpoint, reference) -> str:
+    """The cluster lock beside the stack (not in it: it would change the stack too)."""
+    s3, bucket = leases(node, moto_endpoint)
+    s3.put_object(Bucket=bucket, Key="quay-lock.yaml", Body=f"reference: {reference}\n".encode())
+    return f"s3://{bucket}/quay-lock.yaml"
+
+
+def leases(node, moto_endpoint):
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    bucket = node.backend.url.split("/")[2]
+    return s3, bucket
+
+
+def test_a_change_in_the_bucket_reaches_the_node_within_an_interval(node, daemon):
+    agent = start(node, daemon)
+    old = node.found().id
+    node.backend.put("robots.txt", b"User-agent: *\nDisallow: /refreshed\n")
+    changed = time.monotonic()
+    wait_for(lambda: '"rollout.applied"' in agent.log, 20, "the change applied")
+    assert time.monotonic() - changed < 1.2 + 4 + 3  # interval + jitter, start, margin
+    assert node.found().id != old
+    version, files = node.agent.live()
+    assert files["robots.txt"].endswith(b"/refreshed\n")
+    assert agent.status()["last_change"]["result"] == "applied"
+    assert agent.log.index('"rollout.lease_acquired"') < agent.log.index('"rollout.replacing"')
+
+
+def test_an_invalid_stack_is_never_applied_and_is_reported(node, daemon):
+    agent = start(node, daemon)
+    before_id, (version, _) = node.found().id, node.agent.live()
+    node.backend.put("config.yaml", b"SERVER_HOSTNAME: [broken\n")
+    wait_for(lambda: '"rollout.failed"' in agent.log, 10, "the failure reported")
+    time.sleep(2)
+    assert node.found().id == before_id and node.agent.live()[0] == version
+    assert "not valid YAML" in agent.status()["last_change"]["error"]
+    assert agent.status()["state"] == "healthy"
+
+
+def test_a_stack_that_makes_quay_unhealthy_is_rolled_back_and_not_retried(node, daemon):
+    agent = start(node, daemon)
+    good_version, _ = node.agent.live()
+    node.backend.put("fake-health", b"fail web_gunicorn\n")
+    wait_for(lambda: '"rollout.rolled_back"' in agent.log, 40, "the rollback")
+    status = agent.wait_state("healthy", timeout=20)
+    assert node.found().labels["io.quay-bootstrap.stack-version"] == good_version
+    assert node.agent.live()[0] == good_version  # `current` is back too
+    assert status["last_change"]["result"] == "rolled back"
+    replaced = agent.log.count('"rollout.replacing"')
+    time.sleep(4)  # several refreshes: the same bad version is not tried again
+    assert agent.log.count('"rollout.replacing"') == replaced
+    assert "quay_bootstrap_rollbacks_total 1.0" in agent.get("/metrics")[1].decode()
+    assert status["restarts_in_window"] == 0  # a rollback is not a watchdog restart
+
+
+def test_an_upgrade_pulls_before_it_stops_quay_and_records_the_canary(node, daemon,
+                                                                       moto_endpoint):
+    agent = start(node, daemon)
+    node.docker.images.remove(node.images["v3.9.1"])
+    lock = put_lock(node, moto_endpoint, node.images["v3.9.1"])
+    node.configure(image={"lock": lock}, health=ROLL["health"], refresh_interval="1s")
+    agent.proc.send_signal(__import__("signal").SIGHUP)
+    wait_for(lambda: '"rollout.applied"' in agent.log, 30, "the upgrade applied")
+    log = agent.log
+    assert log.index('"image.pulled"') < log.index('"rollout.replacing"')
+    assert node.starts()[-1].endswith("v3.9.1")
+    s3, bucket = leases(node, moto_endpoint)
+    record = json.loads(s3.get_object(Bucket=bucket, Key="conf/stack.rollout/upgrade")["Body"].read())
+    assert record["state"] == "healthy" and record["canary"].endswith(node.name)
+
+
+def test_a_held_lease_delays_the_roll_until_it_expires(node, daemon, moto_endpoint):
+    agent = start(node, daemon)
+    s3, bucket = leases(node, moto_endpoint)
+    expires = time.time() + 5
+    s3.put_object(Bucket=bucket, Key="conf/stack.rollout/lease-0",
+                  Body=json.dumps({"holder": "a-node-that-died", "expires": expires}).encode())
+    node.backend.put("robots.txt", b"User-agent: *\nDisallow: /later\n")
+    wait_for(lambda: '"rollout.waiting_for_lease"' in agent.log, 10, "waiting for the lease")
+    wait_for(lambda: '"rollout.applied"' in agent.log, 30, "the change applied")
+    event = [json.loads(line) for line in agent.log.splitlines()
+             if '"rollout.lease_taken_over"' in line]
+    assert event and event[0]["from_holder"] == "a-node-that-died"
+    replacing = [json.loads(line) for line in agent.log.splitlines()
+                 if '"rollout.replacing"' in line][0]
+    from datetime import datetime
+
+    stamp = datetime.fromisoformat(replacing["timestamp"].replace("Z", "+00:00")).timestamp()
+    assert stamp >= expires - 0.5  # not before the dead node's lease ran out
+    assert s3.list_objects_v2(Bucket=bucket, Prefix="conf/stack.rollout/lease-").get("KeyCount") == 0
+
+
+def test_a_failed_canary_stops_the_rollout(node, daemon, moto_endpoint):
+    agent = start(node, daemon)
+    digest = node.docker.images.get(node.images["v3.9.1"]).attrs["RepoDigests"][0]
+    s3, bucket = leases(node, moto_endpoint)
+    s3.put_object(Bucket=bucket, Key="conf/stack.rollout/upgrade", Body=json.dumps(
+        {"image": digest, "canary": "other-node", "state": "failed", "since": time.time()}).encode())
+    before = node.found().id
+    lock = put_lock(node, moto_endpoint, node.images["v3.9.1"])
+    node.configure(image={"lock": lock}, health=ROLL["health"], refresh_interval="1s")
+    agent.proc.send_signal(__import__("signal").SIGHUP)
+    wait_for(lambda: '"rollout.stopped"' in agent.log, 20, "the rollout stopped")
+    time.sleep(2)
+    assert node.found().id == before
