@@ -26,6 +26,7 @@ log = structlog.get_logger(__name__)
 # Everything the loop hears arrives on one queue: probe results, Docker events, signals.
 _STOP = object()
 _RELOAD = object()
+_TERMINATE = object()
 
 
 class Interrupted(Exception):
@@ -58,6 +59,8 @@ class Daemon:
         self._next_refresh: "float | None" = None
         self.rejected: set = set()  # (stack, image, spec) that rolled back: not retried
         self.me = f"{socket.gethostname()}:{cfg.container.name}"
+        self.lifecycle = None
+        self.draining = False
 
     # --- signals: only set flags ------------------------------------------------------------
     def request_stop(self) -> None:
@@ -80,6 +83,14 @@ class Daemon:
         log.info("agent.listening", address=endpoint.address)
         threading.Thread(target=self._probe_loop, name="probe", daemon=True).start()
         threading.Thread(target=self._event_loop, name="docker-events", daemon=True).start()
+        if self.cfg.report.lifecycle:
+            from quay_bootstrap.lifecycle import Lifecycle
+
+            self.lifecycle = Lifecycle(self.cfg.report.lifecycle, self.cfg.stack.region or None)
+            self._first_start = self.clock()
+            if self.cfg.report.lifecycle.termination_hook:
+                threading.Thread(target=self._termination_watch, name="lifecycle",
+                                 daemon=True).start()
         self._schedule_refresh()
         try:
             while not self.stop.is_set():
@@ -90,6 +101,12 @@ class Daemon:
                 if item is _RELOAD:
                     self._reload()
                     continue
+                if item is _TERMINATE:
+                    self._drain()
+                    continue
+                if self.draining:
+                    continue
+                self._launch_hook()
                 if self._next_refresh is not None and self.clock() >= self._next_refresh:
                     self._refresh()
                     continue
@@ -250,6 +267,52 @@ class Daemon:
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
             raise Interrupted()
+
+    # --- lifecycle hooks -------------------------------------------------------------------
+    def _launch_hook(self) -> None:
+        """Hold the instance in Pending:Wait until Quay is healthy (heartbeats), then let it in."""
+        hooks = self.lifecycle
+        if hooks is None or hooks.launch_finished:
+            return
+        try:
+            with self._busy():
+                if self.state.phase == "healthy":
+                    hooks.launch_done(True)
+                elif self.clock() - self._first_start > self.cfg.health.start_period:
+                    log.error("lifecycle.abandon", reason="Quay was not healthy within "
+                              f"start_period ({self.cfg.health.start_period:g}s)")
+                    hooks.launch_done(False)
+                else:
+                    hooks.launch_heartbeat()
+        except Exception as err:  # noqa: BLE001 - retried on the next tick
+            log.warning("lifecycle.failed", error=str(err))
+
+    def _termination_watch(self) -> None:
+        while not self.stop.wait(5.0):
+            try:
+                if self.lifecycle.termination_requested():
+                    self.events.put(_TERMINATE)
+                    return
+            except Exception as err:  # noqa: BLE001 - keep watching
+                log.warning("lifecycle.poll_failed", error=str(err))
+
+    def _drain(self) -> None:
+        """The instance is leaving: stop Quay gracefully, say CONTINUE, and restart nothing."""
+        self.draining = True
+        self._next_refresh = None
+        self.board.update(state="terminating")
+        self.systemd.notify("STATUS=terminating: Quay stopped for the Auto Scaling group")
+        log.warning("lifecycle.terminating", container=self.spec.name,
+                    stop_timeout=self.spec.stop_timeout)
+        self._own_until = float("inf")
+        try:
+            with self._busy():
+                found = self.docker.find(self.spec.name)
+                if found is not None and found.labels.get(MANAGED) == "true":
+                    self.docker.stop(found.id, self.spec.stop_timeout)
+                self.lifecycle.termination_done()
+        except Exception as err:  # noqa: BLE001 - the group's timeout still ends it
+            log.error("lifecycle.drain_failed", error=str(err))
 
     def _schedule_refresh(self) -> None:
         interval = self.cfg.stack.refresh_interval
