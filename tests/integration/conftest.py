@@ -176,14 +176,16 @@ class Node:
         self.report = {"autoscaling": False, "listen": self.listen,
                        "state_file": str(tmp_path / "status.json")}
         self.restart = {}
+        self.rollout = {}
 
     def configure(self, *, image=None, container=None, health=None, report=None, restart=None,
-                  **stack):
+                  rollout=None, **stack):
         self.image.update(image or {})
         self.container.update(container or {})
         self.health.update(health or {})
         self.report.update(report or {})
         self.restart.update(restart or {})
+        self.rollout.update(rollout or {})
         self.agent.write_config(self.backend, **stack)
         config = yaml.safe_load(self.agent.config_path.read_text())
         config["image"] = self.image
@@ -195,6 +197,7 @@ class Node:
                             "start_period": "20s", "timeout": "2s", **self.health}
         config["report"] = self.report
         config["restart"] = self.restart
+        config["rollout"] = self.rollout
         self.agent.config_path.write_text(yaml.safe_dump(config))
 
     def state(self, text: str) -> None:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import boto3
+import pytest
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import BACKOFF, Agent, Daemon, Node, wait_for
 
 ROLL = {"health": {"interval": "0.5s", "timeout": "1s", "failure_threshold": 2,
                    "start_period": "4s"},
@@ -124,3 +126,75 @@ def test_a_failed_canary_stops_the_rollout(node, daemon, moto_endpoint):
     wait_for(lambda: '"rollout.stopped"' in agent.log, 20, "the rollout stopped")
     time.sleep(2)
     assert node.found().id == before
+
+
+def _events(agent, name):
+    from datetime import datetime
+
+    found = []
+    for line in agent.log.splitlines():
+        if f'"{name}"' in line:
+            event = json.loads(line)
+            event["at"] = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+            found.append(event)
+    return found
+
+
+@pytest.fixture
+def cluster(node, s3_backend, docker_client, testbed, fake_images, tmp_path, monkeypatch, capsys):
+    """Three nodes (separate agents, containers and ports) on one bucket; the first is `node`."""
+    nodes = [node]
+    for i in (1, 2):
+        folder = tmp_path / f"node{i}"
+        folder.mkdir()
+        agent = Agent(folder / "agent.yaml", folder / "stack", capsys, {})
+        nodes.append(Node(agent, s3_backend, docker_client, testbed, fake_images, folder,
+                          monkeypatch))
+    agents = []
+
+    def start(**rollout):
+        for each in nodes:
+            each.configure(health=ROLL["health"], restart=BACKOFF, refresh_interval="1s",
+                           rollout={"max_unavailable": 1, **rollout})
+            agents.append(Daemon(each))
+        for agent in agents:
+            agent.wait_state("healthy", timeout=30)
+        return agents
+
+    yield nodes, start
+    for agent in agents:
+        agent.stop()
+    for each in nodes[1:]:
+        each.cleanup()
+
+
+def test_three_nodes_roll_one_at_a_time(cluster):
+    nodes, start = cluster
+    agents = start(lease_ttl="60s")
+    nodes[0].backend.put("robots.txt", b"User-agent: *\nDisallow: /rolled\n")
+    wait_for(lambda: all(_events(a, "rollout.applied") for a in agents), 60,
+             "every node rolled")
+    windows = sorted((_events(a, "rollout.replacing")[0]["at"], _events(a, "rollout.applied")[0]["at"])
+                     for a in agents)
+    for (_, first_end), (second_start, _) in zip(windows, windows[1:]):
+        assert second_start >= first_end, windows  # never two nodes down at once
+    for each in nodes:
+        assert each.agent.live()[1]["robots.txt"].endswith(b"/rolled\n")
+
+
+def test_a_killed_lease_holder_delays_the_others_only_until_its_lease_expires(cluster):
+    nodes, start = cluster
+    agents = start(lease_ttl="8s")
+    nodes[0].backend.put("robots.txt", b"User-agent: *\nDisallow: /killed\n")
+    holder = wait_for(lambda: next((a for a in agents if _events(a, "rollout.lease_acquired")),
+                                   None), 30, "a lease holder")
+    holder.proc.send_signal(signal.SIGKILL)
+    holder.proc.wait(timeout=10)
+    taken = _events(holder, "rollout.lease_acquired")[0]["at"]
+    others = [a for a in agents if a is not holder]
+    wait_for(lambda: all(_events(a, "rollout.applied") for a in others), 60,
+             "the others rolled after the lease expired")
+    firsts = sorted(_events(a, "rollout.replacing")[0]["at"] for a in others)
+    assert firsts[0] >= taken + 8 - 1.0  # waited for the dead holder's lease to run out
+    assert firsts[0] < taken + 8 + 10  # ... and not much longer
+    assert any(_events(a, "rollout.lease_taken_over") for a in others)
