@@ -108,11 +108,17 @@ def wait_healthy(url: str, *, within: float, interval: float, timeout: float,
     """
     started = clock()
     deadline = started + within
+    answered: Optional[Probe] = None  # the last probe that got an HTTP answer
     while True:
         result = probe(url, timeout=min(timeout, max(deadline - clock(), 0.1)),
                        tls_verify=tls_verify, clock=clock)
-        if result.ok or clock() >= deadline:
+        if result.status is not None:
+            answered = result
+        if result.ok:
             return result
+        if clock() >= deadline:
+            # A last probe cut short by the deadline says less than Quay's last real answer.
+            return answered if result.status is None and answered else result
         if not still_running():
             return Probe(False, result.status, result.services,
                          error="the container exited: " + (result.error or "no answer"),

@@ -146,7 +146,7 @@ def test_a_container_the_agent_did_not_create_is_never_touched(node):
 
 def test_not_healthy_in_time_exits_1_and_leaves_the_container_for_debugging(node):
     node.state("fail web_gunicorn")
-    node.configure(health={"start_period": "2s"})
+    node.configure(health={"start_period": "4s"})
     code, out, _ = node.agent.run("run", "--once")
     assert code == 1
     assert "health     unhealthy" in out and "failing: web_gunicorn" in out
