@@ -1,0 +1,104 @@
+"""The lease budget from tables, on an in-memory store with the same conditional semantics."""
+from __future__ import annotations
+
+import pytest
+
+from quay_bootstrap.rollout import Budget, FileStore, LeaseBody, lease_prefix, may_take
+
+
+class MemoryStore:
+    """Conditional create/replace like S3's IfNoneMatch/IfMatch; versions are counters."""
+
+    def __init__(self):
+        self.objects = {}
+        self.version = 0
+
+    def get(self, key):
+        return self.objects.get(key)
+
+    def create(self, key, data):
+        if key in self.objects:
+            return False
+        self.version += 1
+        self.objects[key] = (data, str(self.version))
+        return True
+
+    def replace(self, key, data, token):
+        if key not in self.objects or self.objects[key][1] != token:
+            return False
+        self.version += 1
+        self.objects[key] = (data, str(self.version))
+        return True
+
+    def delete(self, key):
+        self.objects.pop(key, None)
+
+
+@pytest.mark.parametrize("current,me,now,expect", [
+    (None, "a", 0, True),
+    (LeaseBody("a", 100), "a", 50, True),    # ours: renew
+    (LeaseBody("b", 100), "a", 50, False),   # someone else's, alive
+    (LeaseBody("b", 100), "a", 100, True),   # expired
+])
+def test_may_take(current, me, now, expect):
+    assert may_take(current, me, now) is expect
+
+
+def test_one_slot_one_holder_until_release_or_expiry():
+    store, clock = MemoryStore(), [1000.0]
+    a = Budget(store, "a", slots=1, ttl=60, clock=lambda: clock[0])
+    b = Budget(store, "b", slots=1, ttl=60, clock=lambda: clock[0])
+    assert a.try_acquire() == 0
+    assert b.try_acquire() is None
+    a.release(0)
+    assert b.try_acquire() == 0
+    clock[0] += 61  # b died holding it
+    assert a.try_acquire() == 0
+
+
+def test_max_unavailable_slots():
+    store = MemoryStore()
+    budgets = [Budget(store, name, slots=2, ttl=60, clock=lambda: 0.0) for name in "abc"]
+    assert [b.try_acquire() for b in budgets] == [0, 1, None]
+
+
+def test_a_release_never_deletes_another_holders_lease():
+    store, clock = MemoryStore(), [0.0]
+    a = Budget(store, "a", slots=1, ttl=10, clock=lambda: clock[0])
+    b = Budget(store, "b", slots=1, ttl=10, clock=lambda: clock[0])
+    a.try_acquire()
+    clock[0] = 11
+    assert b.try_acquire() == 0  # a's lease expired: b took it over
+    a.release(0)  # a wakes up late
+    assert LeaseBody.decode(store.get("lease-0")[0]).holder == "b"
+
+
+def test_an_unreadable_lease_cannot_block_the_cluster():
+    store = MemoryStore()
+    store.create("lease-0", b"not json")
+    assert Budget(store, "a", slots=1, ttl=10, clock=lambda: 0.0).try_acquire() == 0
+
+
+def test_wait_uses_the_given_sleep():
+    store = MemoryStore()
+    Budget(store, "b", slots=1, ttl=10, clock=lambda: 0.0).try_acquire()
+    waits = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        store.delete("lease-0")  # b finishes
+
+    assert Budget(store, "a", slots=1, ttl=10, clock=lambda: 0.0).acquire("x", sleep) == 0
+    assert waits == [2.0]
+
+
+def test_leases_live_beside_the_stack_not_in_it():
+    assert lease_prefix("s3://b/conf/stack/") == "s3://b/conf/stack.rollout"
+
+
+def test_file_store_is_conditional(tmp_path):
+    store = FileStore(f"file://{tmp_path}/leases")
+    assert store.create("lease-0", b"a") and not store.create("lease-0", b"b")
+    data, token = store.get("lease-0")
+    assert store.replace("lease-0", b"c", token) and not store.replace("lease-0", b"d", token)
+    assert store.get("lease-0")[0] == b"c"
