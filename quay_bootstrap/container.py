@@ -44,6 +44,8 @@ class Spec:
     def digest(self) -> str:
         data = asdict(self)
         data.pop("labels")
+        # The stack mount follows the stack version, which has a label of its own.
+        data["binds"] = [b for b in self.binds if f":{STACK_MOUNT}:" not in b]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

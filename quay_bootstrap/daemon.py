@@ -52,6 +52,7 @@ class Daemon:
         self.state = watchdog.State()
         self._fast_probe = threading.Event()
         self._fast_probe.set()
+        self._probe_now = threading.Event()  # wakes the probe thread after a (re)start
         self._last_ping = 0.0
         # Docker events up to this time are echoes of our own restart (its die, destroy and
         # start), not news: counting them would double every restart.
@@ -65,6 +66,7 @@ class Daemon:
     # --- signals: only set flags ------------------------------------------------------------
     def request_stop(self) -> None:
         self.stop.set()
+        self._probe_now.set()
         self.events.put(_STOP)
 
     def request_reload(self) -> None:
@@ -176,6 +178,8 @@ class Daemon:
         try:
             with self._busy():
                 self._restart_container(action)
+            self._fast_probe.set()
+            self._probe_now.set()
         except Exception as err:  # noqa: BLE001 - the loop must survive; the next tick retries
             log.error("container.restart_failed", error=str(err))
             self.state = replace(self.state, pending=action.reason)
@@ -421,6 +425,8 @@ class Daemon:
                              pending=None)
         self.board.update(state="starting", stack_version=version,
                           image_digest=spec.labels[IMAGE_DIGEST])
+        self._fast_probe.set()
+        self._probe_now.set()
 
     def _canary_gate(self, leases, digest: str, cfg: Config) -> str:
         """A new image: Quay migrates its database on the first start of a new version, so one
@@ -484,7 +490,8 @@ class Daemon:
             except Exception as err:  # noqa: BLE001 - a dead probe thread would freeze the state
                 log.error("probe.failed", error=str(err))
             wait = START_POLL if self._fast_probe.is_set() else cfg.health.interval
-            self.stop.wait(wait)
+            self._probe_now.wait(wait)
+            self._probe_now.clear()
 
     def _event_loop(self) -> None:
         """Docker's event stream: a die is acted on within a second, no polling. Reconnects

@@ -10,7 +10,7 @@ import pytest
 
 from tests.integration.conftest import BACKOFF, Agent, Daemon, Node, wait_for
 
-ROLL = {"health": {"interval": "0.5s", "timeout": "1s", "failure_threshold": 2,
+ROLL = {"health": {"interval": "10s", "timeout": "1s", "failure_threshold": 2,
                    "start_period": "4s"},
         "refresh_interval": "1s"}
 
@@ -47,6 +47,8 @@ def test_a_change_in_the_bucket_reaches_the_node_within_an_interval(node, daemon
     assert files["robots.txt"].endswith(b"/refreshed\n")
     assert agent.status()["last_change"]["result"] == "applied"
     assert agent.log.index('"rollout.lease_acquired"') < agent.log.index('"rollout.replacing"')
+    assert _events(agent, "rollout.replacing")[0]["reason"] == "changed: stack version"
+    agent.wait_state("healthy", timeout=3)  # seen at once, not after a whole probe interval
 
 
 def test_an_invalid_stack_is_never_applied_and_is_reported(node, daemon):
