@@ -476,6 +476,7 @@ class Daemon:
         rds = None
         while not self.stop.is_set():
             cfg = self.cfg
+            began = self.clock()
             try:
                 result = health.probe(cfg.health.url, timeout=cfg.health.timeout,
                                       tls_verify=cfg.health.tls_verify, clock=self.clock)
@@ -489,8 +490,10 @@ class Daemon:
                                                 result.error, result.status, rds_down))
             except Exception as err:  # noqa: BLE001 - a dead probe thread would freeze the state
                 log.error("probe.failed", error=str(err))
-            wait = START_POLL if self._fast_probe.is_set() else cfg.health.interval
-            self._probe_now.wait(wait)
+            # A fixed cadence: a probe that hangs for `timeout` does not push the next one a
+            # whole `interval` later, so detection stays within threshold x interval + timeout.
+            pace = START_POLL if self._fast_probe.is_set() else cfg.health.interval
+            self._probe_now.wait(max(0.0, pace - (self.clock() - began)))
             self._probe_now.clear()
 
     def _event_loop(self) -> None:
