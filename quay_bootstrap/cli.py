@@ -196,7 +196,9 @@ def _daemon(args: argparse.Namespace, cfg, redactor) -> int:
     from quay_bootstrap.once import Pass
 
     stop = threading.Event()
-    daemon = Daemon(cfg, lambda c, sleep: Pass(c, _store(c, redactor), redactor.add, sleep=sleep),
+    cache: dict = {}  # clients shared by every pass of this daemon
+    daemon = Daemon(cfg, lambda c, sleep: Pass(c, _store(c, redactor), redactor.add, sleep=sleep,
+                                               cache=cache),
                     stop, reload_config=lambda: _load(args, redactor))
     # Handlers only set flags; the loop does the work. SIGTERM leaves Quay running.
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())

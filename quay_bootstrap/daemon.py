@@ -59,6 +59,7 @@ class Daemon:
         self._own_until = float("-inf")
         self._next_refresh: "float | None" = None
         self.rejected: set = set()  # (stack, image, spec) that rolled back: not retried
+        self._lease_stores: dict = {}
         self.me = f"{socket.gethostname()}:{cfg.container.name}"
         self.lifecycle = None
         self.draining = False
@@ -375,7 +376,10 @@ class Daemon:
             one.store.switch_current(old_version)
             log.debug("rollout.still_rejected", version=key[0][:12], image=key[1])
             return
-        leases = rollout.open_store(cfg.stack)
+        where = (cfg.stack.source, cfg.stack.endpoint_url, cfg.stack.region)
+        if where not in self._lease_stores:
+            self._lease_stores[where] = rollout.open_store(cfg.stack)
+        leases = self._lease_stores[where]
         canary = None
         if spec.labels[IMAGE_DIGEST] != old_spec.labels[IMAGE_DIGEST]:
             canary = self._canary_gate(leases, spec.labels[IMAGE_DIGEST], cfg)

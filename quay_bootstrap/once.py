@@ -54,6 +54,9 @@ class Pass:
     docker_factory: Callable[[], Docker] = Docker
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
+    # The daemon passes one dict for all its passes, so a refresh every minute reuses the S3 or
+    # GCS client and the Docker client instead of building new ones (memory, connections).
+    cache: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.outcome = Outcome(healthy=False)  # filled step by step, even when a step fails
@@ -80,7 +83,9 @@ class Pass:
         outcome = self.outcome
         stack = self._timed(outcome, "stack", self._fetch)
         resolved = self._timed(outcome, "lock", self._resolve)
-        self.docker = self.docker_factory()
+        if "docker" not in self.cache:
+            self.cache["docker"] = self.docker_factory()
+        self.docker = self.cache["docker"]
         auth = registry_auth(self.cfg.image.auth, resolved.ref.registry, self.add_secrets)
         image = self._timed(outcome, "image", lambda: ensure_image(
             self.docker, resolved.ref, auth=auth, deadline=self.cfg.image.pull_deadline,
@@ -108,7 +113,11 @@ class Pass:
 
     def _fetch(self) -> FetchResult:
         stack = self.cfg.stack
-        fetcher = Fetcher(source=open_source(stack.source, stack, concurrency=stack.concurrency),
+        key = ("source", stack.source, stack.endpoint_url, stack.region, stack.ca_bundle,
+               stack.concurrency)
+        if key not in self.cache:
+            self.cache[key] = open_source(stack.source, stack, concurrency=stack.concurrency)
+        fetcher = Fetcher(source=self.cache[key],
                           store=self.store, limits=Limits(stack.max_files, stack.max_bytes),
                           concurrency=stack.concurrency, deadline=stack.retry_deadline,
                           keep_versions=stack.keep_versions, add_secrets=self.add_secrets,
@@ -116,7 +125,7 @@ class Pass:
         return fetcher.fetch()
 
     def _resolve(self) -> Resolved:
-        return resolve_image(self.cfg, self.sleep)
+        return resolve_image(self.cfg, self.sleep, self.cache)
 
     def reconcile(self, docker: Docker, spec: Spec) -> Tuple[Action, str]:
         """Make the container `spec`; records the stack version it mounts as in use."""
@@ -161,13 +170,18 @@ class Pass:
         return new_id
 
 
-def resolve_image(cfg: Config, sleep: Callable[[float], None] = time.sleep) -> Resolved:
+def resolve_image(cfg: Config, sleep: Callable[[float], None] = time.sleep,
+                  cache: Optional[dict] = None) -> Resolved:
     """The image this node must run: the cluster lock (read through the stack's sources) when
     `image.lock` is set, else `image.reference`; the tag policy applies to both."""
     image = cfg.image
     if not image.lock:
         return resolve(image.reference, image.allowed_tags)
-    source, key = open_object(image.lock, cfg.stack)
+    cache = {} if cache is None else cache
+    opened = ("lock", image.lock, cfg.stack.endpoint_url, cfg.stack.region)
+    if opened not in cache:
+        cache[opened] = open_object(image.lock, cfg.stack)
+    source, key = cache[opened]
     try:
         for attempt in tenacity.Retrying(
                 retry=tenacity.retry_if_exception_type(TransientError),
