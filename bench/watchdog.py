@@ -26,17 +26,24 @@ apart: the agent's restart backoff (restart.backoff_initial, doubled per restart
              the unless-stopped policy never restarts a container that `docker kill` ended.
              Recorded: the kill, the die event (timeNano), the agent's `container.restarting`
              or `container.restarted_by_docker` log line, the next start event, and healthy
-             again (the agent's /status `since`, or the floor's first 200); how many times the
-             fake Quay started (a double restart shows there). Then once: a second `docker kill`
-             as soon as the agent is healthy again, to show the restart backoff.
+             again (the agent's /status `since`, or the floor's first 200); with an agent, when
+             Quay itself answers 200 again (an outside poll every 0.1 s), which splits die ->
+             healthy into Docker + Quay and the agent's own judgement; how many times the fake
+             Quay started and how many restarts the agent counted (a double restart shows
+             there). Then once: a second `docker kill` 2 s after the agent is healthy again, to
+             show the restart backoff; and, with a new agent, a crash and then a `docker kill`
+             each within a second of the agent's own restart, to show whether it acts on them
+             (it treats Docker's events of that second as echoes of its restart).
     detect   An agent with health.interval 1s, timeout 1s, failure_threshold 3; once healthy,
              after a random part of an interval, /control/state becomes `fail web_gunicorn`
              (503) or `hang` (no answer); time until the agent logs `container.restarting`,
              against the configured bound failure_threshold x interval + timeout.
     idle     An agent (health.interval 10s) healthy for 2 s, then for IDLE_SECONDS its CPU time
              (utime + stime of /proc/PID/stat, every thread) as % of one core and its peak RSS
-             (VmHWM of /proc/PID/status); side by side, in the same seconds, a bash loop
-             `curl -fsS URL; sleep 10` (CPU with its children, from the launcher).
+             (VmHWM of /proc/PID/status), and how many stack refreshes (one pass every
+             stack.refresh_interval, 60 s +-20% by default) fell in the window; side by side, in
+             the same seconds, a bash loop `curl -fsS URL; sleep 10` (CPU with its children, from
+             the launcher).
 
 Goals (the issue): restart issued within 0.5 s of the die event (every agent_kill round); idle
 peak RSS 64 MiB or less; idle CPU 0.5% of a core or less (every idle round). Results go to stdout
@@ -47,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import random
@@ -55,6 +61,7 @@ import secrets
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -159,6 +166,27 @@ def stats(values: list[float | None]) -> dict[str, float | int | None]:
     if not got:
         return {"n": 0, "median": None, "min": None, "max": None}
     return {"n": len(got), "median": statistics.median(got), "min": min(got), "max": max(got)}
+
+
+def code_version(env: dict[str, str]) -> dict[str, object]:
+    """Which agent code the children run: the commit, whether quay_bootstrap/ has uncommitted
+    changes, and where the agent's interpreter imports it from (an editable install follows the
+    working tree, so a change made during a run shows in later agents)."""
+    root = HERE.parent
+
+    def run(argv: list[str]) -> str:
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=root, check=False)
+        return done.stdout.strip()
+
+    imported = run([sys.executable, "-I", "-c", "import os, quay_bootstrap; "
+                    "print(os.path.dirname(quay_bootstrap.__file__))"]) or None
+    if imported != str(root / "quay_bootstrap"):
+        # Not this working tree's code (a copy on the interpreter's path): its commit is unknown.
+        return {"commit": None, "quay_bootstrap_changed": None, "imported_from": imported}
+    return {"commit": run(["git", "rev-parse", "HEAD"]) or None,
+            "quay_bootstrap_changed": bool(run(["git", "--no-optional-locks", "status",
+                                                "--porcelain", "--", "quay_bootstrap"])),
+            "imported_from": imported}
 
 
 # ---------------------------------------------------------------- processes under the launcher
@@ -269,6 +297,13 @@ class DockerEvents:
             return [[round(at - start, 4), what, code] for at, what, code in self.items
                     if start < at <= end]
 
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._client.close()
+
 
 class Poller:
     """GET the health URL every `every` s from a thread, remembering when it answered 200."""
@@ -292,13 +327,6 @@ class Poller:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-
-    def close(self) -> None:
-        try:
-            self._stream.close()
-        except Exception:  # noqa: BLE001
-            pass
-        self._client.close()
 
 
 # ---------------------------------------------------------------- the bench
@@ -372,7 +400,7 @@ class Bench:
 
     # ------------------------------------------------------------ agents
 
-    def start_agent(self, label: str, **health: object) -> Agent:
+    def start_agent(self, label: str, stack: dict | None = None, **health: object) -> Agent:
         run_dir = self.work / label
         run_dir.mkdir()
         listen = f"{HOST}:{free_port()}"
@@ -382,7 +410,7 @@ class Bench:
         config.write_text(json.dumps({
             "stack": {"source": f"s3://{self.bucket}/{PREFIX}",
                       "endpoint_url": self.state["moto_endpoint"], "region": "us-east-1",
-                      "dir": str(self.work / "stack")},
+                      "dir": str(self.work / "stack"), **(stack or {})},
             "image": {"reference": self.image},
             "container": {"name": self.name, "network_mode": "host", "ports": [], "sysctls": {},
                           "env": {"PORT": str(self.port)},
@@ -490,6 +518,7 @@ def kill_side(bench: Bench, side: str, label: str) -> dict:
         bench.client.api.kill(bench.name)
     else:
         bench.crash()
+    restarts_in_window = None
     if agent is not None:
         # When Quay itself answers again, seen from outside: the agent's own judgement is the
         # rest of die -> healthy.
@@ -507,9 +536,12 @@ def kill_side(bench: Bench, side: str, label: str) -> dict:
             time.sleep(POLL_S)
         healthy = seen = time.time()
     time.sleep(1.0)  # a second restart, if there is one, shows in the events and the starts file
+    if agent is not None:
+        restarts_in_window = agent.status().get("restarts_in_window")
     die = bench.events.after("die", killed)
     start = bench.events.after("start", die)
     answered = poller.first_after(start) if poller is not None else None
+    events = bench.events.between(killed, time.time())
     got = {"side": side, "killed": killed, "die": die, "start": start, "healthy": healthy,
            "healthy_seen": seen, "kill_to_die_s": (die - killed) if die else None,
            "die_to_running_s": (start - die) if die and start else None,
@@ -519,16 +551,16 @@ def kill_side(bench: Bench, side: str, label: str) -> dict:
            "start_events": bench.events.count("start", killed, time.time()),
            "die_to_answering_s": (answered - die) if answered and die else None,
            "answering_to_healthy_s": (healthy - answered) if answered else None,
-           "docker_events": bench.events.between(killed, time.time()),
-           "restarter": "docker" if side == "docker_crash" else None}
+           "docker_events": events, "first_start_by": first_start_by(side, events),
+           "restarts_in_window": restarts_in_window, "agent_logged": None}
     if agent is not None:
         lines = agent.log()
         ours = first(lines, "container.restarting", killed)
         docker = first(lines, "container.restarted_by_docker", killed)
         if ours and (not docker or ours["t"] <= docker["t"]):
-            got["restarter"] = "agent"
+            got["agent_logged"] = "container.restarting"
         elif docker:
-            got["restarter"] = "docker"
+            got["agent_logged"] = "container.restarted_by_docker"
         got["restart_issued"] = ours["t"] if ours else None
         got["die_to_restart_issued_s"] = (ours["t"] - die) if ours and die else None
         got["docker_restart_logged"] = docker["t"] if docker else None
@@ -539,23 +571,86 @@ def kill_side(bench: Bench, side: str, label: str) -> dict:
     return got
 
 
+def first_start_by(side: str, events: list[list]) -> str:
+    """Who started Quay first after the die, from Docker's events. The agent restarts a container
+    that is `running` or `restarting` with `docker restart` (events start + restart, together) and
+    an exited one with `docker start`; Docker's restart policy emits a lone start, and never
+    acts after `docker kill` (a manual stop for Docker)."""
+    if side != "agent_crash":
+        return "agent" if side == "agent_kill" else "docker"
+    starts = [at for at, what, _ in events if what == "start"]
+    if not starts:
+        return "nobody"
+    paired = any(what == "restart" and 0 <= at - starts[0] < 0.01 for at, what, _ in events)
+    return "agent" if paired else "docker"
+
+
 def backoff_check(bench: Bench) -> dict:
-    """Two `docker kill`s: the second as soon as the agent says healthy again."""
+    """Two `docker kill`s, the second 2 s after the agent says healthy again: its restart waits
+    for the rest of restart.backoff_initial."""
     agent = bench.start_agent("backoff", interval=IDLE_INTERVAL)
     agent.wait_healthy()
     bench.settle()
     first_kill = time.time()
     bench.client.api.kill(bench.name)
     healthy, _ = agent.wait_healthy(after=first_kill)
+    time.sleep(2.0)  # past the second after a restart in which the agent ignores Docker's events
     second_kill = time.time()
     bench.client.api.kill(bench.name)
     restarting = agent.wait_event("container.restarting", second_kill, 120)
     agent.wait_healthy(after=restarting["t"])
     die = bench.events.after("die", second_kill)
-    got = {"first_kill_to_healthy_s": healthy - first_kill,
-           "second_die_to_restart_issued_s": restarting["t"] - die if die else None,
-           "backoff_logged": restarting.get("backoff"),
-           "agent": agent.finish()}
+    return {"first_kill_to_healthy_s": healthy - first_kill,
+            "second_die_to_restart_issued_s": restarting["t"] - die if die else None,
+            "backoff_logged": restarting.get("backoff"), "agent": agent.finish()}
+
+
+def echo_check(bench: Bench) -> dict:
+    """A kill, and a crash, within a second of the agent's own restart: does the agent act on
+    them? (It ignores Docker's events for a while after its restart, as echoes of it.)"""
+    agent = bench.start_agent("echo", interval=IDLE_INTERVAL)
+    agent.wait_healthy()
+    bench.settle()
+    got: dict = {}
+    for what in ("crash", "docker_kill"):
+        before = time.time()
+        bench.client.api.kill(bench.name)
+        restarting = agent.wait_event("container.restarting", before, 120)
+        agent.wait_healthy(after=restarting["t"])
+        counted = agent.status().get("restarts_in_window")
+        hit = time.time()
+        if what == "crash":
+            bench.crash()
+        else:
+            bench.client.api.kill(bench.name)
+        deadline = time.monotonic() + 3 * 10 + 20  # 3 failed probes at interval 10 s, and some
+        noticed = None
+        while time.monotonic() < deadline:
+            status = agent.status()
+            if float(status.get("since") or 0) > hit or (status.get("restarts_in_window") or 0) > counted:
+                noticed = time.time()
+                break
+            if what == "crash" and answers_200(bench.health_url) and time.time() - hit > 2 * 10 + 2:
+                break  # Docker brought it back and two probe intervals passed: not noticed
+            time.sleep(0.1)
+        time.sleep(0.5)  # the log line and the events that go with a change of state
+        restarted = first(agent.log(), "container.restarting", hit)
+        die = bench.events.after("die", hit)
+        start = bench.events.after("start", die)
+        got[what] = {
+            "die_after_restart_issued_s": (die - restarting["t"]) if die else None,
+            "agent_noticed_after_s": (noticed - die) if noticed and die else None,
+            "die_to_restart_issued_s": (restarted["t"] - die) if restarted and die else None,
+            "die_to_running_s": (start - die) if start and die else None,
+            "restarts_counted": [counted, agent.status().get("restarts_in_window")],
+            "agent_logged": [e.get("event") for e in agent.log() if e["t"] > hit],
+            "docker_events": bench.events.between(hit, time.time())}
+        if restarted:
+            agent.wait_healthy(after=restarted["t"])
+        elif not bench.inspect().get("Running"):
+            bench.client.api.start(bench.name)  # the later scenarios need Quay running
+            agent.wait_healthy(after=hit)
+    got["agent"] = agent.finish()
     return got
 
 
@@ -623,6 +718,10 @@ def idle_round(bench: Bench, label: str, seconds: float, curl: str) -> dict:
     probes_after = agent.probes()
     status = agent.status()
     window = t1 - t0
+    started = time.time() - (time.monotonic() - t0)  # t0 on the log's clock
+    # The daemon re-runs the pass (stack, lock, image) every stack.refresh_interval.
+    refreshes = sum(1 for e in agent.log() if e.get("event") == "stack.done"
+                    and started < e["t"] <= started + window)
     cpu = (int(fields1[11]) + int(fields1[12]) - int(fields0[11]) - int(fields0[12])) / clock
     if base is None:
         raise BenchError(f"{label}: the baseline's launcher failed: {baseline.failure}")
@@ -635,7 +734,7 @@ def idle_round(bench: Bench, label: str, seconds: float, curl: str) -> dict:
         "agent_threads": int(proc["Threads"]),
         "agent_probes": (probes_after - probes_before
                          if probes_after is not None and probes_before is not None else None),
-        "agent_state_after": status.get("state"),
+        "agent_state_after": status.get("state"), "agent_stack_refreshes": refreshes,
         "baseline_cpu_s": base["user_s"] + base["sys_s"], "baseline_wall_s": base["wall_s"],
         "baseline_cpu_pct": 100 * (base["user_s"] + base["sys_s"]) / base["wall_s"],
         "baseline_maxrss_mib": base["maxrss_mib"], "baseline_bash_vmhwm_mib":
@@ -661,9 +760,13 @@ def summarize(results: dict) -> dict:
         summary[side] = {key: stats([r.get(key) for r in rows]) for key in (
             "kill_to_die_s", "die_to_restart_issued_s", "die_to_running_s", "die_to_answering_s",
             "answering_to_healthy_s", "die_to_healthy_s", "kill_to_healthy_s")}
-        summary[side]["restarter"] = {who: sum(1 for r in rows if r["restarter"] == who)
-                                      for who in ("agent", "docker", None)}
+        summary[side]["first_start_by"] = {who: sum(1 for r in rows if r["first_start_by"] == who)
+                                           for who in ("agent", "docker")}
+        summary[side]["agent_logged"] = {what: sum(1 for r in rows if r["agent_logged"] == what)
+                                         for what in ("container.restarting",
+                                                      "container.restarted_by_docker")}
         summary[side]["extra_starts"] = sum(max(r["starts"] - 1, 0) for r in rows)
+        summary[side]["restarts_counted"] = [r["restarts_in_window"] for r in rows]
     floor = summary.get("docker_crash", {}).get("die_to_healthy_s", {}).get("median")
     for side in ("agent_kill", "agent_crash"):
         median = summary.get(side, {}).get("die_to_healthy_s", {}).get("median")
@@ -681,6 +784,7 @@ def summarize(results: dict) -> dict:
     if idle:
         summary["idle"] = {key: stats([r[key] for r in idle]) for key in (
             "agent_cpu_pct", "agent_vmhwm_mib", "agent_vmrss_mib", "agent_probes",
+            "agent_stack_refreshes",
             "baseline_cpu_pct", "baseline_maxrss_mib", "baseline_bash_vmhwm_mib",
             "dockerd_containerd_cpu_s")}
     agents = [r["agent"] for group in ("kill", "detect", "idle") for r in results.get(group) or []
@@ -729,9 +833,11 @@ def table(summary: dict, goals: dict, results: dict) -> str:
         s = summary.get(side)
         if not s:
             continue
-        out.append(f"{names[side]} ({s['kill_to_healthy_s']['n']} rounds; restarted by "
-                   f"the agent {s['restarter']['agent']}x, by Docker {s['restarter']['docker']}x; "
-                   f"extra starts {s['extra_starts']})")
+        counted = "" if side == "docker_crash" else (
+            f"; restarts the agent counted per round {s['restarts_counted']}")
+        out.append(f"{names[side]} ({s['kill_to_healthy_s']['n']} rounds; first start by the "
+                   f"agent {s['first_start_by']['agent']}x, by Docker {s['first_start_by']['docker']}x;"
+                   f" Quay started more than once {s['extra_starts']}x{counted})")
         for key, what in (("kill_to_die_s", "kill -> die event"),
                           ("die_to_restart_issued_s", "die -> restart issued (agent's log)"),
                           ("die_to_running_s", "die -> start event (running)"),
@@ -750,9 +856,22 @@ def table(summary: dict, goals: dict, results: dict) -> str:
                    f"worst {g['worst_s']:.3f} s): {met('die_to_restart_issued')}")
     backoff = results.get("backoff")
     if backoff:
-        out.append(f"second docker kill right after healthy again: restart issued "
+        out.append(f"second docker kill 2 s after healthy again: restart issued "
                    f"{cell(backoff['second_die_to_restart_issued_s'])} s after the die "
-                   f"(the agent's backoff {backoff['backoff_logged']} s)")
+                   f"(restart.backoff_initial; that log line says backoff={backoff['backoff_logged']})")
+    echo = results.get("echo")
+    if echo:
+        for what in ("crash", "docker_kill"):
+            e = echo[what]
+            out.append(
+                f"{what.replace('_', ' ')} {cell(e['die_after_restart_issued_s'])} s after the agent's "
+                f"restart: agent noticed "
+                + (f"after {cell(e['agent_noticed_after_s'])} s" if e["agent_noticed_after_s"]
+                   is not None else "NEVER")
+                + f", restart issued {cell(e['die_to_restart_issued_s'])} s, running "
+                f"{cell(e['die_to_running_s'])} s after the die; restarts counted "
+                f"{e['restarts_counted'][0]} -> {e['restarts_counted'][1]}; logged "
+                + (", ".join(e["agent_logged"]) or "nothing"))
     for mode in DETECT_MODES:
         s = summary.get(f"detect_{mode}")
         if s:
@@ -770,6 +889,7 @@ def table(summary: dict, goals: dict, results: dict) -> str:
                 row("agent peak RSS (VmHWM)", s["agent_vmhwm_mib"], "MiB", ".1f"),
                 row("agent RSS at the end (VmRSS)", s["agent_vmrss_mib"], "MiB", ".1f"),
                 row("agent probes in the window", s["agent_probes"], "", ".0f"),
+                row("agent stack refreshes in the window", s["agent_stack_refreshes"], "", ".0f"),
                 row("bash + curl loop CPU (with children), %", s["baseline_cpu_pct"], "%"),
                 row("bash + curl loop peak RSS (launcher)", s["baseline_maxrss_mib"], "MiB", ".1f"),
                 row("bash's own peak RSS (VmHWM)", s["baseline_bash_vmhwm_mib"], "MiB", ".1f"),
@@ -830,9 +950,12 @@ def main(argv: list[str] | None = None) -> int:
         info = machine(aws, env) if aws else {"nproc": os.cpu_count()}
         client = docker_client(state["docker_host"])
         info["dockerd"] = client.version().get("Version", "?")
+        info["agent_code"] = code_version(env)
         print(f"machine: {info.get('nproc')} cores ({info.get('cpu', '?')}), {info.get('os', '?')}, "
               f"Python {info.get('python', '?')}, dockerd {info['dockerd']}, quay-bootstrap "
-              f"{info.get('quay_bootstrap', '?')}; load average "
+              f"{info.get('quay_bootstrap', '?')} ({info['agent_code']['commit']}"
+              f"{', quay_bootstrap/ changed' if info['agent_code']['quay_bootstrap_changed'] else ''}, "
+              f"from {info['agent_code']['imported_from']}); load average "
               f"{[round(x, 2) for x in os.getloadavg()]}", flush=True)
         if os.getloadavg()[0] > 0.5:
             print("note: the machine is busy (1-minute load average above 0.5); "
@@ -870,12 +993,17 @@ def main(argv: list[str] | None = None) -> int:
                     line.append(f"{side} die->healthy {got['die_to_healthy_s']:.3f} s"
                                 + (f" (restart issued +{got['die_to_restart_issued_s']:.3f} s)"
                                    if got.get("die_to_restart_issued_s") is not None else "")
-                                + (f" [restarted by {got['restarter']}, starts {got['starts']}]"))
+                                + (f" [first start by {got['first_start_by']}, "
+                                   f"Quay starts {got['starts']}]"))
                 print(f"  kill round {n + 1}/{args.rounds}: " + "; ".join(line), flush=True)
             results["backoff"] = backoff_check(bench)
             print(f"  backoff: second kill, restart issued "
                   f"{results['backoff']['second_die_to_restart_issued_s']:.3f} s after the die",
                   flush=True)
+            results["echo"] = echo_check(bench)
+            print("  within a second of the agent's restart: "
+                  + "; ".join(f"{what} noticed after {results['echo'][what]['agent_noticed_after_s']}"
+                              for what in ("crash", "docker_kill")), flush=True)
         if "detect" in scenarios:
             results["detect"] = []
             for n in range(args.rounds):
@@ -891,7 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = idle_round(bench, f"idle{n}", args.idle_seconds, curl)
                 results["idle"].append(got)
                 print(f"  idle round {n + 1}/{args.rounds}: agent CPU {got['agent_cpu_pct']:.3f}% "
-                      f"VmHWM {got['agent_vmhwm_mib']:.1f} MiB ({got['agent_probes']} probes); "
+                      f"VmHWM {got['agent_vmhwm_mib']:.1f} MiB ({got['agent_probes']:.0f} probes, "
+                      f"{got['agent_stack_refreshes']} stack refreshes); "
                       f"bash loop CPU {got['baseline_cpu_pct']:.3f}%", flush=True)
 
         summary = summarize(results)
@@ -903,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "watchdog",
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": info,
-            "stack_sha256": hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest(),
+            "stack_files": len(files),
             "commands": {"agent": "quay-bootstrap --config CFG run --log-format json "
                                   "--log-level info",
                          "baseline": BASELINE.format(curl="curl", url="URL")},

@@ -57,6 +57,8 @@ class Daemon:
         # Docker events up to this time are echoes of our own restart (its die, destroy and
         # start), not news: counting them would double every restart.
         self._own_until = float("-inf")
+        # Events our own restart will cause, each consumed once (kind, until when).
+        self._echoes: list = []
         self._next_refresh: "float | None" = None
         self.rejected: set = set()  # (stack, image, spec) that rolled back: not retried
         self._lease_stores: dict = {}
@@ -132,9 +134,9 @@ class Daemon:
             return None
 
     def _feed(self, seen) -> None:
-        if isinstance(seen, (watchdog.Died, watchdog.Started, watchdog.Missing)) and \
-                seen.at <= self._own_until:
-            return
+        if isinstance(seen, (watchdog.Died, watchdog.Started, watchdog.Missing)):
+            if seen.at <= self._own_until or self._is_echo(seen):
+                return
         before = self.state
         self.state, actions = watchdog.step(self.state, seen, self.policy)
         for action in actions:
@@ -173,9 +175,9 @@ class Daemon:
 
     def _restart(self, action: watchdog.Restart) -> None:
         self.board.m_restarts.inc()
-        log.warning("container.restarting", reason=action.reason, backoff=self.state.backoff,
-                    restarts_in_window=len(self.state.restarts), services=self._services())
-        self._own_until = float("inf")
+        log.warning("container.restarting", reason=action.reason,
+                    next_backoff=self.state.backoff, restarts_in_window=len(self.state.restarts),
+                    services=self._services())
         try:
             with self._busy():
                 self._restart_container(action)
@@ -184,9 +186,22 @@ class Daemon:
         except Exception as err:  # noqa: BLE001 - the loop must survive; the next tick retries
             log.error("container.restart_failed", error=str(err))
             self.state = replace(self.state, pending=action.reason)
-        finally:
-            # The event thread stamps events as they arrive; allow it a moment to catch up.
-            self._own_until = self.clock() + 1.0
+
+    def _expect(self, *kinds: str) -> None:
+        until = self.clock() + self.spec.stop_timeout + 10
+        self._echoes.extend((kind, until) for kind in kinds)
+
+    def _is_echo(self, seen) -> bool:
+        """Consume one expected echo of our own restart; a real crash right after it is not
+        one of them and still counts."""
+        kind = {watchdog.Died: "die", watchdog.Started: "start",
+                watchdog.Missing: "destroy"}[type(seen)]
+        self._echoes = [(k, until) for k, until in self._echoes if until >= seen.at]
+        for index, (expected, _) in enumerate(self._echoes):
+            if expected == kind:
+                del self._echoes[index]
+                return True
+        return False
 
     def _restart_container(self, action: watchdog.Restart) -> None:
         found = self.docker.find(self.spec.name)
@@ -197,11 +212,18 @@ class Daemon:
             return
         if found is None or action.recreate:
             if found is not None:
+                self._expect(*(("die", "destroy") if found.status == "running" else ("destroy",)))
                 self.docker.remove(found.id)
+            self._expect("start")
             self.container_id = self.docker.create_and_start(self.spec)
+        elif found.status == "running" and action.reason.startswith("the container exited"):
+            # Docker's restart policy already brought it back: restarting again would double it.
+            log.info("container.restarted_by_docker", name=self.spec.name)
         elif found.status in ("running", "restarting", "paused"):
+            self._expect("die", "start")
             self.docker.client.api.restart(found.id, timeout=self.spec.stop_timeout)
         else:
+            self._expect("start")
             self.docker.start(found.id)
 
     def _escalate(self, reason: str) -> None:

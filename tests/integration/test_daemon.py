@@ -256,3 +256,21 @@ def test_sighup_applies_a_new_stack_and_a_bad_config_keeps_quay_watched(node, da
     agent.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: '"agent.reload_failed"' in agent.log, 10, "the reload refused")
     assert agent.proc.poll() is None and agent.status()["state"] == "healthy"
+
+
+def test_a_crash_right_after_our_restart_is_still_seen(node, daemon):
+    """Our restart's own die/start are echoes; a real exit a moment later is not one of them."""
+    agent = daemon(health={"start_period": "15s"})
+    agent.wait_state("healthy")
+    before = started_at(node)
+    node.docker.api.kill(node.name)
+    wait_for(lambda: node.found().status == "running" and started_at(node) != before, 5,
+             "the first restart")
+    second = started_at(node)
+    time.sleep(0.2)
+    node.docker.api.kill(node.name)
+    killed = time.monotonic()
+    wait_for(lambda: node.found().status == "running" and started_at(node) != second, 8,
+             "the second restart (not 15 s of start period later)")
+    assert time.monotonic() - killed < 4  # backoff_initial 1 s, then at once
+    assert agent.status()["restarts_in_window"] == 2
