@@ -17,22 +17,11 @@ import pytest
 import yaml
 
 from tests.e2e import machine
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, wait_for
 from tests.testbed.stacks import sample_stack
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = "quay-bootstrap.service"
-
-
-def wait_for(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 class Machine:

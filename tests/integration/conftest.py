@@ -292,3 +292,25 @@ def daemon(node):
     yield start
     for made in started:
         made.stop()
+
+
+@pytest.fixture
+def asg_group(s3, moto_endpoint):
+    """An Auto Scaling group on moto with one InService instance, behind AsgStandIn (IMDSv2
+    naming that instance, and the lifecycle calls moto lacks); `.asg` is a client on moto."""
+    import boto3
+
+    from tests.integration.asg_standin import AsgStandIn
+
+    asg = boto3.client("autoscaling", region_name="us-east-1", endpoint_url=moto_endpoint,
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    asg.create_launch_configuration(LaunchConfigurationName="quay", ImageId="ami-12c6146b",
+                                    InstanceType="t3.medium")
+    asg.create_auto_scaling_group(AutoScalingGroupName="quay", LaunchConfigurationName="quay",
+                                  MinSize=1, MaxSize=1, DesiredCapacity=1,
+                                  AvailabilityZones=["us-east-1a"])
+    found = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["quay"])
+    standin = AsgStandIn(moto_endpoint, found["AutoScalingGroups"][0]["Instances"][0]["InstanceId"])
+    standin.asg = asg
+    yield standin
+    standin.close()

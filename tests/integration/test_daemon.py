@@ -2,17 +2,14 @@
 registry, moto and the fake Quay. What it restarts, when it escalates, and when it holds still."""
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
 import socket
 import sys
-import threading
 import time
 
 import boto3
-import pytest
 
 from tests.integration.conftest import wait_for
 
@@ -35,55 +32,9 @@ def test_docker_kill_is_restarted_within_a_second_and_counted_once(node, daemon)
     assert status["marked_unhealthy"] is False
 
 
-class FakeImds(http.server.BaseHTTPRequestHandler):
-    """IMDSv2 as EC2 serves it: a PUT for a session token, then the instance id only with that
-    token. moto's own IMDS always answers i-fake, which is in no Auto Scaling group."""
-
-    instance_id = ""
-
-    def do_PUT(self):  # noqa: N802 - http.server's name
-        self._send(200, b"token-123")
-
-    def do_GET(self):  # noqa: N802
-        if self.headers.get("X-aws-ec2-metadata-token") != "token-123":
-            return self._send(401, b"")
-        if self.path == "/latest/meta-data/instance-id":
-            return self._send(200, self.instance_id.encode())
-        self._send(404, b"")
-
-    def _send(self, code, body):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def auto_scaling_group(s3, moto_endpoint, monkeypatch):
-    """An Auto Scaling group on moto with one InService instance, and IMDS naming it."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    asg = boto3.client("autoscaling", region_name="us-east-1", endpoint_url=moto_endpoint,
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
-    asg.create_launch_configuration(LaunchConfigurationName="quay", ImageId="ami-12c6146b",
-                                    InstanceType="t3.medium")
-    asg.create_auto_scaling_group(AutoScalingGroupName="quay", LaunchConfigurationName="quay",
-                                  MinSize=1, MaxSize=1, DesiredCapacity=1,
-                                  AvailabilityZones=["us-east-1a"])
-    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["quay"])
-    FakeImds.instance_id = group["AutoScalingGroups"][0]["Instances"][0]["InstanceId"]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield asg, FakeImds.instance_id, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
-
-
 def test_a_broken_node_is_restarted_with_backoff_then_marked_unhealthy_once(
-        node, daemon, auto_scaling_group, moto_endpoint, tmp_path):
-    asg, instance, imds = auto_scaling_group
+        node, daemon, asg_group, moto_endpoint, tmp_path):
+    asg, instance, imds = asg_group.asg, asg_group.instance_id, asg_group.url + "/"
     ran = tmp_path / "on-unhealthy.log"
     hook = [sys.executable, "-c",
             f"import os; open({str(ran)!r}, 'a').write(os.environ['QUAY_BOOTSTRAP_REASON'] + '\\n')"]
