@@ -111,11 +111,10 @@ class Daemon:
                     continue
                 if self.draining:
                     continue
+                self._feed(item if item is not None else watchdog.Tick(self.clock()))
                 self._launch_hook()
                 if self._next_refresh is not None and self.clock() >= self._next_refresh:
                     self._refresh()
-                    continue
-                self._feed(item if item is not None else watchdog.Tick(self.clock()))
         finally:
             self.systemd.notify("STOPPING=1", "STATUS=stopping; Quay keeps running")
             endpoint.stop()

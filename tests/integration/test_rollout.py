@@ -112,7 +112,8 @@ def test_a_held_lease_delays_the_roll_until_it_expires(node, daemon, moto_endpoi
 
     stamp = datetime.fromisoformat(replacing["timestamp"].replace("Z", "+00:00")).timestamp()
     assert stamp >= expires - 0.5  # not before the dead node's lease ran out
-    assert s3.list_objects_v2(Bucket=bucket, Prefix="conf/stack.rollout/lease-").get("KeyCount") == 0
+    wait_for(lambda: s3.list_objects_v2(Bucket=bucket, Prefix="conf/stack.rollout/lease-")
+             .get("KeyCount") == 0, 5, "the lease released after the roll")
 
 
 def test_a_failed_canary_stops_the_rollout(node, daemon, moto_endpoint):
