@@ -63,6 +63,8 @@ def main(root: Path) -> int:
         "container": {"name": "quay-demo", "network_mode": "host", "ports": [], "sysctls": {},
                       "env": {"PORT": str(port)}, "volumes": [f"{control}:/control"]},
         "health": {"url": f"http://127.0.0.1:{port}/health/instance", "start_period": "60s"},
+        # No cloud here: never ask an instance-metadata address.
+        "report": {"autoscaling": False, "state_file": str(root / "status.json")},
         "logging": {"format": "console", "level": "warning"},
     }, sort_keys=False))
     print(f"demo: agent config written to {config}\n")
