@@ -10,31 +10,18 @@ from __future__ import annotations
 
 import os
 import time
-import urllib.request
 from typing import Callable, Optional
 
 import structlog
 
-from quay_bootstrap.report import IMDS_DEFAULT, IMDS_ENV, instance_id
+from quay_bootstrap.report import imds_get, instance_id
 
 log = structlog.get_logger(__name__)
 
 
 def target_lifecycle_state(environ=os.environ, timeout: float = 1.0) -> Optional[str]:
     """IMDSv2 autoscaling/target-lifecycle-state ("InService", "Terminated", ...) or None."""
-    base = environ.get(IMDS_ENV, IMDS_DEFAULT).rstrip("/")
-    try:
-        request = urllib.request.Request(f"{base}/latest/api/token", method="PUT", headers={
-            "X-aws-ec2-metadata-token-ttl-seconds": "300"})
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            token = answer.read().decode()
-        request = urllib.request.Request(
-            f"{base}/latest/meta-data/autoscaling/target-lifecycle-state",
-            headers={"X-aws-ec2-metadata-token": token})
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.read().decode().strip() or None
-    except OSError:
-        return None
+    return imds_get("/latest/meta-data/autoscaling/target-lifecycle-state", environ, timeout)
 
 
 class Lifecycle:

@@ -133,8 +133,8 @@ def _handler(board: Board):
     return Handler
 
 
-def instance_id(environ=os.environ, timeout: float = 1.0) -> Optional[str]:
-    """This instance's id from IMDSv2, or None when no metadata service answers.
+def imds_get(path: str, environ=os.environ, timeout: float = 1.0) -> Optional[str]:
+    """GET an IMDSv2 path (a session token first), or None when no metadata service answers.
 
     The address honours AWS_EC2_METADATA_SERVICE_ENDPOINT, the AWS SDKs' standard setting.
     """
@@ -144,12 +144,17 @@ def instance_id(environ=os.environ, timeout: float = 1.0) -> Optional[str]:
             "X-aws-ec2-metadata-token-ttl-seconds": "300"})
         with urllib.request.urlopen(token_req, timeout=timeout) as response:
             token = response.read().decode()
-        id_req = urllib.request.Request(f"{base}/latest/meta-data/instance-id",
-                                        headers={"X-aws-ec2-metadata-token": token})
-        with urllib.request.urlopen(id_req, timeout=timeout) as response:
+        request = urllib.request.Request(f"{base}{path}",
+                                         headers={"X-aws-ec2-metadata-token": token})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.read().decode().strip() or None
     except OSError:
         return None
+
+
+def instance_id(environ=os.environ, timeout: float = 1.0) -> Optional[str]:
+    """This instance's id from IMDSv2, or None when no metadata service answers."""
+    return imds_get("/latest/meta-data/instance-id", environ, timeout)
 
 
 class AutoScaling:
