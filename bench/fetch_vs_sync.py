@@ -77,6 +77,26 @@ class BenchError(Exception):
 class MissingTool(BenchError):
     pass
 
+def finish(result: dict, path: Path) -> int:
+    """Write a benchmark's result as JSON and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwritten: {path}")
+    return 0
+
+
+def failed(err: BenchError, work: Path, args) -> int:
+    """A benchmark that could not measure: a missing tool exits 2; a failed run exits 1 and
+    keeps its work folder (the logs) for a look."""
+    if isinstance(err, MissingTool):
+        print(err, file=sys.stderr)
+        return 2
+    print(f"FAIL: {err}", file=sys.stderr)
+    print(f"(logs kept in {work})", file=sys.stderr)
+    args.keep = True
+    return 1
+
+
 
 # ---------------------------------------------------------------- tools and environment
 
@@ -488,18 +508,9 @@ def main(argv: list[str] | None = None) -> int:
             "goal": {"full_ratio_max": GOAL_FULL_RATIO, "met": ratios["full"] <= GOAL_FULL_RATIO},
             "runs": runs,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwritten: {args.json}")
-        return 0
-    except MissingTool as err:
-        print(err, file=sys.stderr)
-        return 2
+        return finish(result, args.json)
     except BenchError as err:
-        print(f"FAIL: {err}", file=sys.stderr)
-        print(f"(logs kept in {work})", file=sys.stderr)
-        args.keep = True
-        return 1
+        return failed(err, work, args)
     finally:
         if moto.proc is None and uploaded:
             try:

@@ -53,6 +53,8 @@ from fetch_vs_sync import (
     child_env,
     cpu_seconds,
     delete_bucket,
+    failed,
+    finish,
     machine,
     measure,
     verify_tree,
@@ -461,18 +463,9 @@ def main(argv: list[str] | None = None) -> int:
             "goal": {"ratio_max": GOAL_RATIO, "met": ratios["wall"] <= GOAL_RATIO},
             "runs": runs,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwritten: {args.json}")
-        return 0
-    except MissingTool as err:
-        print(err, file=sys.stderr)
-        return 2
+        return finish(result, args.json)
     except BenchError as err:
-        print(f"FAIL: {err}", file=sys.stderr)
-        print(f"(logs kept in {work})", file=sys.stderr)
-        args.keep = True
-        return 1
+        return failed(err, work, args)
     finally:
         cleanup(state, ours, uploaded, bucket, client, bench, image, work, args.keep)
 

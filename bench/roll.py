@@ -62,7 +62,15 @@ from urllib.parse import urlsplit
 
 # Every benchmark measures children the same way; the script's folder is on sys.path.
 from cli_startup import tool
-from fetch_vs_sync import BenchError, MissingTool, child_env, delete_bucket, machine, verify_tree
+from fetch_vs_sync import (
+    BenchError,
+    child_env,
+    delete_bucket,
+    failed,
+    finish,
+    machine,
+    verify_tree,
+)
 from once_vs_init_script import DOCKER_CLI, _testbed, docker_client, free_port, open_bed, upload_stack
 from watchdog import Launched, read_log, stats
 
@@ -856,18 +864,9 @@ def main(argv: list[str] | None = None) -> int:
             "goal": goals,
             "runs": runs,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"\nwritten: {args.json}")
-        return 0
-    except MissingTool as err:
-        print(err, file=sys.stderr)
-        return 2
+        return finish(result, args.json)
     except BenchError as err:
-        print(f"FAIL: {err}", file=sys.stderr)
-        print(f"(logs kept in {work})", file=sys.stderr)
-        args.keep = True
-        return 1
+        return failed(err, work, args)
     finally:
         cleanup(state, ours, uploaded, bucket, client, bench, image, work, args.keep)
 
