@@ -179,6 +179,8 @@ def test_registry_credentials(node, auth_registry, docker_client, tmp_path):
                    auth_config={"username": auth_registry["username"],
                                 "password": auth_registry["password"]})
     docker_client.images.remove(f"{repo}:v3.9.0")
+    healthy_run(node)  # a Quay that runs, from the registry without auth
+    running = node.found()
     secret = tmp_path / "registry-password"
     secret.write_text("wrong-password\n")
     os.chmod(secret, 0o600)
@@ -186,10 +188,12 @@ def test_registry_credentials(node, auth_registry, docker_client, tmp_path):
     node.configure(image={"reference": f"{repo}:v3.9.0", "auth": auth})
     code, _, err = node.agent.run("run", "--once")
     assert code == 1 and "Check image.auth" in err and "wrong-password" not in err
+    assert node.found().id == running.id and node.found().status == "running"  # untouched
 
     os.chmod(secret, 0o644)
     code, _, err = node.agent.run("run", "--once")
     assert code == 78 and "readable by every user" in err and "chmod 600" in err
+    assert node.found().id == running.id and node.found().status == "running"
 
     secret.write_text(auth_registry["password"])
     os.chmod(secret, 0o600)
@@ -208,3 +212,19 @@ def test_prefetch_image_pulls_the_locked_image_and_runs_nothing(node):
     assert node.found() is None
     code, out, _ = node.agent.run("prefetch-image")
     assert code == 0 and out.startswith("image  present")
+
+
+def test_a_replacement_that_cannot_start_puts_the_old_quay_back(node):
+    healthy_run(node)
+    old = node.found()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        node.configure(container={"network_mode": None, "ports": [f"127.0.0.1:{port}:8080"]})
+        code, _, err = node.agent.run("run", "--once")
+    assert code == 1 and f"127.0.0.1:{port}" in err and "already in use" in err
+    back = node.found()
+    assert back.id == old.id and back.status == "running"  # restored under its own name
+    assert [c.name for c in node.docker.containers.list(all=True)
+            if c.name.startswith(node.name)] == [node.name]
