@@ -71,7 +71,7 @@ DOCKER_CLI = "/usr/local/bin/docker"
 # A release-shaped tag, which the agent's default image.allowed_tags accepts; only this
 # benchmark builds it, and it removes it from the daemon at the end.
 IMAGE_TAG = "v3.9.0-bench"
-# Both sides: the agent's START_POLL (quay_bootstrap/once.py), its default health timeout and
+# Both sides: the agent's START_POLL (quay_bootstrap/pipeline.py), its default health timeout and
 # the start period written into its config.
 POLL_S = 0.25
 PROBE_TIMEOUT_S = 5

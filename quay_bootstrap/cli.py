@@ -11,16 +11,14 @@ import sys
 from typing import List, Optional
 
 from quay_bootstrap import __version__
-from quay_bootstrap.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, ConfigError, QuayBootstrapError
-
-EPILOG = """exit statuses:
-  0   ok
-  1   failure (see the message)
-  2   usage error
-  65  the image reference breaks the tag lock
-  69  a dependency (object store, registry, Docker) did not answer after retries
-  78  the agent config or conf/stack is invalid
-"""
+from quay_bootstrap.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    QuayBootstrapError,
+    exit_status_table,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                         default=argparse.SUPPRESS, help="overrides logging.format")
 
     parser = argparse.ArgumentParser(
-        prog="quay-bootstrap", parents=[common], epilog=EPILOG,
+        prog="quay-bootstrap", parents=[common], epilog=exit_status_table(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Turns a blank VM into a healthy node of a highly available Quay cluster: "
                     "fetches conf/stack from object storage, runs the locked Quay image, and "
@@ -144,9 +142,9 @@ def _store(cfg, redactor):
 
 
 def cmd_fetch(args: argparse.Namespace, redactor) -> int:
-    from quay_bootstrap.sources import open_source
     from quay_bootstrap.stack.fetch import Fetcher
     from quay_bootstrap.stack.plan import Limits
+    from quay_bootstrap.stores import open_source
 
     cfg = _load(args, redactor)
     stack = cfg.stack
@@ -168,7 +166,7 @@ def cmd_fetch(args: argparse.Namespace, redactor) -> int:
 
 
 def cmd_run(args: argparse.Namespace, redactor) -> int:
-    from quay_bootstrap.once import Pass
+    from quay_bootstrap.pipeline import Pass
 
     cfg = _load(args, redactor)
     if not args.once:
@@ -193,7 +191,7 @@ def _daemon(args: argparse.Namespace, cfg, redactor) -> int:
     import threading
 
     from quay_bootstrap.daemon import Daemon
-    from quay_bootstrap.once import Pass
+    from quay_bootstrap.pipeline import Pass
 
     stop = threading.Event()
     cache: dict = {}  # clients shared by every pass of this daemon
@@ -210,7 +208,7 @@ def _daemon(args: argparse.Namespace, cfg, redactor) -> int:
 def cmd_prefetch(args: argparse.Namespace, redactor) -> int:
     from quay_bootstrap.container import Docker
     from quay_bootstrap.image import ensure_image, registry_auth
-    from quay_bootstrap.once import resolve_image
+    from quay_bootstrap.pipeline import resolve_image
 
     cfg = _load(args, redactor)
     resolved = resolve_image(cfg)

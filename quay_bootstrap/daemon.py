@@ -19,7 +19,8 @@ import structlog
 from quay_bootstrap import health, report, rollout, watchdog
 from quay_bootstrap.config import Config
 from quay_bootstrap.container import IMAGE_DIGEST, MANAGED, SPEC_HASH, STACK_VERSION, decide
-from quay_bootstrap.once import START_POLL, Pass
+from quay_bootstrap.errors import Interrupted
+from quay_bootstrap.pipeline import START_POLL, Pass
 
 log = structlog.get_logger(__name__)
 
@@ -27,10 +28,6 @@ log = structlog.get_logger(__name__)
 _STOP = object()
 _RELOAD = object()
 _TERMINATE = object()
-
-
-class Interrupted(Exception):
-    """SIGTERM arrived while a pass was waiting to retry: give up the pass, leave Quay as is."""
 
 
 class Daemon:

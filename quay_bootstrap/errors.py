@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-# Exit statuses (sysexits.h where one fits). The CLI is the only place that maps errors to them.
+# Exit statuses (sysexits.h where one fits). The CLI is the only place that maps errors to them,
+# and its help lists them from EXIT_STATUSES, so the table cannot drift from the code.
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_LOCK = 65  # EX_DATAERR: the image reference breaks the tag lock
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a dependency did not answer after retries
-EXIT_CONFIG = 78  # EX_CONFIG: the agent config or conf/stack is invalid
+EXIT_LOCK = 65  # EX_DATAERR
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
+EXIT_CONFIG = 78  # EX_CONFIG
 
 
 class QuayBootstrapError(Exception):
@@ -72,6 +73,10 @@ class Unavailable(QuayBootstrapError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class ImageError(QuayBootstrapError):
+    """The registry answered, permanently no: bad credentials, no such tag, a full disk."""
+
+
 class SourceError(QuayBootstrapError):
     """The object store answered, but permanently no: missing bucket, empty prefix, access denied,
     an unsafe key, a stack over its limits, a checksum that never matched."""
@@ -79,3 +84,33 @@ class SourceError(QuayBootstrapError):
 
 class ContainerError(QuayBootstrapError):
     """The Quay container could not be created, started or kept running."""
+
+
+# --- internal signals: caught inside the agent, never shown to an operator as such ----------
+
+class TransientError(Exception):
+    """A fault worth retrying: a timeout, a refused connection, a 5xx, the object changing mid-fetch."""
+
+
+class CorruptDownload(Exception):
+    """The bytes did not match their checksum (or were cut short); download again."""
+
+
+class Interrupted(Exception):
+    """SIGTERM arrived while a pass was waiting to retry: give up the pass, leave Quay as is."""
+
+
+EXIT_STATUSES = (
+    (EXIT_OK, "ok"),
+    (EXIT_FAILURE, "failure (see the message)"),
+    (EXIT_USAGE, "usage error"),
+    (LockViolation.exit_code, "the image reference breaks the tag lock"),
+    (Unavailable.exit_code, "a dependency (object store, registry, Docker) did not answer "
+                            "after retries"),
+    (ConfigError.exit_code, "the agent config or conf/stack is invalid"),
+)
+
+
+def exit_status_table() -> str:
+    """The `exit statuses:` block of `quay-bootstrap --help`."""
+    return "exit statuses:\n" + "".join(f"  {code:<3} {what}\n" for code, what in EXIT_STATUSES)

@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional
 import structlog
 import tenacity
 
-from quay_bootstrap.errors import ConfigError, LockViolation, QuayBootstrapError, Unavailable
+from quay_bootstrap.errors import ConfigError, ImageError, LockViolation, TransientError, Unavailable
 from quay_bootstrap.lock import ImageRef
 
 log = structlog.get_logger(__name__)
@@ -20,10 +20,6 @@ log = structlog.get_logger(__name__)
 _PERMANENT = ("unauthorized", "authentication required", "denied", "forbidden",
               "manifest unknown", "not found", "no such image", "invalid reference",
               "incorrect username or password")
-
-
-class ImageError(QuayBootstrapError):
-    """The registry answered, permanently no: bad credentials, no such tag."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +86,7 @@ def ensure_image(docker, ref: ImageRef, *, auth: Optional[Dict[str, str]], deadl
     give_up_at = time.monotonic() + deadline
     try:
         for attempt in tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type(_Transient),
+                retry=tenacity.retry_if_exception_type(TransientError),
                 stop=lambda state: time.monotonic() >= give_up_at,
                 wait=tenacity.wait_random_exponential(multiplier=1, max=30),
                 sleep=sleep, reraise=True,
@@ -99,7 +95,7 @@ def ensure_image(docker, ref: ImageRef, *, auth: Optional[Dict[str, str]], deadl
                                                    error=str(s.outcome.exception()))):
             with attempt:
                 _pull(docker, ref, auth)
-    except _Transient as err:
+    except TransientError as err:
         raise Unavailable(f"the registry did not answer within {deadline:.0f}s: {err}",
                           where=ref.registry, hint="Check the network path to the registry; "
                           "the running Quay was left as it was") from err
@@ -111,10 +107,6 @@ def ensure_image(docker, ref: ImageRef, *, auth: Optional[Dict[str, str]], deadl
                             where=str(ref), hint="The tag was re-pushed: check the image, then "
                             "update the pinned digest (or the cluster lock) on purpose")
     return Image(image.id, digest or image.id, True)
-
-
-class _Transient(Exception):
-    pass
 
 
 def _local(docker, ref: ImageRef) -> Optional[Image]:
@@ -156,7 +148,7 @@ def _pull(docker, ref: ImageRef, auth: Optional[Dict[str, str]]) -> None:
     except sdk.errors.APIError as err:
         _raise_for(str(err.explanation or err), ref, err)
     except (sdk.errors.DockerException, OSError) as err:
-        raise _Transient(str(err)) from err
+        raise TransientError(str(err)) from err
     log.info("image.pulled", image=str(ref), layers=layers,
              seconds=round(time.monotonic() - started, 3))
 
@@ -174,4 +166,4 @@ def _raise_for(text: str, ref: ImageRef, cause: Optional[Exception] = None) -> N
                 else "Check that the tag exists in the registry")
         raise ImageError(f"the registry refused to serve {ref.repository}:{ref.tag}: {text}",
                          where=ref.registry, hint=hint) from cause
-    raise _Transient(text) from cause
+    raise TransientError(text) from cause

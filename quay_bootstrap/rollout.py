@@ -63,7 +63,7 @@ class S3Store(Store):
     def __init__(self, url: str, endpoint_url: Optional[str], region: Optional[str]) -> None:
         import boto3
 
-        from quay_bootstrap.sources import split_bucket_url
+        from quay_bootstrap.stores import split_bucket_url
 
         self.bucket, self.prefix = split_bucket_url(url)
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url,
@@ -107,7 +107,7 @@ class GCSStore(Store):
     def __init__(self, url: str, endpoint_url: Optional[str]) -> None:
         from google.cloud import storage
 
-        from quay_bootstrap.sources import split_bucket_url
+        from quay_bootstrap.stores import split_bucket_url
 
         bucket, self.prefix = split_bucket_url(url)
         options = {"api_endpoint": endpoint_url} if endpoint_url else None

@@ -13,11 +13,18 @@ from typing import Callable, Dict, Optional, Tuple
 import structlog
 import tenacity
 
-from quay_bootstrap.errors import ConfigError, QuayBootstrapError, SourceError, Unavailable
-from quay_bootstrap.sources import CorruptDownload, ObjectInfo, StackSource, TransientError
+from quay_bootstrap.errors import (
+    ConfigError,
+    CorruptDownload,
+    QuayBootstrapError,
+    SourceError,
+    TransientError,
+    Unavailable,
+)
 from quay_bootstrap.stack.plan import Limits, ManifestEntry, checksum_mismatch, plan_fetch, stack_version
 from quay_bootstrap.stack.store import StackStore
 from quay_bootstrap.stack.validate import StackCheck, check_stack
+from quay_bootstrap.stores import ObjectInfo, StackSource
 
 log = structlog.get_logger(__name__)
 
@@ -37,10 +44,6 @@ class FetchResult:
     reused: int
     seconds: float
     path: Path
-
-
-class _Mismatch(Exception):
-    pass
 
 
 @dataclass
@@ -160,22 +163,22 @@ class Fetcher:
                 got = self._retrying(give_up_at, self.source.read, obj)
             except CorruptDownload as err:
                 log.warning("stack.checksum_mismatch", key=obj.key, problem=str(err))
-                raise _Mismatch(str(err)) from err
+                raise
             problem, _ = checksum_mismatch(got.data, obj, got.checksums)
             if problem:
                 log.warning("stack.checksum_mismatch", key=obj.key, problem=problem)
-                raise _Mismatch(problem)
+                raise CorruptDownload(problem)
             return got.data, hashlib.sha256(got.data).hexdigest()
 
         try:
             for tried in tenacity.Retrying(
-                    retry=tenacity.retry_if_exception_type(_Mismatch),
+                    retry=tenacity.retry_if_exception_type(CorruptDownload),
                     stop=tenacity.stop_after_attempt(CHECKSUM_ATTEMPTS),
                     wait=tenacity.wait_exponential(multiplier=0.2, max=2),
                     sleep=self.sleep, reraise=True):
                 with tried:
                     return attempt()
-        except _Mismatch as err:
+        except CorruptDownload as err:
             raise SourceError(f"refusing the whole stack: {obj.key!r} did not match the store's "
                               f"checksum after {CHECKSUM_ATTEMPTS} downloads ({err})",
                               where=self.source.url,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from quay_bootstrap.errors import SourceError
-from quay_bootstrap.sources import ObjectInfo
+from quay_bootstrap.stores import ObjectInfo
 
 
 def unsafe_key_reason(key: str) -> Optional[str]:

@@ -4,7 +4,6 @@ import hashlib
 import pytest
 
 from quay_bootstrap.errors import SourceError
-from quay_bootstrap.sources import ObjectInfo
 from quay_bootstrap.stack.plan import (
     Limits,
     ManifestEntry,
@@ -14,6 +13,7 @@ from quay_bootstrap.stack.plan import (
     stack_version,
     unsafe_key_reason,
 )
+from quay_bootstrap.stores import ObjectInfo
 
 LIMITS = Limits(max_files=10, max_bytes=1000)
 URL = "s3://bucket/conf/stack"

@@ -10,8 +10,8 @@ import requests
 import requests.adapters
 from google.cloud import storage
 
-from quay_bootstrap.errors import SourceError
-from quay_bootstrap.sources import Download, ObjectInfo, TransientError, split_bucket_url
+from quay_bootstrap.errors import SourceError, TransientError
+from quay_bootstrap.stores import Download, ObjectInfo, split_bucket_url
 
 _TIMEOUT = (5, 30)  # connect, read: seconds
 _TRANSIENT = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import List
 
-from quay_bootstrap.errors import SourceError
-from quay_bootstrap.sources import Download, ObjectInfo, TransientError
+from quay_bootstrap.errors import SourceError, TransientError
+from quay_bootstrap.stores import Download, ObjectInfo
 
 # An NFS server that is away shows up as these; worth retrying, unlike a missing directory.
 _TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EAGAIN, errno.EHOSTDOWN,

@@ -9,8 +9,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from quay_bootstrap.errors import SourceError
-from quay_bootstrap.sources import CorruptDownload, Download, ObjectInfo, TransientError, split_bucket_url
+from quay_bootstrap.errors import CorruptDownload, SourceError, TransientError
+from quay_bootstrap.stores import Download, ObjectInfo, split_bucket_url
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _DENIED = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",

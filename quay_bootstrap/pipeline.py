@@ -11,13 +11,13 @@ import tenacity
 from quay_bootstrap import health
 from quay_bootstrap.config import Config
 from quay_bootstrap.container import STACK_VERSION, Action, Docker, Spec, build_spec, decide
-from quay_bootstrap.errors import ContainerError, LockViolation, SourceError, Unavailable
+from quay_bootstrap.errors import ContainerError, LockViolation, SourceError, TransientError, Unavailable
 from quay_bootstrap.image import ensure_image, registry_auth
 from quay_bootstrap.lock import Resolved, resolve
-from quay_bootstrap.sources import TransientError, open_object, open_source
 from quay_bootstrap.stack.fetch import Fetcher, FetchResult
 from quay_bootstrap.stack.plan import Limits
 from quay_bootstrap.stack.store import StackStore
+from quay_bootstrap.stores import open_object, open_source
 
 log = structlog.get_logger(__name__)
 

@@ -35,14 +35,6 @@ class Download:
     checksums: Dict[str, str] = field(default_factory=dict)
 
 
-class TransientError(Exception):
-    """A fault worth retrying: a timeout, a refused connection, a 5xx, the object changing mid-fetch."""
-
-
-class CorruptDownload(Exception):
-    """The store's client itself found the bytes did not match their checksum; download again."""
-
-
 class StackSource(Protocol):
     """A prefix in an object store (or a directory) holding conf/stack."""
 
@@ -66,16 +58,16 @@ def open_source(url: str, stack: Optional["StackConfig"] = None, *,
     region = stack.region if stack else None
     ca_bundle = str(stack.ca_bundle) if stack and stack.ca_bundle else None
     if scheme == "s3":
-        from quay_bootstrap.sources.s3 import S3Source
+        from quay_bootstrap.stores.s3 import S3Source
 
         return S3Source(url, endpoint_url=endpoint, region=region, ca_bundle=ca_bundle,
                         concurrency=concurrency)
     if scheme == "gs":
-        from quay_bootstrap.sources.gcs import GCSSource
+        from quay_bootstrap.stores.gcs import GCSSource
 
         return GCSSource(url, endpoint_url=endpoint, concurrency=concurrency)
     if scheme == "file":
-        from quay_bootstrap.sources.file import FileSource
+        from quay_bootstrap.stores.file import FileSource
 
         return FileSource(url)
     raise ValueError(f"unsupported source scheme in {url!r}")
