@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.functional_validators import AfterValidator, BeforeValidator
 
+from quay_bootstrap import stores
 from quay_bootstrap.errors import ConfigError
 
 DEFAULT_PATH = "/etc/quay-bootstrap/config.yaml"
@@ -113,7 +114,7 @@ class StackConfig(_Section):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
-        return _check_url(value, ("s3", "gs", "file"), "stack source")
+        return _check_url(value, stores.schemes(), "stack source")
 
     @field_validator("endpoint_url")
     @classmethod
@@ -164,7 +165,7 @@ class ImageConfig(_Section):
     def _lock(cls, value: Optional[str]) -> Optional[str]:
         if value is None:
             return None
-        _check_url(value, ("s3", "gs", "file"), "image lock")
+        _check_url(value, stores.schemes(), "image lock")
         rest = value.partition("://")[2].strip("/")
         if value.startswith(("s3://", "gs://")) and "/" not in rest:
             raise ValueError(f"{value!r} names a bucket; the lock is one object, e.g. "

@@ -1,11 +1,22 @@
-"""Where conf/stack comes from: one small interface, one module per object store, chosen by URL scheme."""
+"""Object stores: the stack source and the rollout leases, one module per URL scheme, one registry."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple
+
+from quay_bootstrap.errors import ConfigError
 
 if TYPE_CHECKING:
     from quay_bootstrap.config import StackConfig
+
+# The one place a URL scheme is mapped to its store. Modules are imported on first use, so
+# `quay-bootstrap --help` never loads boto3 or google-cloud-storage.
+SCHEMES: Dict[str, str] = {
+    "s3": "quay_bootstrap.stores.s3",
+    "gs": "quay_bootstrap.stores.gcs",
+    "file": "quay_bootstrap.stores.file",
+}
 
 
 @dataclass(frozen=True)
@@ -50,32 +61,101 @@ class StackSource(Protocol):
         """One object by key (e.g. the cluster image lock). Raises SourceError when missing."""
 
 
+class LeaseStore(Protocol):
+    """Small objects under one prefix, written only conditionally, so that nodes racing for the
+    same lease never both win.
+
+    Conditional create: S3 `IfNoneMatch="*"`, GCS `if_generation_match=0`, O_EXCL semantics in a
+    directory (a link() that fails when the name exists). Conditional replace: S3
+    `IfMatch=<etag>`, GCS `if_generation_match=<generation>`, compare-token under a lock in a
+    directory.
+    """
+
+    def get(self, key: str) -> Optional[Tuple[bytes, str]]:
+        """(the bytes, their version token), or None when there is no such object."""
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write `key` only if it does not exist; False when it does (someone else won)."""
+
+    def replace(self, key: str, data: bytes, token: str) -> bool:
+        """Overwrite `key` only if it is still the version `get` returned `token` for; False
+        when it changed or was deleted meanwhile."""
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; no error when it is already gone."""
+
+
+class Provider(Protocol):
+    """What each module named in SCHEMES provides."""
+
+    Source: Callable[[str, Any], StackSource]  # (url, client)
+    Leases: Callable[[str, Any], LeaseStore]  # (url, client)
+
+    def client(self, url: str, stack: Optional["StackConfig"], concurrency: int) -> Any:
+        """The store's client from the stack settings (`url` only names the store in errors)."""
+
+
+@dataclass(frozen=True)
+class Store:
+    """One store opened with the stack settings: the stack source and the leases beside it,
+    sharing one client."""
+
+    source: StackSource
+    leases: LeaseStore
+
+
+def schemes() -> Tuple[str, ...]:
+    """The URL schemes there is a store for, in the order to suggest them."""
+    return tuple(SCHEMES)
+
+
+def provider(url: str) -> Provider:
+    """The module serving `url`'s scheme, imported now.
+
+    Raises:
+        ConfigError: no store is known for the scheme; never a silent default, which would
+            e.g. put leases where the other nodes do not look.
+    """
+    scheme = url.partition("://")[0]
+    if scheme not in SCHEMES:
+        known = ", ".join(f"{name}://" for name in SCHEMES)
+        raise ConfigError(f"no object store is known for the URL scheme {scheme!r}", where=url,
+                          hint=f"Use one of {known}")
+    return importlib.import_module(SCHEMES[scheme])  # type: ignore[return-value]
+
+
+def lease_prefix(stack_source: str) -> str:
+    """Leases live beside the stack, never inside it: s3://b/conf/stack -> s3://b/conf/stack.rollout"""
+    return stack_source.rstrip("/") + ".rollout"
+
+
+def open_store(stack: "StackConfig", *, concurrency: Optional[int] = None) -> Store:
+    """The stack source and its leases on one client (concurrency: stack.concurrency unless given)."""
+    module = provider(stack.source)
+    client = module.client(stack.source, stack, concurrency or stack.concurrency)
+    return Store(source=module.Source(stack.source, client),
+                 leases=module.Leases(lease_prefix(stack.source), client))
+
+
 def open_source(url: str, stack: Optional["StackConfig"] = None, *,
                 concurrency: int = 16) -> StackSource:
-    """The provider for `url`'s scheme; cloud SDKs are imported only here, on first use."""
-    scheme = url.partition("://")[0]
-    endpoint = stack.endpoint_url if stack else None
-    region = stack.region if stack else None
-    ca_bundle = str(stack.ca_bundle) if stack and stack.ca_bundle else None
-    if scheme == "s3":
-        from quay_bootstrap.stores.s3 import S3Source
+    """The source at `url` with the stack's endpoint, region, CA bundle and timeouts."""
+    module = provider(url)
+    return module.Source(url, module.client(url, stack, concurrency))
 
-        return S3Source(url, endpoint_url=endpoint, region=region, ca_bundle=ca_bundle,
-                        concurrency=concurrency)
-    if scheme == "gs":
-        from quay_bootstrap.stores.gcs import GCSSource
 
-        return GCSSource(url, endpoint_url=endpoint, concurrency=concurrency)
-    if scheme == "file":
-        from quay_bootstrap.stores.file import FileSource
-
-        return FileSource(url)
-    raise ValueError(f"unsupported source scheme in {url!r}")
+def open_leases(stack: "StackConfig") -> LeaseStore:
+    """The lease store beside `stack.source`, with the same client settings as the source."""
+    url = lease_prefix(stack.source)
+    module = provider(url)
+    # Lease calls are one at a time: one pooled connection is enough.
+    return module.Leases(url, module.client(url, stack, 1))
 
 
 def open_object(url: str, stack: Optional["StackConfig"] = None) -> Tuple[StackSource, str]:
     """(the source holding one object's folder, the object's key) for a URL such as the lock's."""
     scheme, _, rest = url.partition("://")
+    provider(url)  # an unknown scheme is a ConfigError before anything else
     folder, _, key = rest.rstrip("/").rpartition("/")
     if scheme != "file" and "/" not in rest.strip("/"):
         raise ValueError(f"{url!r} names a bucket, not an object")

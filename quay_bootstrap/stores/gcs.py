@@ -1,8 +1,8 @@
-"""conf/stack from Google Cloud Storage, via google-cloud-storage and application default credentials."""
+"""Google Cloud Storage (google-cloud-storage, application default credentials): stack source and leases."""
 from __future__ import annotations
 
 import base64
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import google.api_core.exceptions as gexc
 import google.auth.exceptions
@@ -13,6 +13,9 @@ from google.cloud import storage
 from quay_bootstrap.errors import SourceError, TransientError
 from quay_bootstrap.stores import Download, ObjectInfo, split_bucket_url
 
+if TYPE_CHECKING:
+    from quay_bootstrap.config import StackConfig
+
 _TIMEOUT = (5, 30)  # connect, read: seconds
 _TRANSIENT = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
               gexc.ServiceUnavailable, gexc.GatewayTimeout, gexc.RequestRangeNotSatisfiable,
@@ -20,32 +23,44 @@ _TRANSIENT = (gexc.TooManyRequests, gexc.InternalServerError, gexc.BadGateway,
               requests.exceptions.ChunkedEncodingError, google.auth.exceptions.TransportError)
 
 
-class GCSSource:
-    """A prefix in a GCS bucket. STORAGE_EMULATOR_HOST is honoured, as by every Google client."""
+def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> storage.Client:
+    """A GCS client with the stack's endpoint and a connection pool for `concurrency` parallel
+    downloads; the source and the leases both use this. STORAGE_EMULATOR_HOST is honoured, as by
+    every Google client.
 
-    def __init__(self, url: str, *, endpoint_url: Optional[str] = None,
-                 concurrency: int = 16) -> None:
+    Raises:
+        SourceError: no application default credentials (`url` is where it says it happened).
+    """
+    endpoint_url = stack.endpoint_url if stack else None
+    options = {"api_endpoint": endpoint_url} if endpoint_url else None
+    try:
+        made = storage.Client(client_options=options)
+    except google.auth.exceptions.DefaultCredentialsError as err:
+        raise SourceError("no Google credentials found to read the stack", where=url,
+                          hint="Give the VM a service account that may read the bucket, "
+                               "or set GOOGLE_APPLICATION_CREDENTIALS") from err
+    # requests keeps 10 connections per host by default; parallel downloads beyond that
+    # would open and discard a connection each time (and warn about it).
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=concurrency)
+    for prefix in ("https://", "http://"):
+        made._http.mount(prefix, adapter)
+    return made
+
+
+class GCSSource:
+    """A prefix in a GCS bucket holding conf/stack."""
+
+    def __init__(self, url: str, client: storage.Client) -> None:
         self.url = url
         self.bucket_name, self.prefix = split_bucket_url(url)
-        options = {"api_endpoint": endpoint_url} if endpoint_url else None
-        try:
-            self._client = storage.Client(client_options=options)
-        except google.auth.exceptions.DefaultCredentialsError as err:
-            raise SourceError("no Google credentials found to read the stack", where=url,
-                              hint="Give the VM a service account that may read the bucket, "
-                                   "or set GOOGLE_APPLICATION_CREDENTIALS") from err
-        self._bucket = self._client.bucket(self.bucket_name)
-        # requests keeps 10 connections per host by default; parallel downloads beyond that
-        # would open and discard a connection each time (and warn about it).
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=concurrency)
-        for prefix in ("https://", "http://"):
-            self._client._http.mount(prefix, adapter)
+        self.client = client
+        self._bucket = client.bucket(self.bucket_name)
 
     def list(self) -> List[ObjectInfo]:
         objects = []
         try:
             # retry=None: the fetch retries with its own deadline.
-            for blob in self._client.list_blobs(self.bucket_name, prefix=self.prefix or None,
+            for blob in self.client.list_blobs(self.bucket_name, prefix=self.prefix or None,
                                                 timeout=_TIMEOUT, retry=None):
                 key = blob.name[len(self.prefix):]
                 if not key or key.endswith("/"):
@@ -107,3 +122,44 @@ class GCSSource:
         if isinstance(err, gexc.GoogleAPICallError):
             return SourceError(f"the object store refused the request: {err}", where=where)
         return err
+
+
+class GCSLeases:
+    """Lease objects under a prefix, written with GCS generation preconditions."""
+
+    def __init__(self, url: str, client: storage.Client) -> None:
+        self.url = url
+        bucket, self.prefix = split_bucket_url(url)
+        self.bucket = client.bucket(bucket)
+
+    def get(self, key: str) -> Optional[Tuple[bytes, str]]:
+        blob = self.bucket.blob(self.prefix + key)
+        try:
+            data = blob.download_as_bytes(timeout=_TIMEOUT, retry=None)
+        except gexc.NotFound:
+            return None
+        return data, str(blob.generation)
+
+    def create(self, key: str, data: bytes) -> bool:
+        return self._put(key, data, 0)
+
+    def replace(self, key: str, data: bytes, token: str) -> bool:
+        return self._put(key, data, int(token))
+
+    def delete(self, key: str) -> None:
+        try:
+            self.bucket.blob(self.prefix + key).delete(timeout=_TIMEOUT, retry=None)
+        except gexc.NotFound:
+            pass
+
+    def _put(self, key: str, data: bytes, generation: int) -> bool:
+        try:
+            self.bucket.blob(self.prefix + key).upload_from_string(
+                data, if_generation_match=generation, timeout=_TIMEOUT, retry=None)
+            return True
+        except gexc.PreconditionFailed:
+            return False
+
+
+# What the registry in stores/__init__.py looks up.
+Source, Leases = GCSSource, GCSLeases

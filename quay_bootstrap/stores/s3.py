@@ -1,9 +1,9 @@
-"""conf/stack from S3 and S3-compatible stores (Ceph RGW, MinIO, Swift's S3 API), via boto3."""
+"""S3 and S3-compatible stores (Ceph RGW, MinIO, Swift's S3 API) via boto3: stack source and leases."""
 from __future__ import annotations
 
 import base64
 import re
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import boto3
 import botocore.config
@@ -11,6 +11,9 @@ import botocore.exceptions
 
 from quay_bootstrap.errors import CorruptDownload, SourceError, TransientError
 from quay_bootstrap.stores import Download, ObjectInfo, split_bucket_url
+
+if TYPE_CHECKING:
+    from quay_bootstrap.config import StackConfig
 
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}$")
 _DENIED = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -25,41 +28,49 @@ _CONNECTION_FAULTS = (
 )
 # A body cut short: counted like a checksum mismatch (a few downloads, then refused).
 _TRUNCATED = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.IncompleteReadError)
+_LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+
+
+def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> Any:
+    """An S3 client with the stack's endpoint, region and CA bundle; credentials from boto3's
+    default chain (env, instance profile). The source and the leases both use this, so a store
+    behind a private CA or a picky S3-compatible server works for both or for neither."""
+    endpoint_url = stack.endpoint_url if stack else None
+    region = stack.region if stack else None
+    ca_bundle = str(stack.ca_bundle) if stack and stack.ca_bundle else None
+    options: Dict[str, Any] = dict(
+        max_pool_connections=concurrency,
+        connect_timeout=5,
+        read_timeout=30,
+        # Callers retry with their own deadline; botocore's retries would multiply it.
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        # S3-compatible stores rarely serve virtual-hosted bucket names.
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
+    )
+    try:
+        # Newer botocore sends request checksums that some S3-compatible stores reject;
+        # we verify every object ourselves.
+        config = botocore.config.Config(request_checksum_calculation="when_required",
+                                        response_checksum_validation="when_required",
+                                        **options)
+    except TypeError:
+        config = botocore.config.Config(**options)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
+                                          verify=ca_bundle, config=config)
 
 
 class S3Source:
-    """A prefix in an S3 bucket; credentials from boto3's default chain (env, instance profile)."""
+    """A prefix in an S3 bucket holding conf/stack."""
 
-    def __init__(self, url: str, *, endpoint_url: Optional[str] = None,
-                 region: Optional[str] = None, ca_bundle: Optional[str] = None,
-                 concurrency: int = 16) -> None:
+    def __init__(self, url: str, client: Any) -> None:
         self.url = url
         self.bucket, self.prefix = split_bucket_url(url)
-        options: Dict[str, Any] = dict(
-            max_pool_connections=concurrency,
-            connect_timeout=5,
-            read_timeout=30,
-            # The fetch retries with its own deadline; botocore's retries would multiply it.
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            # S3-compatible stores rarely serve virtual-hosted bucket names.
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
-        )
-        try:
-            # Newer botocore sends request checksums that some S3-compatible stores reject;
-            # we verify every object ourselves.
-            config = botocore.config.Config(request_checksum_calculation="when_required",
-                                            response_checksum_validation="when_required",
-                                            **options)
-        except TypeError:
-            config = botocore.config.Config(**options)
-        self._client = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, region_name=region, verify=ca_bundle,
-            config=config)
+        self.client = client
 
     def list(self) -> List[ObjectInfo]:
         objects = []
         try:
-            pages = self._client.get_paginator("list_objects_v2").paginate(
+            pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix)
             for page in pages:
                 for item in page.get("Contents", ()):
@@ -81,7 +92,7 @@ class S3Source:
     def read(self, obj: ObjectInfo) -> Download:
         key = self.prefix + obj.key
         try:
-            response = self._client.get_object(Bucket=self.bucket, Key=key,
+            response = self.client.get_object(Bucket=self.bucket, Key=key,
                                                IfMatch=f'"{obj.token}"', ChecksumMode="ENABLED")
             data = response["Body"].read()
         except botocore.exceptions.ClientError as err:
@@ -107,7 +118,7 @@ class S3Source:
     def get(self, key: str) -> bytes:
         full = self.prefix + key
         try:
-            return self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
         except botocore.exceptions.ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise SourceError("the object does not exist", where=f"s3://{self.bucket}/{full}",
@@ -138,6 +149,48 @@ class S3Source:
             return TransientError(f"{where}: {code or status} {error.get('Message', '')}")
         return SourceError(f"the object store refused to {action} the stack: {code} "
                            f"{error.get('Message', '')}".rstrip(), where=where)
+
+
+class S3Leases:
+    """Lease objects under a prefix, written with S3's conditional writes."""
+
+    def __init__(self, url: str, client: Any) -> None:
+        self.url = url
+        self.bucket, self.prefix = split_bucket_url(url)
+        self.client = client
+
+    def get(self, key: str) -> Optional[Tuple[bytes, str]]:
+        try:
+            got = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+            return got["Body"].read(), got["ETag"]
+        except botocore.exceptions.ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+
+    def create(self, key: str, data: bytes) -> bool:
+        return self._put(key, data, IfNoneMatch="*")
+
+    def replace(self, key: str, data: bytes, token: str) -> bool:
+        return self._put(key, data, IfMatch=token)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+
+    def _put(self, key: str, data: bytes, **condition: str) -> bool:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
+                                   **condition)
+            return True
+        except botocore.exceptions.ClientError as err:
+            # ConditionalRequestConflict: a concurrent conditional write to the same key.
+            if err.response.get("Error", {}).get("Code") in _LOST_RACE:
+                return False
+            raise
+
+
+# What the registry in stores/__init__.py looks up.
+Source, Leases = S3Source, S3Leases
 
 
 def _permanent(err: Exception, where: str) -> SourceError:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from quay_bootstrap.rollout import Budget, FileStore, LeaseBody, lease_prefix, may_take
+from quay_bootstrap.rollout import Budget, LeaseBody, may_take
+from quay_bootstrap.stores.file import FileLeases
 
 
 class MemoryStore:
@@ -92,13 +93,12 @@ def test_wait_uses_the_given_sleep():
     assert waits == [2.0]
 
 
-def test_leases_live_beside_the_stack_not_in_it():
-    assert lease_prefix("s3://b/conf/stack/") == "s3://b/conf/stack.rollout"
-
-
-def test_file_store_is_conditional(tmp_path):
-    store = FileStore(f"file://{tmp_path}/leases")
-    assert store.create("lease-0", b"a") and not store.create("lease-0", b"b")
-    data, token = store.get("lease-0")
-    assert store.replace("lease-0", b"c", token) and not store.replace("lease-0", b"d", token)
-    assert store.get("lease-0")[0] == b"c"
+def test_the_budget_on_directory_leases(tmp_path):
+    leases, clock = FileLeases(f"file://{tmp_path}/leases"), [0.0]
+    a = Budget(leases, "a", slots=1, ttl=10, clock=lambda: clock[0])
+    b = Budget(leases, "b", slots=1, ttl=10, clock=lambda: clock[0])
+    assert a.try_acquire() == 0 and b.try_acquire() is None
+    clock[0] = 11
+    assert b.try_acquire() == 0
+    a.release(0)
+    assert LeaseBody.decode(leases.get("lease-0")[0]).holder == "b"
