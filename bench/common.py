@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 if str(HERE.parent) not in sys.path:  # run as a script: the repository root is not on the path
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.append(str(HERE.parent))
 from tests.testbed import bed as testbed  # noqa: E402
 from tests.testbed import fake_quay, stacks  # noqa: E402
 
