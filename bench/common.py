@@ -27,8 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -38,7 +36,7 @@ RESULTS = HERE / "results"
 if str(HERE.parent) not in sys.path:  # run as a script: the repository root is not on the path
     sys.path.append(str(HERE.parent))
 from tests.testbed import bed as testbed  # noqa: E402
-from tests.testbed import fake_quay, stacks  # noqa: E402
+from tests.testbed import fake_quay, stacks  # noqa: E402, F401 - stacks: for the benchmarks
 
 HOST = "127.0.0.1"
 PREFIX = "conf/stack"
@@ -409,9 +407,6 @@ class Bed:
         path.mkdir(parents=True)
         os.chmod(path, 0o777)  # the fake Quay runs as 1001, like Quay
         return path
-
-    def daemon_cpu(self) -> float | None:
-        return cpu_seconds(*self.daemon_pids)
 
     def inspect(self, name: str) -> dict:
         return self.docker().api.inspect_container(name)

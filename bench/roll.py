@@ -192,7 +192,8 @@ def body(args, bed) -> dict:
     report += [f"| {what[side]} | {summary[side]['down_s']['median']:.3f} s | "
                f"{summary[side]['down_s']['min']:.3f} s | {summary[side]['down_s']['max']:.3f} s |"
                for side in SIDES]
-    report += ["", f"Goal: the agent adds {GOAL_EXTRA_S} s or less: {common.met(extra['floor'] <= GOAL_EXTRA_S)}"
+    report += ["", f"Goal: the agent adds {GOAL_EXTRA_S} s or less: "
+               f"{common.met(extra['floor'] <= GOAL_EXTRA_S)}"
                f" ({extra['floor']:+.3f} s over the CLI floor, {extra['floor_api']:+.3f} s over the "
                f"engine-API floor; per-round median {paired['floor_api']['median']:+.3f} s, max "
                f"{paired['floor_api']['max']:+.3f} s over the API floor). Inside the window the "
