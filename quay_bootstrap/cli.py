@@ -115,40 +115,15 @@ def _load(args: argparse.Namespace, redactor):
     return cfg
 
 
-def _store(cfg, redactor):
-    """The stack folder, with the live config.yaml's secrets registered for redaction."""
-    from quay_bootstrap.stack.store import StackStore
-    from quay_bootstrap.stack.validate import stack_secrets
-
-    owner = cfg.stack.uid_gid
-    if os.geteuid() != 0:
-        import structlog
-
-        structlog.get_logger(__name__).warning(
-            "stack.owner_ignored", owner=cfg.stack.owner,
-            reason="not running as root: the files keep this user's ownership")
-        owner = None
-    store = StackStore(cfg.stack.dir, owner)
-    current = store.current()
-    if current:
-        import yaml
-
-        try:
-            redactor.add(stack_secrets(yaml.safe_load(
-                (store.path(current) / "config.yaml").read_text())))
-        except (OSError, ValueError, yaml.YAMLError):
-            pass  # a live stack without a readable config.yaml holds no secrets we can find
-    return store
-
-
 def cmd_fetch(args: argparse.Namespace, redactor) -> int:
+    from quay_bootstrap.pipeline import open_stack_store
     from quay_bootstrap.stack.fetch import Fetcher
     from quay_bootstrap.stack.plan import Limits
     from quay_bootstrap.stores import open_source
 
     cfg = _load(args, redactor)
     stack = cfg.stack
-    store = _store(cfg, redactor)
+    store = open_stack_store(cfg, redactor.add)
     fetcher = Fetcher(source=open_source(stack.source, stack, concurrency=stack.concurrency),
                       store=store, limits=Limits(stack.max_files, stack.max_bytes),
                       concurrency=stack.concurrency, deadline=stack.retry_deadline,
@@ -171,7 +146,7 @@ def cmd_run(args: argparse.Namespace, redactor) -> int:
     cfg = _load(args, redactor)
     if not args.once:
         return _daemon(args, cfg, redactor)
-    one = Pass(cfg, _store(cfg, redactor), redactor.add)
+    one = Pass(cfg, redactor.add)
     try:
         outcome = one.run()
     finally:
@@ -195,8 +170,7 @@ def _daemon(args: argparse.Namespace, cfg, redactor) -> int:
 
     stop = threading.Event()
     cache: dict = {}  # clients shared by every pass of this daemon
-    daemon = Daemon(cfg, lambda c, sleep: Pass(c, _store(c, redactor), redactor.add, sleep=sleep,
-                                               cache=cache),
+    daemon = Daemon(cfg, lambda c, sleep: Pass(c, redactor.add, sleep=sleep, cache=cache),
                     stop, reload_config=lambda: _load(args, redactor))
     # Handlers only set flags; the loop does the work. SIGTERM leaves Quay running.
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())

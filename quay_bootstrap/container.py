@@ -1,6 +1,7 @@
 """How the Quay container runs: the desired spec and the reconcile decision (pure), and Docker (I/O)."""
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -116,6 +117,28 @@ def decide(found: Optional[Observed], desired: Spec, adopt_unmanaged: bool = Fal
     return Action("start", f"the container is {found.status}")
 
 
+def plan_restart(found: Optional[Observed], recreate: bool = False,
+                 exited: bool = False) -> Tuple[str, Tuple[str, ...]]:
+    """How the watchdog's restart is carried out, and the Docker events it will echo.
+
+    Returns (kind, echoes): kind is "refuse" (a stranger took Quay's name), "create",
+    "recreate", "none" (Docker's restart policy already brought an exited Quay back: a second
+    restart would double it), "restart" or "start".
+    """
+    if found is not None and found.labels.get(MANAGED) != "true":
+        return "refuse", ()
+    if found is None:
+        return "create", ("start",)
+    if recreate:
+        gone = ("die", "destroy") if found.status == "running" else ("destroy",)
+        return "recreate", gone + ("start",)
+    if found.status == "running" and exited:
+        return "none", ()
+    if found.status in ("running", "restarting", "paused"):
+        return "restart", ("die", "start")
+    return "start", ("start",)
+
+
 _PORT_IN_USE = re.compile(r"(?:Bind for |listen tcp\d? )(\S+?):? (?:failed|bind)")
 
 
@@ -187,6 +210,72 @@ class Docker:
                     item.name.startswith(f"{name}-previous-"):
                 log.info("container.remove_stale", name=item.name)
                 item.remove(force=True)
+
+    def restart_quay(self, spec: Spec, recreate: bool, exited: bool,
+                     expect: Callable[[Tuple[str, ...]], None]) -> Optional[str]:
+        """Carry out the watchdog's restart as plan_restart decides; `expect` hears the Docker
+        events the act will echo before it acts. Returns the new container's id when one was
+        created."""
+        found = self.find(spec.name)
+        kind, echoes = plan_restart(found, recreate, exited)
+        if kind == "refuse":
+            log.error("container.not_ours", name=spec.name,
+                      hint="a container quay-bootstrap did not create took Quay's name; it is "
+                           "left alone. Remove it, then restart quay-bootstrap")
+            return None
+        if kind == "none":
+            log.info("container.restarted_by_docker", name=spec.name)
+            return None
+        expect(echoes)
+        if kind in ("recreate", "create"):
+            if found is not None:
+                self.remove(found.id)
+            return self.create_and_start(spec)
+        if kind == "restart":
+            self.client.api.restart(found.id, timeout=spec.stop_timeout)
+        else:
+            self.start(found.id)
+        return None
+
+    def stop_quay(self, spec: Spec) -> None:
+        """Stop Quay gracefully, if the container under its name is ours."""
+        found = self.find(spec.name)
+        if found is not None and found.labels.get(MANAGED) == "true":
+            self.stop(found.id, spec.stop_timeout)
+
+    def age(self, container_id: str) -> float:
+        """Seconds since the container started (0 when unknown), so an adopted Quay is not
+        given a fresh start period."""
+        try:
+            text = self.client.api.inspect_container(container_id)["State"]["StartedAt"]
+            match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?", text)
+            started = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(
+                tzinfo=datetime.timezone.utc).timestamp() + float(match.group(2) or 0)
+        except Exception:  # noqa: BLE001 - unknown: a full start period
+            return 0.0
+        return max(time.time() - started, 0.0)
+
+    def watch(self, name: str, stop, on_event: Callable[[str, Optional[int]], None]) -> None:
+        """A thread's loop: calls `on_event(action, exit code)` for each of the container's die,
+        start and destroy events, as Docker streams them (a die is seen within milliseconds,
+        no polling). Reconnects when dockerd restarts; the loss is logged once, not every
+        second."""
+        from quay_bootstrap.periodic import Warnings
+
+        lost = Warnings("docker.events_lost")
+        while not stop.is_set():
+            try:
+                for event in self.client.events(
+                        decode=True, filters={"type": "container", "container": name}):
+                    lost.ok()
+                    action = event.get("status") or event.get("Action")
+                    attributes = event.get("Actor", {}).get("Attributes", {})
+                    if attributes.get("name") == name and action in ("die", "start", "destroy"):
+                        code = attributes.get("exitCode")
+                        on_event(action, int(code) if code else None)
+            except Exception as err:  # noqa: BLE001 - dockerd went away: reconnect
+                lost.warn(err)
+            stop.wait(1.0)
 
     def running(self, container_id: str) -> bool:
         try:

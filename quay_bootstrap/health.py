@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 
 QUICK_POLL = 0.05
 QUICK_SECONDS = 2.0
+# While waiting for the first 200 after a (re)start, probe often: Quay answers within a second
+# of being ready, and `run --once` should say so at once.
+START_POLL = 0.25
 
 
 @dataclass(frozen=True)
@@ -127,3 +130,63 @@ def wait_healthy(url: str, *, within: float, interval: float, timeout: float,
         # for a moment so "ready" is seen within milliseconds, then at `interval`.
         pace = QUICK_POLL if clock() - started < QUICK_SECONDS else interval
         sleep(min(pace, max(deadline - clock(), 0)))
+
+
+class Prober:
+    """The probe thread: probes on a fixed cadence and turns each answer into an observation.
+
+    A probe that hangs for `timeout` does not push the next one a whole `interval` later, so
+    detection stays within failure_threshold x interval + timeout. While Quay may still be
+    starting (`fast` set) it probes every START_POLL, to see "ready" at once; `wake` probes now.
+
+    Args:
+        settings: returns the live config (it changes on a roll or SIGHUP).
+        put: where observations go (the loop's queue).
+        stop: the agent's stop event.
+    """
+
+    def __init__(self, settings: Callable, put: Callable, stop, *,
+                 observe: Callable[[float], None] = lambda seconds: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        import threading
+
+        self.settings = settings
+        self.put = put
+        self.stop = stop
+        self.rds = None  # aws.Rds, made when `report.rds` is set and the database fails
+        self.observe = observe
+        self.clock = clock
+        self.fast = threading.Event()
+        self.fast.set()
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        from quay_bootstrap.watchdog import Probed
+
+        while not self.stop.is_set():
+            cfg = self.settings()
+            began = self.clock()
+            try:
+                result = probe(cfg.health.url, timeout=cfg.health.timeout,
+                               tls_verify=cfg.health.tls_verify, clock=self.clock)
+                self.observe(result.seconds)
+                # Like Quay's RDSAwareHealthCheck: ask RDS only when the database failed.
+                rds_down = bool(cfg.report.rds and not result.ok and
+                                result.services.get("database") is False and
+                                self._rds(cfg.report.rds).unavailable())
+                self.put(Probed(self.clock(), result.ok, tuple(sorted(result.services.items())),
+                                result.error, result.status, rds_down))
+            except Exception as err:  # noqa: BLE001 - a dead probe thread would freeze the watch
+                import structlog
+
+                structlog.get_logger(__name__).error("probe.failed", error=str(err))
+            pace = START_POLL if self.fast.is_set() else cfg.health.interval
+            self.wake.wait(max(0.0, pace - (self.clock() - began)))
+            self.wake.clear()
+
+    def _rds(self, settings):
+        if self.rds is None:
+            from quay_bootstrap.aws import Rds
+
+            self.rds = Rds(settings)
+        return self.rds

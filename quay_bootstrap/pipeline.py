@@ -10,7 +10,7 @@ import tenacity
 
 from quay_bootstrap import health
 from quay_bootstrap.config import Config
-from quay_bootstrap.container import STACK_VERSION, Action, Docker, Spec, build_spec, decide
+from quay_bootstrap.container import STACK_VERSION, Action, Docker, Observed, Spec, build_spec, decide
 from quay_bootstrap.errors import ContainerError, LockViolation, SourceError, TransientError, Unavailable
 from quay_bootstrap.image import ensure_image, registry_auth
 from quay_bootstrap.lock import Resolved, resolve
@@ -20,10 +20,6 @@ from quay_bootstrap.stack.store import StackStore
 from quay_bootstrap.stores import open_object, open_source
 
 log = structlog.get_logger(__name__)
-
-# While waiting for the first 200 after a (re)start, probe often: Quay answers within a second
-# of being ready, and `run --once` should say so at once.
-START_POLL = 0.25
 
 
 @dataclass
@@ -44,13 +40,25 @@ class Outcome:
     probe: Optional[health.Probe] = None
 
 
-@dataclass
-class Pass:
-    """Args: the agent config; the stack store; the redactor's `add`; a Docker factory."""
+@dataclass(frozen=True)
+class Live:
+    """What this node runs: the config it was made from, the container's spec and id, and the
+    stack version the container mounts."""
 
     cfg: Config
-    store: StackStore
+    spec: Spec
+    stack_version: str
+    container_id: str
+
+
+@dataclass
+class Pass:
+    """Args: the agent config; the redactor's `add`; the stack folder (default: the one
+    `cfg.stack.dir` names); a Docker factory."""
+
+    cfg: Config
     add_secrets: Callable
+    store: Optional[StackStore] = None
     docker_factory: Callable[[], Docker] = Docker
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
@@ -60,6 +68,12 @@ class Pass:
 
     def __post_init__(self) -> None:
         self.outcome = Outcome(healthy=False)  # filled step by step, even when a step fails
+        if self.store is None:
+            self.store = open_stack_store(self.cfg, self.add_secrets)
+
+    def live(self) -> Live:
+        """What the node runs after `run`."""
+        return Live(self.cfg, self.spec, self.outcome.stack_version, self.outcome.container_id)
 
     def run(self, wait_for_health: bool = True) -> Outcome:
         """The pass. Without `wait_for_health` it stops once the container runs (the daemon's
@@ -97,7 +111,7 @@ class Pass:
 
     def wait_healthy(self, container_id: str) -> health.Probe:
         return health.wait_healthy(
-            self.cfg.health.url, within=self.cfg.health.start_period, interval=START_POLL,
+            self.cfg.health.url, within=self.cfg.health.start_period, interval=health.START_POLL,
             timeout=self.cfg.health.timeout, tls_verify=self.cfg.health.tls_verify,
             still_running=lambda: self.docker.running(container_id), sleep=self.sleep,
             clock=self.clock)
@@ -127,16 +141,23 @@ class Pass:
     def _resolve(self) -> Resolved:
         return resolve_image(self.cfg, self.sleep, self.cache)
 
-    def reconcile(self, docker: Docker, spec: Spec) -> Tuple[Action, str]:
-        """Make the container `spec`; records the stack version it mounts as in use."""
-        action, container_id = self._reconcile(docker, spec)
+    def decide(self, spec: Spec) -> Tuple[Optional[Observed], Action]:
+        """What reconciling to `spec` would do, without doing it."""
+        found = self.docker.find(spec.name)
+        return found, decide(found, spec, self.cfg.container.adopt_unmanaged)
+
+    def reconcile(self, docker: Docker, spec: Spec,
+                  decided: Optional[Tuple[Optional[Observed], Action]] = None) -> Tuple[Action, str]:
+        """Make the container `spec` (with what `decide` found, when already asked); records
+        the stack version it mounts as in use."""
+        action, container_id = self._reconcile(docker, spec, decided)
         self.store.mark_in_use(spec.labels[STACK_VERSION])
         return action, container_id
 
-    def _reconcile(self, docker: Docker, spec: Spec) -> Tuple[Action, str]:
+    def _reconcile(self, docker: Docker, spec: Spec, decided) -> Tuple[Action, str]:
         docker.remove_stale_previous(spec.name)
-        found = docker.find(spec.name)
-        action = decide(found, spec, self.cfg.container.adopt_unmanaged)
+        found, action = decided or (docker.find(spec.name), None)
+        action = action or decide(found, spec, self.cfg.container.adopt_unmanaged)
         log.info("container.reconcile", action=action.kind, reason=action.reason,
                  name=spec.name)
         if action.kind == "refuse":
@@ -168,6 +189,31 @@ class Pass:
             raise
         docker.remove(old.id)
         return new_id
+
+
+def open_stack_store(cfg: Config, add_secrets: Callable) -> StackStore:
+    """The stack folder, with the live config.yaml's secrets registered for redaction before
+    anything about it can be logged."""
+    import os
+
+    import yaml
+
+    from quay_bootstrap.stack.validate import stack_secrets
+
+    owner = cfg.stack.uid_gid
+    if os.geteuid() != 0:
+        log.warning("stack.owner_ignored", owner=cfg.stack.owner,
+                    reason="not running as root: the files keep this user's ownership")
+        owner = None
+    store = StackStore(cfg.stack.dir, owner)
+    current = store.current()
+    if current:
+        try:
+            add_secrets(stack_secrets(yaml.safe_load(
+                (store.path(current) / "config.yaml").read_text())))
+        except (OSError, ValueError, yaml.YAMLError):
+            pass  # a live stack without a readable config.yaml holds no secrets we can find
+    return store
 
 
 def resolve_image(cfg: Config, sleep: Callable[[float], None] = time.sleep,

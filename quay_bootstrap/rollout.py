@@ -1,4 +1,5 @@
-"""The cluster's disruption budget: leases in the object store the cluster already has.
+"""Rolling a change across the cluster: the disruption budget (leases in the object store the
+cluster already has), the canary for a new image, and the roll of one node.
 
 At most `rollout.max_unavailable` nodes replace their Quay container at the same time. A node
 takes one of that many lease objects next to the stack with a conditional create (S3
@@ -9,13 +10,19 @@ expires, when the next node takes it over with a conditional overwrite of exactl
 from __future__ import annotations
 
 import json
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Set, Tuple
 
 import structlog
+
+from quay_bootstrap.container import IMAGE_DIGEST, SPEC_HASH, STACK_VERSION
+from quay_bootstrap.pipeline import Live
+
+if TYPE_CHECKING:
+    from quay_bootstrap.config import Config
+    from quay_bootstrap.pipeline import Pass
+    from quay_bootstrap.stores import LeaseStore
 
 log = structlog.get_logger(__name__)
 
@@ -39,164 +46,16 @@ class LeaseBody:
             return None  # unreadable: treated as expired, so it cannot block the cluster
 
 
-def lease_prefix(stack_source: str) -> str:
-    """Leases live beside the stack, never inside it: s3://b/conf/stack -> s3://b/conf/stack.rollout"""
-    return stack_source.rstrip("/") + ".rollout"
-
-
 def may_take(current: Optional[LeaseBody], me: str, now: float) -> bool:
     """Pure: whether a slot whose lease reads `current` can be taken by `me` at `now`."""
     return current is None or current.holder == me or current.expires <= now
-
-
-class Store:
-    """Conditional writes on one store. get -> (bytes, version token) or None; create and
-    replace return False when someone else got there first."""
-
-    def get(self, key: str) -> Optional[Tuple[bytes, str]]: ...
-    def create(self, key: str, data: bytes) -> bool: ...
-    def replace(self, key: str, data: bytes, token: str) -> bool: ...
-    def delete(self, key: str) -> None: ...
-
-
-class S3Store(Store):
-    def __init__(self, url: str, endpoint_url: Optional[str], region: Optional[str]) -> None:
-        import boto3
-
-        from quay_bootstrap.stores import split_bucket_url
-
-        self.bucket, self.prefix = split_bucket_url(url)
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url,
-                                                     region_name=region)
-
-    def get(self, key):
-        import botocore.exceptions
-
-        try:
-            got = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
-            return got["Body"].read(), got["ETag"]
-        except botocore.exceptions.ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise
-
-    def _put(self, key, data, **condition) -> bool:
-        import botocore.exceptions
-
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data,
-                                   **condition)
-            return True
-        except botocore.exceptions.ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed",
-                                                            "ConditionalRequestConflict", "412"):
-                return False
-            raise
-
-    def create(self, key, data):
-        return self._put(key, data, IfNoneMatch="*")
-
-    def replace(self, key, data, token):
-        return self._put(key, data, IfMatch=token)
-
-    def delete(self, key):
-        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
-
-
-class GCSStore(Store):
-    def __init__(self, url: str, endpoint_url: Optional[str]) -> None:
-        from google.cloud import storage
-
-        from quay_bootstrap.stores import split_bucket_url
-
-        bucket, self.prefix = split_bucket_url(url)
-        options = {"api_endpoint": endpoint_url} if endpoint_url else None
-        self.bucket = storage.Client(client_options=options).bucket(bucket)
-
-    def get(self, key):
-        from google.api_core.exceptions import NotFound
-
-        blob = self.bucket.blob(self.prefix + key)
-        try:
-            data = blob.download_as_bytes()
-        except NotFound:
-            return None
-        return data, str(blob.generation)
-
-    def _put(self, key, data, generation) -> bool:
-        from google.api_core.exceptions import PreconditionFailed
-
-        try:
-            self.bucket.blob(self.prefix + key).upload_from_string(
-                data, if_generation_match=generation)
-            return True
-        except PreconditionFailed:
-            return False
-
-    def create(self, key, data):
-        return self._put(key, data, 0)
-
-    def replace(self, key, data, token):
-        return self._put(key, data, int(token))
-
-    def delete(self, key):
-        from google.api_core.exceptions import NotFound
-
-        try:
-            self.bucket.blob(self.prefix + key).delete()
-        except NotFound:
-            pass
-
-
-class FileStore(Store):
-    def __init__(self, url: str) -> None:
-        self.root = Path("/" + url.partition("://")[2].lstrip("/"))
-
-    def get(self, key):
-        try:
-            path = self.root / key
-            return path.read_bytes(), str(path.stat().st_mtime_ns)
-        except FileNotFoundError:
-            return None
-
-    def create(self, key, data):
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.root / key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        return True
-
-    def replace(self, key, data, token):
-        got = self.get(key)
-        if got is None or got[1] != token:
-            return False
-        tmp = self.root / f".{key}.{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.root / key)
-        return True
-
-    def delete(self, key):
-        (self.root / key).unlink(missing_ok=True)
-
-
-def open_store(stack) -> Store:
-    """The lease store beside `stack.source`, with the stack's endpoint and credentials."""
-    url = lease_prefix(stack.source)
-    if url.startswith("s3://"):
-        return S3Store(url, stack.endpoint_url, stack.region)
-    if url.startswith("gs://"):
-        return GCSStore(url, stack.endpoint_url)
-    return FileStore(url)
 
 
 @dataclass
 class Budget:
     """Args: the lease store; this node's name; how many slots; lease lifetime in seconds."""
 
-    store: Store
+    store: LeaseStore
     me: str
     slots: int
     ttl: float
@@ -224,7 +83,11 @@ class Budget:
         """Wait for a slot (sleep is the daemon's stop-aware sleep, so SIGTERM ends the wait)."""
         waited = False
         while True:
-            slot = self.try_acquire(reason)
+            try:
+                slot = self.try_acquire(reason)
+            except Exception as err:  # noqa: BLE001 - the store blinked: ask again after `poll`
+                log.warning("rollout.lease_store_failed", error=str(err))
+                slot = None
             if slot is not None:
                 log.info("rollout.lease_acquired", slot=slot, holder=self.me, reason=reason)
                 return slot
@@ -234,10 +97,170 @@ class Budget:
             sleep(poll)
 
     def release(self, slot: int) -> None:
+        """Give the slot back; a store that keeps failing leaves it to expire after `ttl`."""
+        import tenacity
+
         key = f"lease-{slot}"
-        got = self.store.get(key)
-        if got is not None:
-            current = LeaseBody.decode(got[0])
-            if current is None or current.holder == self.me:
-                self.store.delete(key)
+        try:
+            for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(3),
+                                             wait=tenacity.wait_random_exponential(max=2),
+                                             reraise=True):
+                with attempt:
+                    got = self.store.get(key)
+                    current = None if got is None else LeaseBody.decode(got[0])
+                    if got is not None and (current is None or current.holder == self.me):
+                        self.store.delete(key)
+        except Exception as err:  # noqa: BLE001 - the lease expires by itself
+            log.error("rollout.lease_release_failed", slot=slot, error=str(err),
+                      note=f"the other nodes wait until it expires ({self.ttl:g}s)")
+            return
         log.info("rollout.lease_released", slot=slot, holder=self.me)
+
+
+@dataclass(frozen=True)
+class Rolled:
+    """What a roll did. `live` is what the node runs afterwards when the container changed
+    (applied, or rolled back); `cfg` the config to watch with from now on, when it changed."""
+
+    result: str  # unchanged, skipped, rejected, stopped, applied, rolled back
+    live: Optional[Live] = None
+    cfg: Optional[Config] = None
+    change: Optional[Dict[str, str]] = None  # for the status board's last_change
+
+
+class Roll:
+    """Applies a changed stack, image or spec to this node within the cluster's budget:
+    everything fetched, validated and pulled first, then (for a new image) the canary gate,
+    then a lease, stop + start, and healthy within start_period or back to the previous stack
+    and image. A version that rolled back is not tried again until the source changes.
+
+    Args:
+        open_leases: the lease store for a `stack` config (stores.open_leases).
+        me: this node's name in leases and the canary record.
+        sleep: the daemon's stop-aware sleep: SIGTERM ends every wait.
+        clock: wall-clock seconds (leases and the canary record are compared across nodes).
+    """
+
+    def __init__(self, open_leases: Callable, me: str, sleep: Callable[[float], None],
+                 clock: Callable[[], float] = time.time, poll: float = 2.0) -> None:
+        self.open_leases = open_leases
+        self.me = me
+        self.sleep = sleep
+        self.clock = clock
+        self.poll = poll
+        self.rejected: Set[Tuple[str, str, str]] = set()  # (stack, image, spec)
+        self._leases: Dict[tuple, LeaseStore] = {}
+
+    def apply(self, one: Pass, live: Live, why: str) -> Rolled:
+        cfg = one.cfg
+        spec = one.prepare()  # fetched, validated, pulled: Quay is untouched so far
+        decided = one.decide(spec)
+        action = decided[1]
+        key = (spec.labels[STACK_VERSION], spec.labels[IMAGE_DIGEST], spec.labels[SPEC_HASH])
+        if action.kind == "adopt":
+            log.debug("rollout.unchanged", why=why)
+            return Rolled("unchanged", cfg=cfg)
+        if action.kind != "replace":  # missing, stopped or not ours: the watchdog's business
+            log.info("rollout.skipped", why=why, action=action.kind, reason=action.reason)
+            return Rolled("skipped")
+        if key in self.rejected:
+            one.store.switch_current(live.stack_version)
+            log.debug("rollout.still_rejected", version=key[0][:12], image=key[1])
+            return Rolled("rejected")
+        leases = self._leases_for(cfg.stack)
+        canary = None
+        if spec.labels[IMAGE_DIGEST] != live.spec.labels[IMAGE_DIGEST]:
+            canary = self._canary_gate(leases, spec.labels[IMAGE_DIGEST], cfg.rollout.lease_ttl)
+            if canary == "stop":
+                self.rejected.add(key)
+                one.store.switch_current(live.stack_version)
+                return Rolled("stopped")
+        budget = Budget(leases, self.me, cfg.rollout.max_unavailable, cfg.rollout.lease_ttl,
+                        self.clock)
+        slot = budget.acquire(f"{why}: {action.reason}", self.sleep, self.poll)
+        try:
+            log.info("rollout.replacing", why=why, reason=action.reason,
+                     canary=canary == "canary", version=key[0], image=key[1])
+            _, container_id = one.reconcile(one.docker, spec, decided)
+            probe = one.wait_healthy(container_id)
+            if probe.ok:
+                one.store.mark_known_good(key[0])
+                self._canary_done(leases, canary, spec.labels[IMAGE_DIGEST], "healthy")
+                log.info("rollout.applied", why=why, version=key[0], image=key[1])
+                return Rolled("applied", Live(cfg, spec, key[0], container_id), cfg,
+                              {"why": why, "result": "applied", "version": key[0],
+                               "image": key[1]})
+            log.error("rollout.rolling_back", why=why, version=key[0], image=key[1],
+                      error=probe.error, services=probe.services)
+            self.rejected.add(key)
+            self._canary_done(leases, canary, spec.labels[IMAGE_DIGEST], "failed")
+            one.store.switch_current(live.stack_version)
+            _, container_id = one.reconcile(one.docker, live.spec)
+            back = one.wait_healthy(container_id)
+            log.warning("rollout.rolled_back", version=live.stack_version, healthy=back.ok,
+                        rejected=key[0], note="not retried until the source changes again")
+            return Rolled("rolled back", replace(live, container_id=container_id), live.cfg,
+                          {"why": why, "result": "rolled back", "rejected_version": key[0],
+                           "rejected_image": key[1], "error": probe.error})
+        finally:
+            budget.release(slot)
+
+    def _leases_for(self, stack) -> LeaseStore:
+        where = (stack.source, stack.endpoint_url, stack.region, stack.ca_bundle)
+        if where not in self._leases:
+            self._leases[where] = self.open_leases(stack)
+        return self._leases[where]
+
+    def _canary_gate(self, leases: LeaseStore, digest: str, ttl: float) -> str:
+        """A new image: Quay migrates its database on the first start of a new version, so one
+        node (the first to claim the upgrade record) goes first; the rest wait for its verdict.
+        Returns "canary", "go" (the canary is healthy) or "stop" (it failed)."""
+        waited = False
+        while True:
+            got = leases.get("upgrade")
+            record = _json(got[0]) if got else None
+            now = self.clock()
+            stale = record is not None and record.get("state") == "rolling" and \
+                now - float(record.get("since", 0)) > ttl
+            if record is None or record.get("image") != digest or stale:
+                body = self._record(digest, "rolling")
+                claimed = leases.create("upgrade", body) if got is None else \
+                    leases.replace("upgrade", body, got[1])
+                if claimed:
+                    log.info("rollout.canary", image=digest, node=self.me)
+                    return "canary"
+                continue
+            if record.get("state") == "healthy":
+                return "go"
+            if record.get("state") == "failed":
+                log.error("rollout.stopped", image=digest, canary=record.get("canary"),
+                          note="the canary failed on this image and rolled back; fix it and "
+                               "change the lock again")
+                return "stop"
+            if record.get("canary") == self.me:
+                return "canary"  # this agent restarted mid-upgrade
+            if not waited:
+                log.info("rollout.waiting_for_canary", image=digest, canary=record.get("canary"))
+                waited = True
+            self.sleep(self.poll)
+
+    def _canary_done(self, leases: LeaseStore, canary: Optional[str], digest: str,
+                     state: str) -> None:
+        if canary != "canary":
+            return
+        got = leases.get("upgrade")
+        body = self._record(digest, state)
+        if got is None or not leases.replace("upgrade", body, got[1]):
+            leases.create("upgrade", body)
+
+    def _record(self, digest: str, state: str) -> bytes:
+        return json.dumps({"image": digest, "canary": self.me, "state": state,
+                           "since": self.clock()}).encode()
+
+
+def _json(data: bytes):
+    try:
+        value = json.loads(data.decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -67,12 +67,46 @@ class Tick:
     at: float
 
 
+@dataclass(frozen=True)
+class Applied:
+    """A pass or a roll put Quay's container in place (or adopted it): a fresh watch begins.
+
+    `started_at`: when the container started (an adopted one keeps its age, so it is not given
+    a fresh start period). Docker events up to `quiet_until` were caused by the change itself.
+    """
+
+    at: float
+    started_at: float
+    quiet_until: float
+
+
+@dataclass(frozen=True)
+class Expect:
+    """The agent is about to act on the container itself: each of `kinds` ("die", "start",
+    "destroy") is an echo of that act, consumed once, until `until`; with `everything`, every
+    event up to `until` is (a roll that failed, a drain)."""
+
+    at: float
+    until: float
+    kinds: Tuple[str, ...] = ()
+    everything: bool = False
+
+
+@dataclass(frozen=True)
+class RestartFailed:
+    """Docker refused the restart; it is due again at the next tick."""
+
+    at: float
+    reason: str
+
+
 # --- actions --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Restart:
     reason: str
     recreate: bool = False
+    exited: bool = False  # caused by a die event: Docker's restart policy may already have acted
 
 
 @dataclass(frozen=True)
@@ -88,6 +122,11 @@ class ClearUnhealthy:
 @dataclass(frozen=True)
 class Ready:
     """The first healthy verdict since the agent started (systemd READY=1)."""
+
+
+@dataclass(frozen=True)
+class MarkKnownGood:
+    """Quay answered healthy on the stack it mounts: the one to go back to."""
 
 
 @dataclass(frozen=True)
@@ -111,12 +150,16 @@ class State:
     backoff: float = 0.0  # wait before the next restart; 0 = at once
     pending: Optional[str] = None  # why a restart is due
     recreate: bool = False
+    exited: bool = False
     marked: bool = False
     ready: bool = False
     healthy_since: Optional[float] = None
     last_reminder: float = 0.0
     last_probe: Optional[Probed] = None
     container_up: bool = True
+    # Docker events the agent's own acts will cause: (kind, until), each consumed once.
+    echoes: Tuple[Tuple[str, float], ...] = ()
+    quiet_until: float = float("-inf")
 
     def restart_due_at(self) -> Optional[float]:
         if self.pending is None:
@@ -127,12 +170,38 @@ class State:
 REMINDER_EVERY = 300.0
 
 
+_EVENT_KINDS = {Died: "die", Started: "start", Missing: "destroy"}
+
+
+def from_docker(action: str, exit_code: Optional[int], at: float):
+    """The observation for one of Docker's container events (die, start, destroy)."""
+    if action == "die":
+        return Died(at, exit_code)
+    return Started(at) if action == "start" else Missing(at)
+
+
 def step(state: State, seen, policy: Policy) -> Tuple[State, List]:
     """Feed one observation; get the next state and what to do."""
     if isinstance(seen, Probed):
         return _probed(replace(state, last_probe=seen), seen, policy)
+    if type(seen) in _EVENT_KINDS:
+        state, echo = _consume_echo(state, seen)
+        if echo:
+            return state, []
+    if isinstance(seen, Applied):
+        return replace(state, started_at=seen.started_at, phase="starting", since=seen.at,
+                       container_up=True, successes=0, failures=0, pending=None,
+                       recreate=False, exited=False, echoes=(),
+                       quiet_until=seen.quiet_until), []
+    if isinstance(seen, Expect):
+        if seen.everything:
+            return replace(state, quiet_until=max(state.quiet_until, seen.until)), []
+        return replace(state, echoes=state.echoes + tuple((k, seen.until) for k in seen.kinds)), []
+    if isinstance(seen, RestartFailed):
+        return replace(state, pending=seen.reason), [
+            Log("container.restart_failed", "error", (("error", seen.reason),))]
     if isinstance(seen, Died):
-        return _fail(replace(state, container_up=False), seen.at, policy,
+        return _fail(replace(state, container_up=False, exited=True), seen.at, policy,
                      f"the container exited (code {seen.exit_code})")
     if isinstance(seen, Missing):
         return _fail(replace(state, container_up=False, recreate=True), seen.at, policy,
@@ -140,6 +209,19 @@ def step(state: State, seen, policy: Policy) -> Tuple[State, List]:
     if isinstance(seen, Started):
         return _started(state, seen.at, policy)
     return _tick(state, seen.at, policy)
+
+
+def _consume_echo(state: State, seen) -> Tuple[State, bool]:
+    """Whether a Docker event is the echo of the agent's own act; a real crash right after a
+    restart is not one of the expected echoes and still counts."""
+    if seen.at <= state.quiet_until:
+        return state, True
+    kind = _EVENT_KINDS[type(seen)]
+    echoes = tuple((k, until) for k, until in state.echoes if until >= seen.at)
+    for index, (expected, _) in enumerate(echoes):
+        if expected == kind:
+            return replace(state, echoes=echoes[:index] + echoes[index + 1:]), True
+    return replace(state, echoes=echoes), False
 
 
 def _probed(state: State, probe: Probed, policy: Policy) -> Tuple[State, List]:
@@ -153,6 +235,7 @@ def _probed(state: State, probe: Probed, policy: Policy) -> Tuple[State, List]:
             state = replace(state, phase="starting", since=now)
         if successes >= policy.success_threshold and state.phase != "healthy":
             actions.append(Log("health.healthy", fields=(("after", state.phase),)))
+            actions.append(MarkKnownGood())
             if state.marked:
                 actions.append(ClearUnhealthy())
             if not state.ready:
@@ -211,7 +294,7 @@ def _tick(state: State, now: float, policy: Policy) -> Tuple[State, List]:
     due = state.restart_due_at()
     if due is None or now < due:
         return state, []
-    action = Restart(state.pending or "", recreate=state.recreate)
+    action = Restart(state.pending or "", recreate=state.recreate, exited=state.exited)
     new, actions = _restarted(state, now, policy)
     return new, [action, *actions]
 
@@ -229,7 +312,7 @@ def _restarted(state: State, now: float, policy: Policy) -> Tuple[State, List]:
     backoff = policy.backoff_max if marked else min(
         max(state.backoff * 2, policy.backoff_initial), policy.backoff_max)
     return replace(state, restarts=restarts, last_restart=now, backoff=backoff, pending=None,
-                   recreate=False, started_at=now, failures=0, successes=0, marked=marked,
+                   recreate=False, exited=False, started_at=now, failures=0, successes=0, marked=marked,
                    phase="starting", since=now, container_up=True), actions
 
 

@@ -5,18 +5,23 @@ from __future__ import annotations
 import pytest
 
 from quay_bootstrap.watchdog import (
+    Applied,
     ClearUnhealthy,
     Died,
+    Expect,
     Log,
+    MarkKnownGood,
     MarkUnhealthy,
     Missing,
     Policy,
     Probed,
     Ready,
     Restart,
+    RestartFailed,
     Started,
     State,
     Tick,
+    from_docker,
     step,
 )
 
@@ -35,7 +40,7 @@ def run(events, state=None, policy=POLICY):
     done = []
     for event in events:
         state, actions = step(state, event, policy)
-        done += [(event.at, a) for a in actions if not isinstance(a, Log)]
+        done += [(event.at, a) for a in actions if not isinstance(a, (Log, MarkKnownGood))]
     return state, done
 
 
@@ -71,7 +76,7 @@ def test_a_success_in_between_resets_the_count():
 
 def test_a_container_exit_always_counts_even_while_starting():
     state, done = run([Died(3, exit_code=137)])
-    assert done == [(3, Restart("the container exited (code 137)"))]
+    assert done == [(3, Restart("the container exited (code 137)", exited=True))]
 
 
 def test_backoff_doubles_to_the_maximum_and_restarts_wait_for_it():
@@ -168,3 +173,78 @@ def test_backoff_resets_after_ten_minutes_healthy():
     assert state.backoff == 10
     state, _ = run([ok(700)], state)
     assert state.backoff == 0 and state.restarts == ()
+
+
+# --- what the daemon used to decide itself: echoes of its own acts, applied changes ---------
+
+def test_healthy_marks_the_stack_known_good_once_per_episode():
+    state, actions = State(started_at=0.0), []
+    for event in [ok(5), ok(15), bad(40), bad(50), bad(60), ok(70), ok(80)]:
+        state, more = step(state, event, POLICY)
+        actions += [(event.at, a) for a in more if isinstance(a, MarkKnownGood)]
+    # Once on the first healthy answer, once again when healthy after the restart.
+    assert actions == [(5, MarkKnownGood()), (70, MarkKnownGood())]
+
+
+def test_echo_of_our_own_restart_is_consumed_once_and_a_real_crash_after_it_counts():
+    state, _ = run([ok(5)])
+    state, _ = step(state, Expect(10, until=50, kinds=("die", "start")), POLICY)
+    state, done = run([Died(11, 137), Started(12)], state)
+    assert done == [] and state.restarts == () and state.echoes == ()
+    # The expected echoes are used up: the next die is a real crash.
+    state, done = run([Died(13, 1)], state)
+    assert done == [(13, Restart("the container exited (code 1)", exited=True))]
+
+
+def test_unconsumed_echoes_expire():
+    state, _ = run([ok(5)])
+    state, _ = step(state, Expect(10, until=20, kinds=("die",)), POLICY)
+    state, done = run([Died(25, 1)], state)
+    assert [a for _, a in done] == [Restart("the container exited (code 1)", exited=True)]
+
+
+@pytest.mark.parametrize("event", [Died(15, 0), Started(15), Missing(15)])
+def test_everything_until_the_end_of_a_roll_is_the_roll_s_own(event):
+    state, _ = run([ok(5)])
+    state, _ = step(state, Expect(10, until=16, everything=True), POLICY)
+    after, done = step(state, event, POLICY)
+    assert done == [] and after == state
+
+
+def test_a_drain_silences_every_later_event():
+    state, _ = run([ok(5)])
+    state, _ = step(state, Expect(10, until=float("inf"), everything=True), POLICY)
+    state, done = run([Died(1e6, 0), Missing(1e6 + 1)], state)
+    assert done == [] and state.phase == "healthy"
+
+
+def test_applied_starts_a_fresh_watch_with_the_container_s_age():
+    state, _ = run([ok(5), bad(40), bad(50)])
+    assert state.failures == 2
+    # An adopted container that started 100 s ago gets no fresh start period.
+    state, done = step(state, Applied(200, started_at=100, quiet_until=201), POLICY)
+    assert done == [] and state.phase == "starting" and state.failures == 0
+    state, done = run([bad(202), bad(210), bad(220)], state)
+    assert [a for _, a in done] == [Restart("3 failed probes: HTTP 503")]
+
+
+def test_applied_silences_the_change_s_own_events():
+    state, _ = step(State(), Applied(10, started_at=10, quiet_until=11), POLICY)
+    state, done = run([Died(10.5, 0), Started(10.6)], state)
+    assert done == [] and state.restarts == ()
+
+
+def test_a_failed_restart_is_due_again_at_the_next_tick():
+    state, _ = run([ok(5), bad(40), bad(50), bad(60)])
+    state, actions = step(state, RestartFailed(61, "dockerd is gone"), POLICY)
+    assert state.pending == "dockerd is gone"
+    assert [a.event for a in actions if isinstance(a, Log)] == ["container.restart_failed"]
+    state, done = run([Tick(61 + POLICY.backoff_initial)], state)
+    assert [a for _, a in done] == [Restart("dockerd is gone")]
+
+
+@pytest.mark.parametrize("action, code, expected", [
+    ("die", 137, Died(1.0, 137)), ("die", None, Died(1.0, None)),
+    ("start", None, Started(1.0)), ("destroy", None, Missing(1.0))])
+def test_docker_events_become_observations(action, code, expected):
+    assert from_docker(action, code, 1.0) == expected

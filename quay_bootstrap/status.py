@@ -1,24 +1,19 @@
-"""How the node's health is reported: the agent's own endpoint and metrics, the Auto Scaling
-group, an operator's command, and systemd."""
+"""What the agent tells the world about this node: the status board (persisted to the state file),
+the /healthz /status /metrics endpoint, and systemd's sd_notify."""
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
-import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import structlog
 
 log = structlog.get_logger(__name__)
-
-IMDS_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
-IMDS_DEFAULT = "http://169.254.169.254/"
-
 
 class Board:
     """What the agent knows, shared by the loop (writer) and the endpoint (reader)."""
@@ -133,83 +128,6 @@ def _handler(board: Board):
     return Handler
 
 
-def imds_get(path: str, environ=os.environ, timeout: float = 1.0) -> Optional[str]:
-    """GET an IMDSv2 path (a session token first), or None when no metadata service answers.
-
-    The address honours AWS_EC2_METADATA_SERVICE_ENDPOINT, the AWS SDKs' standard setting.
-    """
-    base = environ.get(IMDS_ENV, IMDS_DEFAULT).rstrip("/")
-    try:
-        token_req = urllib.request.Request(f"{base}/latest/api/token", method="PUT", headers={
-            "X-aws-ec2-metadata-token-ttl-seconds": "300"})
-        with urllib.request.urlopen(token_req, timeout=timeout) as response:
-            token = response.read().decode()
-        request = urllib.request.Request(f"{base}{path}",
-                                         headers={"X-aws-ec2-metadata-token": token})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read().decode().strip() or None
-    except OSError:
-        return None
-
-
-def instance_id(environ=os.environ, timeout: float = 1.0) -> Optional[str]:
-    """This instance's id from IMDSv2, or None when no metadata service answers."""
-    return imds_get("/latest/meta-data/instance-id", environ, timeout)
-
-
-class AutoScaling:
-    """Marks this instance Unhealthy in its Auto Scaling group, so the group replaces it."""
-
-    def __init__(self, mode, region: Optional[str] = None,
-                 id_lookup: Callable[[], Optional[str]] = instance_id) -> None:
-        self.mode = mode
-        self.region = region
-        self._id_lookup = id_lookup
-
-    def mark_unhealthy(self, reason: str) -> bool:
-        if self.mode is False:
-            return False
-        import boto3
-        import tenacity
-
-        instance = self._id_lookup()
-        if not instance:
-            if self.mode is True:
-                log.error("autoscaling.no_instance_id",
-                          hint=f"report.autoscaling is true but IMDSv2 did not answer; check "
-                               f"{IMDS_ENV} and the instance's metadata options")
-            return False
-        client = boto3.client("autoscaling", region_name=self.region)
-        found = client.describe_auto_scaling_instances(InstanceIds=[instance])
-        if not found.get("AutoScalingInstances"):
-            log.info("autoscaling.not_in_a_group", instance=instance)
-            return False
-        for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(5),
-                                         wait=tenacity.wait_random_exponential(max=10),
-                                         reraise=True):
-            with attempt:
-                client.set_instance_health(InstanceId=instance, HealthStatus="Unhealthy",
-                                           ShouldRespectGracePeriod=False)
-        log.warning("autoscaling.marked_unhealthy", instance=instance, reason=reason)
-        return True
-
-
-def run_command(argv: Optional[List[str]], reason: str, timeout: float = 120) -> Optional[int]:
-    """report.on_unhealthy: run without a shell, the reason in QUAY_BOOTSTRAP_REASON."""
-    if not argv:
-        return None
-    env = {**os.environ, "QUAY_BOOTSTRAP_REASON": reason}
-    try:
-        done = subprocess.run(argv, env=env, timeout=timeout, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        log.error("on_unhealthy.failed", command=argv, error=str(err))
-        return None
-    log.warning("on_unhealthy.ran", command=argv, exit_code=done.returncode,
-                output=(done.stdout + done.stderr)[-2000:])
-    return done.returncode
-
-
 class Systemd:
     """sd_notify; a silent no-op outside systemd (no NOTIFY_SOCKET)."""
 
@@ -224,3 +142,34 @@ class Systemd:
         from systemd import daemon
 
         daemon.notify("\n".join(lines))
+
+    @contextlib.contextmanager
+    def keepalive(self) -> Iterator[None]:
+        """Keep systemd's watchdog fed while the loop does something long (a pass, a restart
+        with its stop timeout); each of those is bounded by its own deadline."""
+        done = threading.Event()
+        if self.watchdog_every:
+            threading.Thread(target=self._ping_until, args=(done,), daemon=True).start()
+        try:
+            yield
+        finally:
+            done.set()
+
+    def _ping_until(self, done: threading.Event) -> None:
+        while not done.wait(self.watchdog_every):
+            self.notify("WATCHDOG=1")
+
+
+def publish(board: Board, systemd: Systemd, state) -> None:
+    """The watchdog's state on the board and in systemd's status line."""
+    probe = state.last_probe
+    board.update(
+        state=state.phase, consecutive_failures=state.failures,
+        restarts_in_window=len(state.restarts), backoff_seconds=state.backoff,
+        last_probe=None if probe is None else {
+            "ok": probe.ok, "status": probe.status, "error": probe.error,
+            "services": dict(probe.services)})
+    line = f"STATUS={state.phase}"
+    if probe is not None and not probe.ok:
+        line += f": {probe.error}"
+    systemd.notify(line)

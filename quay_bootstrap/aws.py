@@ -1,0 +1,217 @@
+"""AWS, where the node runs on it: IMDSv2, the Auto Scaling group's health record and lifecycle
+hooks, and RDS's view of the database. boto3 is imported only when a call is made."""
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from typing import Callable, Optional
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+IMDS_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+IMDS_DEFAULT = "http://169.254.169.254/"
+
+
+def imds_get(path: str, environ=os.environ, timeout: float = 1.0) -> Optional[str]:
+    """GET an IMDSv2 path (a session token first), or None when no metadata service answers.
+
+    The address honours AWS_EC2_METADATA_SERVICE_ENDPOINT, the AWS SDKs' standard setting.
+    """
+    base = environ.get(IMDS_ENV, IMDS_DEFAULT).rstrip("/")
+    try:
+        token_req = urllib.request.Request(f"{base}/latest/api/token", method="PUT", headers={
+            "X-aws-ec2-metadata-token-ttl-seconds": "300"})
+        with urllib.request.urlopen(token_req, timeout=timeout) as response:
+            token = response.read().decode()
+        request = urllib.request.Request(f"{base}{path}",
+                                         headers={"X-aws-ec2-metadata-token": token})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read().decode().strip() or None
+    except OSError:
+        return None
+
+
+def instance_id(environ=os.environ, timeout: float = 1.0) -> Optional[str]:
+    """This instance's id from IMDSv2, or None when no metadata service answers."""
+    return imds_get("/latest/meta-data/instance-id", environ, timeout)
+
+
+class AutoScaling:
+    """Marks this instance Unhealthy in its Auto Scaling group, so the group replaces it."""
+
+    def __init__(self, mode, region: Optional[str] = None,
+                 id_lookup: Callable[[], Optional[str]] = instance_id) -> None:
+        self.mode = mode
+        self.region = region
+        self._id_lookup = id_lookup
+
+    def mark_unhealthy(self, reason: str) -> bool:
+        if self.mode is False:
+            return False
+        import boto3
+        import tenacity
+
+        instance = self._id_lookup()
+        if not instance:
+            if self.mode is True:
+                log.error("autoscaling.no_instance_id",
+                          hint=f"report.autoscaling is true but IMDSv2 did not answer; check "
+                               f"{IMDS_ENV} and the instance's metadata options")
+            return False
+        client = boto3.client("autoscaling", region_name=self.region)
+        found = client.describe_auto_scaling_instances(InstanceIds=[instance])
+        if not found.get("AutoScalingInstances"):
+            log.info("autoscaling.not_in_a_group", instance=instance)
+            return False
+        for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(5),
+                                         wait=tenacity.wait_random_exponential(max=10),
+                                         reraise=True):
+            with attempt:
+                client.set_instance_health(InstanceId=instance, HealthStatus="Unhealthy",
+                                           ShouldRespectGracePeriod=False)
+        log.warning("autoscaling.marked_unhealthy", instance=instance, reason=reason)
+        return True
+
+
+def target_lifecycle_state(environ=os.environ, timeout: float = 1.0) -> Optional[str]:
+    """IMDSv2 autoscaling/target-lifecycle-state ("InService", "Terminated", ...) or None."""
+    return imds_get("/latest/meta-data/autoscaling/target-lifecycle-state", environ, timeout)
+
+
+class Lifecycle:
+    """Args: `report.lifecycle` config; the AWS region; how to learn the instance id."""
+
+    def __init__(self, hooks, region: Optional[str] = None,
+                 id_lookup: Callable[[], Optional[str]] = instance_id,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        from quay_bootstrap.periodic import Periodic
+
+        self.hooks = hooks
+        self.region = region
+        self._id_lookup = id_lookup
+        self.clock = clock
+        self.began = clock()
+        self._heartbeat = Periodic("lifecycle.failed", self.launch_heartbeat,
+                                   hooks.heartbeat_interval, first=0, clock=clock)
+        self._client = None
+        self._instance: Optional[str] = None
+        self._group: Optional[str] = None
+        self.launch_finished = not hooks.launch_hook
+
+    def _where(self):
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.session.Session().client("autoscaling", region_name=self.region)
+            self._instance = self._id_lookup()
+            if self._instance:
+                found = self._client.describe_auto_scaling_instances(
+                    InstanceIds=[self._instance]).get("AutoScalingInstances", [])
+                self._group = found[0]["AutoScalingGroupName"] if found else None
+        return self._client, self._instance, self._group
+
+    def _complete(self, hook: str, result: str) -> bool:
+        client, instance, group = self._where()
+        if not (instance and group):
+            log.error("lifecycle.no_group", hook=hook, instance=instance,
+                      hint="IMDSv2 must answer and the instance must be in an Auto Scaling group")
+            return False
+        client.complete_lifecycle_action(LifecycleHookName=hook, AutoScalingGroupName=group,
+                                         LifecycleActionResult=result, InstanceId=instance)
+        log.info("lifecycle.completed", hook=hook, result=result, instance=instance, group=group)
+        return True
+
+    def launch_heartbeat(self) -> None:
+        """While waiting for Quay: keep the instance in Pending:Wait (the daemon paces these)."""
+        if self.launch_finished:
+            return
+        client, instance, group = self._where()
+        if instance and group:
+            client.record_lifecycle_action_heartbeat(
+                LifecycleHookName=self.hooks.launch_hook, AutoScalingGroupName=group,
+                InstanceId=instance)
+            log.debug("lifecycle.heartbeat", hook=self.hooks.launch_hook)
+
+    def launch_done(self, healthy: bool) -> None:
+        """CONTINUE once Quay is healthy; ABANDON when it was not within start_period."""
+        if self.launch_finished:
+            return
+        self.launch_finished = True
+        self._complete(self.hooks.launch_hook, "CONTINUE" if healthy else "ABANDON")
+
+    def launch_tick(self, healthy: bool, start_period: float) -> None:
+        """Each turn of the loop until the launch hook is answered: CONTINUE once Quay is
+        healthy, ABANDON when it was not within start_period, heartbeats meanwhile."""
+        if self.launch_finished:
+            return
+        try:
+            if healthy:
+                self.launch_done(True)
+            elif self.clock() - self.began > start_period:
+                log.error("lifecycle.abandon",
+                          reason=f"Quay was not healthy within start_period ({start_period:g}s)")
+                self.launch_done(False)
+            else:
+                self._heartbeat.run_if_due()
+        except Exception as err:  # noqa: BLE001 - retried on the next tick
+            log.warning("lifecycle.failed", error=str(err))
+
+    def watch_termination(self, stop, on_terminate: Callable[[], None],
+                          every: float = 5.0) -> None:
+        """A thread's loop: polls IMDS until the group wants the instance gone, then tells."""
+        from quay_bootstrap.periodic import Warnings
+
+        if not self.hooks.termination_hook:
+            return
+        failed = Warnings("lifecycle.poll_failed", clock=self.clock)
+        while not stop.wait(every):
+            try:
+                if self.termination_requested():
+                    on_terminate()
+                    return
+                failed.ok()
+            except Exception as err:  # noqa: BLE001 - keep watching
+                failed.warn(err)
+
+    def termination_requested(self) -> bool:
+        return bool(self.hooks.termination_hook) and target_lifecycle_state() == "Terminated"
+
+    def drain(self, stop_quay: Callable[[], None]) -> None:
+        """The instance is leaving: stop Quay gracefully, then CONTINUE the termination."""
+        log.warning("lifecycle.terminating", hook=self.hooks.termination_hook)
+        try:
+            stop_quay()
+            self.termination_done()
+        except Exception as err:  # noqa: BLE001 - the group's timeout still ends it
+            log.error("lifecycle.drain_failed", error=str(err))
+
+    def termination_done(self) -> None:
+        self._complete(self.hooks.termination_hook, "CONTINUE")
+
+
+class Rds:
+    """RDS says whether the database is mid-failover or stopped (not `available`)."""
+
+    def __init__(self, rds) -> None:
+        self.db_instance = rds.db_instance
+        self.region = rds.region
+        self.client = None
+
+    def unavailable(self) -> bool:
+        import boto3
+
+        try:
+            if self.client is None:
+                # Its own session: boto3's default one is not safe to share across threads.
+                self.client = boto3.session.Session().client("rds", region_name=self.region)
+            found = self.client.describe_db_instances(DBInstanceIdentifier=self.db_instance)
+            status = found["DBInstances"][0]["DBInstanceStatus"]
+        except Exception as err:  # noqa: BLE001 - unknown means: judge by Quay's answer alone
+            log.warning("rds.unknown", db_instance=self.db_instance, error=str(err))
+            return False
+        if status != "available":
+            log.info("rds.not_available", db_instance=self.db_instance, status=status)
+        return status != "available"

@@ -1,0 +1,122 @@
+"""Marking this node unhealthy: the targets told when restarts did not help, built from config."""
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from typing import Callable, List, Optional, Protocol, Sequence
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class Target(Protocol):
+    """Something that takes a node out of service (and may put it back).
+
+    `mark` returns True when the target acted (the Auto Scaling group recorded Unhealthy), False
+    when it had nothing to do here (not in a group); `clear` undoes what can be undone.
+    """
+
+    name: str
+
+    def mark(self, reason: str) -> bool: ...
+
+    def clear(self) -> None: ...
+
+
+class AutoScalingTarget:
+    """The instance's Auto Scaling group: Unhealthy makes the group replace the instance, so
+    there is nothing to clear."""
+
+    name = "autoscaling"
+
+    def __init__(self, mode, region: Optional[str] = None, autoscaling=None) -> None:
+        if autoscaling is None:
+            from quay_bootstrap.aws import AutoScaling
+
+            autoscaling = AutoScaling(mode, region)
+        self._asg = autoscaling
+
+    def mark(self, reason: str) -> bool:
+        return self._asg.mark_unhealthy(reason)
+
+    def clear(self) -> None:
+        pass
+
+
+class CommandTarget:
+    """`report.on_unhealthy`: the operator's command, run without a shell, the reason in
+    QUAY_BOOTSTRAP_REASON (a load balancer deregistration, a page, a webhook)."""
+
+    name = "on_unhealthy"
+
+    def __init__(self, argv: Sequence[str], timeout: float = 120,
+                 environ=os.environ) -> None:
+        self.argv = list(argv)
+        self.timeout = timeout
+        self.environ = environ
+
+    def mark(self, reason: str) -> bool:
+        env = {**self.environ, "QUAY_BOOTSTRAP_REASON": reason}
+        try:
+            done = subprocess.run(self.argv, env=env, timeout=self.timeout,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            log.error("on_unhealthy.failed", command=self.argv, error=str(err))
+            return False
+        log.warning("on_unhealthy.ran", command=self.argv, exit_code=done.returncode,
+                    output=(done.stdout + done.stderr)[-2000:])
+        return done.returncode == 0
+
+    def clear(self) -> None:
+        pass
+
+
+def targets_from_config(cfg) -> List[Target]:
+    """Every target the config names, in the order they are told."""
+    targets: List[Target] = []
+    if cfg.report.autoscaling is not False:
+        targets.append(AutoScalingTarget(cfg.report.autoscaling, cfg.stack.region or None))
+    if cfg.report.on_unhealthy:
+        targets.append(CommandTarget(cfg.report.on_unhealthy))
+    return targets
+
+
+class Escalation:
+    """Tells every target, off the loop's thread (an AWS call or an operator's command may take
+    a minute), and records each target's answer on the board as `<name>_marked`.
+
+    Args:
+        targets: returns the targets of the config in force (it may change on SIGHUP).
+        record: the status board's `update`.
+    """
+
+    def __init__(self, targets: Callable[[], Sequence[Target]],
+                 record: Callable[..., None]) -> None:
+        self.targets = targets
+        self.record = record
+
+    def mark(self, reason: str) -> threading.Thread:
+        log.error("instance.marking_unhealthy", reason=reason)
+        self.record(marked_unhealthy=True, marked_reason=reason)
+        thread = threading.Thread(target=self._tell, args=(reason,), name="escalate",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def clear(self) -> None:
+        log.info("instance.recovered")
+        self.record(marked_unhealthy=False, marked_reason=None)
+        for target in self.targets():
+            try:
+                target.clear()
+            except Exception as err:  # noqa: BLE001 - reporting must not kill the loop
+                log.error(f"{target.name}.clear_failed", error=str(err))
+
+    def _tell(self, reason: str) -> None:
+        for target in self.targets():
+            try:
+                self.record(**{f"{target.name}_marked": target.mark(reason)})
+            except Exception as err:  # noqa: BLE001 - one target failing must not stop the next
+                log.error(f"{target.name}.failed", error=str(err))
