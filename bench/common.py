@@ -342,7 +342,7 @@ class Bed:
         directory = os.environ.get("TESTBED_DIR")
         self.ours = not (directory and testbed.is_running(directory))
         if self.ours:
-            print(f"note: no running test bed in $TESTBED_DIR={directory}; starting one", flush=True)
+            print(f"note: no running test bed in $TESTBED_DIR ({directory}); starting one", flush=True)
             try:
                 self.state = testbed.start(self.work / "bed")
             except testbed.TestbedError as err:
@@ -516,8 +516,11 @@ class Agent(Launched):
         return until(healthy, timeout, f"agent {self.label}: not healthy ({self.tail()})")
 
     def wait_event(self, event: str, after: float, timeout: float, **fields) -> dict:
-        return until(lambda: first(self.log(), event, after, **fields) or (
-            not self.alive() and {}), timeout, f"agent {self.label}: no {event}") or {}
+        def found():
+            if not self.alive():
+                raise BenchError(f"agent {self.label} exited:\n{self.tail()}")
+            return first(self.log(), event, after, **fields)
+        return until(found, timeout, f"agent {self.label}: no {event}")
 
     def finish(self) -> dict:
         """Stop it with SIGTERM; its lifetime figures and warnings. A non-zero exit fails."""
