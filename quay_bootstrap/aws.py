@@ -85,12 +85,12 @@ class Lifecycle:
     """Args: `report.lifecycle` config; the AWS region; how to learn the instance id."""
 
     def __init__(self, hooks, region: Optional[str] = None,
-                 id_lookup: Callable[[], Optional[str]] = instance_id,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 id_lookup: Callable[[], Optional[str]] = instance_id) -> None:
         from quay_bootstrap.periodic import Periodic
 
         self.hooks = hooks
-        self.region = region
+        self.region = region or None
         self._id_lookup = id_lookup
         self.clock = clock
         self.began = clock()

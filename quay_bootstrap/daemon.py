@@ -41,9 +41,8 @@ class Daemon:
         from quay_bootstrap.escalation import Escalation, targets_from_config
         from quay_bootstrap.rollout import Roll
 
-        self.cfg, self.make_pass, self.stop = cfg, make_pass, stop
+        self.cfg, self.make_pass, self.stop, self.clock = cfg, make_pass, stop, clock
         self.reload_config = reload_config
-        self.clock = clock
         self.events: "queue.SimpleQueue" = queue.SimpleQueue()  # put() is signal-safe
         self.systemd = systemd or status.Systemd()
         self.board = board or status.Board(cfg.report.state_file)
@@ -56,8 +55,7 @@ class Daemon:
         self.state = watchdog.State()
         self.policy = watchdog.Policy.from_config(cfg)
         self.live: Optional[Live] = None
-        self.docker = self.store = None
-        self.lifecycle = None
+        self.docker = self.store = self.lifecycle = None
         self.draining = False
         self.refresh = Periodic("refresh.failed", lambda: self._roll(self.cfg, "refresh"),
                                 cfg.stack.refresh_interval, jitter=0.2, clock=clock)
@@ -82,14 +80,13 @@ class Daemon:
             return 0
         endpoint = status.Endpoint(self.board, self.cfg.report.listen).start()
         log.info("agent.listening", address=endpoint.address)
-        self._thread("probe", self.prober.run)
-        self._thread("docker-events", self._watch_docker)
+        _thread("probe", self.prober.run)
+        _thread("docker-events", self._watch_docker)
         if self.cfg.report.lifecycle:
             from quay_bootstrap.aws import Lifecycle
 
-            self.lifecycle = Lifecycle(self.cfg.report.lifecycle, self.cfg.stack.region or None,
-                                       clock=self.clock)
-            self._thread("lifecycle", lambda: self.lifecycle.watch_termination(
+            self.lifecycle = Lifecycle(self.cfg.report.lifecycle, self.cfg.stack.region, self.clock)
+            _thread("lifecycle", lambda: self.lifecycle.watch_termination(
                 self.stop, lambda: self.events.put(_TERMINATE)))
         try:
             while not self.stop.is_set():
@@ -125,9 +122,6 @@ class Daemon:
         except queue.Empty:
             return None
 
-    def _thread(self, name: str, target: Callable[[], None]) -> None:
-        threading.Thread(target=target, name=name, daemon=True).start()
-
     def feed(self, seen) -> None:
         """One observation through the watchdog; its actions go to their owners."""
         before = self.state
@@ -147,7 +141,7 @@ class Daemon:
     def _do(self, action) -> None:
         if isinstance(action, watchdog.Log):
             getattr(log, action.level)(action.event, **dict(action.fields),
-                                       services=self._services())
+                                       services=self.state.services())
         elif isinstance(action, watchdog.Restart):
             self._restart(action)
         elif isinstance(action, watchdog.MarkUnhealthy):
@@ -162,7 +156,7 @@ class Daemon:
     def _restart(self, action: watchdog.Restart) -> None:
         self.board.m_restarts.inc()
         log.warning("container.restarting", reason=action.reason, next_backoff=self.state.backoff,
-                    restarts_in_window=len(self.state.restarts), services=self._services())
+                    restarts_in_window=len(self.state.restarts), services=self.state.services())
         spec = self.live.spec
 
         def expect(echoes) -> None:
@@ -178,10 +172,6 @@ class Daemon:
             self.prober.wake.set()
         except Exception as err:  # noqa: BLE001 - the loop must survive; the next tick retries
             self.feed(watchdog.RestartFailed(self.clock(), str(err)))
-
-    def _services(self) -> dict:
-        probe = self.state.last_probe
-        return dict(probe.services) if probe else {}
 
     def _first_pass(self) -> None:
         one = self.make_pass(self.cfg, self._sleep)
@@ -253,3 +243,7 @@ class Daemon:
     def _watch_docker(self) -> None:
         self.docker.watch(self.cfg.container.name, self.stop, lambda action, code: self.events.put(
             watchdog.from_docker(action, code, self.clock())))
+
+
+def _thread(name: str, target: Callable[[], None]) -> None:
+    threading.Thread(target=target, name=name, daemon=True).start()

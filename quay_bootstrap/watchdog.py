@@ -104,6 +104,8 @@ class RestartFailed:
 
 @dataclass(frozen=True)
 class Restart:
+    """Restart Quay (recreate it when its container is gone)."""
+
     reason: str
     recreate: bool = False
     exited: bool = False  # caused by a die event: Docker's restart policy may already have acted
@@ -160,6 +162,10 @@ class State:
     # Docker events the agent's own acts will cause: (kind, until), each consumed once.
     echoes: Tuple[Tuple[str, float], ...] = ()
     quiet_until: float = float("-inf")
+
+    def services(self) -> dict:
+        """Quay's per-service verdicts in the last probe."""
+        return dict(self.last_probe.services) if self.last_probe else {}
 
     def restart_due_at(self) -> Optional[float]:
         if self.pending is None:

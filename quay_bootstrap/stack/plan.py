@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from quay_bootstrap.errors import SourceError
 from quay_bootstrap.stores import ObjectInfo
@@ -29,14 +29,17 @@ def unsafe_key_reason(key: str) -> Optional[str]:
     return None
 
 
-@dataclass(frozen=True)
-class Limits:
+class Limits(NamedTuple):
+    """What one stack may hold (stack.max_files, stack.max_bytes)."""
+
     max_files: int
     max_bytes: int
 
 
 @dataclass(frozen=True)
 class ManifestEntry:
+    """One file of a stored stack version, as its manifest records it."""
+
     size: int
     token: str
     sha256: str
