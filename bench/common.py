@@ -21,6 +21,7 @@ import platform
 import secrets
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,9 @@ def tool(name: str) -> str:
 
 
 def free_port() -> int:
-    return testbed._free_ports(1)[0]
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
 
 
 def stats(values) -> dict:
