@@ -275,3 +275,29 @@ def test_rds_aware_check_keeps_the_node_healthy_while_rds_is_not_available(stand
     # RDS says available: the fault is this node's. RDS says stopped: the database is left out.
     assert available[0] == 503 and available[1]["data"]["services"]["database"] is False
     assert stopped[0] == 200 and stopped[1]["data"]["services"]["database"] is False
+
+
+def test_two_nodes_migrating_at_once_collide(standins, quay_db):
+    # No lock between nodes (data/migrations/env.py): both run the same DDL and one of them fails.
+    first = standins.start("v3.11.0", migration_seconds=1)
+    second = standins.start("v3.11.0", migration_seconds=1)
+
+    codes = sorted(qs.wait_exit(c, timeout=30) if _exits(c) else 0 for c in (first, second))
+
+    assert codes == [0, 1]
+    failed = first if _exits(first) else second
+    assert "sqlalchemy.exc.ProgrammingError" in qs.logs(failed)
+    assert "already exists" in qs.logs(failed) or "duplicate key" in qs.logs(failed)
+
+
+def _exits(container, within: float = 20) -> bool:
+    """True when CONTAINER stops within WITHIN seconds, False once it serves."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        container.reload()
+        if container.status in ("exited", "dead"):
+            return True
+        if "serving on" in qs.logs(container):
+            return False
+        time.sleep(0.1)
+    raise AssertionError(f"neither served nor exited:\n{qs.logs(container)}")

@@ -193,3 +193,20 @@ def test_redis_can_be_made_down_hung_and_slow(testbed):
         began = time.monotonic()
         assert ping(proxy.port, timeout=3) == b"+PONG\r\n"
         assert time.monotonic() - began >= 0.5
+
+
+def test_seaweedfs_and_fake_gcs_come_back_after_an_outage(testbed):
+    from tests.testbed import faults
+    from tests.testbed.bed import seaweedfs_client
+
+    gcs_buckets = f"{testbed['fake_gcs_endpoint']}/storage/v1/b"
+    for name, url in (("seaweedfs", testbed["seaweedfs_endpoint"] + "/"), ("fake_gcs", gcs_buckets)):
+        with faults.down(testbed["dir"], name):
+            with pytest.raises(urllib.error.URLError):
+                urllib.request.urlopen(url, timeout=2)
+    s3 = seaweedfs_client(testbed)
+    try:
+        assert "Buckets" in s3.list_buckets()  # same port, same keys after the restart
+    finally:
+        s3.close()
+    assert _get(gcs_buckets)

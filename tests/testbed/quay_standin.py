@@ -37,13 +37,16 @@ _STEPS = [
     ("v3.10.0", "946f0e90f9c9", "create manifestsubject table"),
     ("v3.11.0", "b4da5b09c8df", "repository autoprune policy"),
 ]
-VERSIONS: dict[str, list[dict[str, Any]]] = {}
-for _i, (_tag, _rev, _msg) in enumerate(_STEPS):
-    VERSIONS[_tag] = [
-        {"revision": rev, "down": _STEPS[j - 1][1] if j else None, "message": msg,
-         "table": "standin_" + tag.replace(".", "_")}
-        for j, (tag, rev, msg) in enumerate(_STEPS[: _i + 1])
-    ]
+
+
+def _chain(upto: int) -> list[dict[str, Any]]:
+    """The migrations a release ships: every step up to and including its own."""
+    return [{"revision": rev, "down": _STEPS[j - 1][1] if j else None, "message": msg,
+             "table": "standin_" + tag.replace(".", "_")}
+            for j, (tag, rev, msg) in enumerate(_STEPS[: upto + 1])]
+
+
+VERSIONS = {tag: _chain(i) for i, (tag, _, _) in enumerate(_STEPS)}
 HEADS = {tag: chain[-1]["revision"] for tag, chain in VERSIONS.items()}
 CHANGES = [
     "USER 1001",
