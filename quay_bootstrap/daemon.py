@@ -113,12 +113,10 @@ class Daemon:
         return 0
 
     def _next_item(self):
-        timeout = 0.5
-        for left in (self.state.restart_due_at(), self.refresh.due_at):
-            if left is not None:
-                timeout = max(0.0, min(timeout, left - self.clock()))
+        due = [at - self.clock() for at in (self.state.restart_due_at(), self.refresh.due_at)
+               if at is not None]
         try:
-            return self.events.get(timeout=timeout)
+            return self.events.get(timeout=max(0.0, min([0.5, *due])))
         except queue.Empty:
             return None
 
@@ -171,7 +169,7 @@ class Daemon:
             self.prober.fast.set()
             self.prober.wake.set()
         except Exception as err:  # noqa: BLE001 - the loop must survive; the next tick retries
-            self.feed(watchdog.RestartFailed(self.clock(), str(err)))
+            self.feed(watchdog.RestartFailed(self.clock(), str(err), action))
 
     def _first_pass(self) -> None:
         one = self.make_pass(self.cfg, self._sleep)
@@ -206,10 +204,11 @@ class Daemon:
         self._roll(cfg, "SIGHUP")
 
     def _roll(self, cfg: Config, why: str) -> None:
+        touched = []  # events queued meanwhile are news unless the roll touched the container
         try:
             with self.systemd.keepalive():
                 one = self.make_pass(cfg, self._sleep)
-                rolled = self.roll.apply(one, self.live, why)
+                rolled = self.roll.apply(one, self.live, why, lambda: touched.append(1))
         except Interrupted:
             return
         except Exception as err:  # noqa: BLE001 - a failed change must not end the watch
@@ -218,8 +217,8 @@ class Daemon:
             self.board.update(last_change={"why": why, "result": "failed", "error": str(err)})
             return
         finally:
-            now = self.clock()  # a replacement's die, destroy and start are the roll's own
-            self.feed(watchdog.Expect(now, now + _ROLL_ECHO, everything=True))
+            if touched:  # a replacement's die, destroy and start are the roll's own
+                self.feed(watchdog.Expect(self.clock(), self.clock() + _ROLL_ECHO, everything=True))
         if rolled.live is not None:
             self.store = one.store
             self._adopt(rolled.live, started_at=self.clock())
@@ -229,6 +228,7 @@ class Daemon:
             self.board.m_rollbacks.inc()
         if rolled.change:
             self.board.update(last_change=rolled.change)
+        rolled.log()
 
     def _drain(self) -> None:
         """The instance is leaving: stop Quay gracefully, say CONTINUE, and restart nothing."""

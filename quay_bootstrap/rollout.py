@@ -81,12 +81,14 @@ class Budget:
 
     def acquire(self, reason: str, sleep: Callable[[float], None], poll: float = 2.0) -> int:
         """Wait for a slot (sleep is the daemon's stop-aware sleep, so SIGTERM ends the wait)."""
-        waited = False
+        from quay_bootstrap.periodic import Warnings
+
+        waited, failing = False, Warnings("rollout.lease_store_failed")
         while True:
             try:
                 slot = self.try_acquire(reason)
             except Exception as err:  # noqa: BLE001 - the store blinked: ask again after `poll`
-                log.warning("rollout.lease_store_failed", error=str(err))
+                failing.warn(err)
                 slot = None
             if slot is not None:
                 log.info("rollout.lease_acquired", slot=slot, holder=self.me, reason=reason)
@@ -126,6 +128,14 @@ class Rolled:
     live: Optional[Live] = None
     cfg: Optional[Config] = None
     change: Optional[Dict[str, str]] = None  # for the status board's last_change
+    # Logged by the daemon once the board shows the change, so what the log says is already
+    # what /status says: (level, event, fields).
+    event: Optional[Tuple[str, str, Dict[str, object]]] = None
+
+    def log(self) -> None:
+        if self.event:
+            level, event, fields = self.event
+            getattr(log, level)(event, **fields)
 
 
 class Roll:
@@ -151,7 +161,10 @@ class Roll:
         self.rejected: Set[Tuple[str, str, str]] = set()  # (stack, image, spec)
         self._leases: Dict[tuple, LeaseStore] = {}
 
-    def apply(self, one: Pass, live: Live, why: str) -> Rolled:
+    def apply(self, one: Pass, live: Live, why: str,
+              touching: Callable[[], None] = lambda: None) -> Rolled:
+        """Args: the pass for the new config; what the node runs; why (for the log);
+        `touching` is called just before Quay's container is first stopped or replaced."""
         cfg = one.cfg
         spec = one.prepare()  # fetched, validated, pulled: Quay is untouched so far
         decided = one.decide(spec)
@@ -181,15 +194,17 @@ class Roll:
         try:
             log.info("rollout.replacing", why=why, reason=action.reason,
                      canary=canary == "canary", version=key[0], image=key[1])
+            touching()
             _, container_id = one.reconcile(one.docker, spec, decided)
             probe = one.wait_healthy(container_id)
             if probe.ok:
                 one.store.mark_known_good(key[0])
                 self._canary_done(leases, canary, spec.labels[IMAGE_DIGEST], "healthy")
-                log.info("rollout.applied", why=why, version=key[0], image=key[1])
                 return Rolled("applied", Live(cfg, spec, key[0], container_id), cfg,
                               {"why": why, "result": "applied", "version": key[0],
-                               "image": key[1]})
+                               "image": key[1]},
+                              ("info", "rollout.applied",
+                               {"why": why, "version": key[0], "image": key[1]}))
             log.error("rollout.rolling_back", why=why, version=key[0], image=key[1],
                       error=probe.error, services=probe.services)
             self.rejected.add(key)
@@ -197,11 +212,13 @@ class Roll:
             one.store.switch_current(live.stack_version)
             _, container_id = one.reconcile(one.docker, live.spec)
             back = one.wait_healthy(container_id)
-            log.warning("rollout.rolled_back", version=live.stack_version, healthy=back.ok,
-                        rejected=key[0], note="not retried until the source changes again")
             return Rolled("rolled back", replace(live, container_id=container_id), live.cfg,
                           {"why": why, "result": "rolled back", "rejected_version": key[0],
-                           "rejected_image": key[1], "error": probe.error})
+                           "rejected_image": key[1], "error": probe.error},
+                          ("warning", "rollout.rolled_back",
+                           {"version": live.stack_version, "healthy": back.ok,
+                            "rejected": key[0],
+                            "note": "not retried until the source changes again"}))
         finally:
             budget.release(slot)
 

@@ -94,10 +94,12 @@ class Expect:
 
 @dataclass(frozen=True)
 class RestartFailed:
-    """Docker refused the restart; it is due again at the next tick."""
+    """Docker refused the restart (of `restart`): it is due again at the next tick, unless
+    Docker's restart policy brings Quay back first (its start event then counts)."""
 
     at: float
     reason: str
+    restart: Optional["Restart"] = None
 
 
 # --- actions --------------------------------------------------------------------------------
@@ -204,7 +206,9 @@ def step(state: State, seen, policy: Policy) -> Tuple[State, List]:
             return replace(state, quiet_until=max(state.quiet_until, seen.until)), []
         return replace(state, echoes=state.echoes + tuple((k, seen.until) for k in seen.kinds)), []
     if isinstance(seen, RestartFailed):
-        return replace(state, pending=seen.reason), [
+        tried = seen.restart or Restart(seen.reason)
+        return replace(state, pending=seen.reason, recreate=tried.recreate, exited=tried.exited,
+                       container_up=not (tried.exited or tried.recreate)), [
             Log("container.restart_failed", "error", (("error", seen.reason),))]
     if isinstance(seen, Died):
         return _fail(replace(state, container_up=False, exited=True), seen.at, policy,

@@ -223,9 +223,6 @@ def test_a_restart_that_fails_is_retried_at_the_next_due_tick():
     assert node.docker.named("quay").status == "running"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: RestartFailed drops the Restart's `exited` (and "
-                   "`recreate`) and leaves container_up True, so the retry `docker restart`s a "
-                   "Quay that Docker's restart policy already brought back")
 def test_a_failed_restart_retried_after_dockers_own_restart_does_not_restart_quay_again():
     node = Node().start().after(5)
     node.docker.crash("quay", 1)
@@ -342,10 +339,6 @@ def test_a_roll_that_rolls_back_counts_a_rollback_and_watches_the_old_stack():
     assert node.board.registry.get_sample_value("quay_bootstrap_rollbacks_total") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the roll's quiet window swallows every Docker event "
-                   "that arrived during the roll (events are stamped on arrival and handled "
-                   "after it), even when the roll touched nothing, e.g. a refresh whose fetch "
-                   "took 3s")
 def test_a_crash_during_a_refresh_that_changes_nothing_is_restarted():
     node = Node().start().after(20)
     crashed_at = node.clock()
