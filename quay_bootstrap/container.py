@@ -187,7 +187,7 @@ class Docker:
         try:
             self.client.api.start(container_id)
         except self._errors.APIError as err:
-            self.client.api.remove_container(container_id, force=True)
+            self.client.api.remove_container(container_id, force=True, v=True)
             raise _start_error(err, spec) from err
         return container_id
 
@@ -201,7 +201,7 @@ class Docker:
         self.client.api.rename(container_id, name)
 
     def remove(self, container_id: str) -> None:
-        self.client.api.remove_container(container_id, force=True)
+        self.client.api.remove_container(container_id, force=True, v=True)
 
     def remove_stale_previous(self, name: str) -> None:
         """Remove stopped `NAME-previous-*` containers a replacement interrupted by a crash left."""
@@ -209,7 +209,7 @@ class Docker:
             if item.labels.get(MANAGED) == "true" and item.status != "running" and \
                     item.name.startswith(f"{name}-previous-"):
                 log.info("container.remove_stale", name=item.name)
-                item.remove(force=True)
+                item.remove(force=True, v=True)
 
     def restart_quay(self, spec: Spec, recreate: bool, exited: bool,
                      expect: Callable[[Tuple[str, ...]], None]) -> Optional[str]:

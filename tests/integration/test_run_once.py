@@ -228,3 +228,22 @@ def test_a_replacement_that_cannot_start_puts_the_old_quay_back(node):
     assert back.id == old.id and back.status == "running"  # restored under its own name
     assert [c.name for c in node.docker.containers.list(all=True)
             if c.name.startswith(node.name)] == [node.name]
+
+
+def test_replacements_remove_the_old_container_s_anonymous_volumes(node):
+    """Quay's image declares VOLUMEs: ten replacements must not leave ten sets behind."""
+    healthy_run(node)
+
+    def volumes():
+        return {v.name for v in node.docker.volumes.list()}
+
+    mounted = [m["Name"] for m in node.found().attrs["Mounts"] if m.get("Type") == "volume"]
+    assert len(mounted) == 2  # /datastorage and /tmp, as Quay's image declares
+    before = volumes()
+    for round_ in range(10):
+        node.configure(container={"env": {"PORT": str(node.port), "ROUND": str(round_)}})
+        out, _ = healthy_run(node)
+        assert "container  replaced" in out
+    after = volumes()
+    assert len(after) == len(before), f"volumes leaked: {sorted(after - before)}"
+    assert not set(mounted) & after  # the first container's volumes went with it

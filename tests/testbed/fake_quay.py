@@ -74,6 +74,8 @@ def build(client, registry: str, tag: str = "v3.9.0") -> str:
         client, repository, tag,
         files={"/bin/quay-health.sh": HANDLER, "/bin/fake-quay.sh": ENTRY, "/version": tag,
                "/control/.keep": ""},
-        cmd=["/bin/fake-quay.sh"], env={"PORT": "8080"}, extra_changes=["USER 1001"])
+        cmd=["/bin/fake-quay.sh"], env={"PORT": "8080"},
+        # Quay declares anonymous volumes; a replacement that forgets them leaks one each time.
+        extra_changes=["USER 1001", 'VOLUME ["/datastorage", "/tmp"]'])
     bed.push_image(client, repository, tag)
     return f"{repository}:{tag}"
