@@ -135,7 +135,9 @@ class ContainerConfig(_Section):
     ports: List[PortMapping] = Field(default_factory=lambda: ["443:8443", "80:8080"])
     volumes: List[str] = Field(default_factory=list)
     env: Dict[str, str] = Field(default_factory=dict)
-    sysctls: Dict[str, str] = Field(default_factory=lambda: {"net.core.somaxconn": "4096"})
+    # None: Quay's documented net.core.somaxconn=4096 with bridge networking, none with host
+    # networking (Docker refuses net.* sysctls there).
+    sysctls: Optional[Dict[str, str]] = None
     network_mode: Optional[str] = None
     privileged: bool = False
     stop_timeout: Duration = 30.0
@@ -151,21 +153,29 @@ class ContainerConfig(_Section):
         return value
 
 
+# Quay's /health/instance runs its checks one after another: gunicorn 2 s each, the database a
+# 3 s connect plus a 5 s statement (health/services.py). A timeout below that sum would call a
+# slow shared database a hung local Quay on every node at once.
+QUAY_WORST_CASE = 2 + 2 + 3 + 5
+
+
 class HealthConfig(_Section):
-    url: str = "https://127.0.0.1:443/health/instance"
+    # None: follows conf/stack and the port mapping (8443 with ssl.key, else 8080; see
+    # container.health_url).
+    url: Optional[str] = None
     tls_verify: bool = False
     start_period: Duration = 300.0
     interval: PositiveDuration = 10.0
-    timeout: PositiveDuration = 5.0
+    timeout: PositiveDuration = QUAY_WORST_CASE + 3.0
     failure_threshold: PositiveInt = 3
     success_threshold: PositiveInt = 1
     shared_services: List[str] = Field(
-        default_factory=lambda: ["database", "redis", "storage", "auth"])
+        default_factory=lambda: ["database", "redis", "storage", "auth", "preferred_storage"])
 
     @field_validator("url")
     @classmethod
-    def _url(cls, value: str) -> str:
-        return _check_url(value, ("http", "https"), "health")
+    def _url(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else _check_url(value, ("http", "https"), "health")
 
 
 class RestartConfig(_Section):
@@ -235,7 +245,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         if self.container.network_mode == "host" and any(
-                k.startswith("net.") for k in self.container.sysctls):
+                k.startswith("net.") for k in self.container.sysctls or {}):
             raise ValueError("container.sysctls: net.* sysctls cannot be set with network_mode "
                              "host; remove them or use the default bridge network")
         return self

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import structlog
 
-from quay_bootstrap.errors import ContainerError, Unavailable
+from quay_bootstrap.errors import ConfigError, ContainerError, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +25,10 @@ STACK_VERSION = f"{LABEL}.stack-version"
 IMAGE_DIGEST = f"{LABEL}.image-digest"
 SPEC_HASH = f"{LABEL}.spec-hash"
 STACK_MOUNT = "/conf/stack"
+# Quay's documented run flag; Docker refuses net.* sysctls with host networking.
+BRIDGE_SYSCTLS = {"net.core.somaxconn": "4096"}
+# Inside Quay 3.x's container: HTTP (only a 301 to HTTPS once conf/stack has ssl.key), HTTPS.
+HTTP_PORT, HTTPS_PORT = 8080, 8443
 
 
 @dataclass(frozen=True)
@@ -74,12 +78,37 @@ def build_spec(container, image_id: str, image_digest: str, stack_path: Path,
     spec = Spec(
         name=container.name, image=image_id,
         ports={} if container.network_mode == "host" else parse_ports(container.ports),
-        binds=tuple(binds), env=dict(container.env), sysctls=dict(container.sysctls),
+        binds=tuple(binds), env=dict(container.env),
+        sysctls=dict(container.sysctls if container.sysctls is not None else
+                     {} if container.network_mode == "host" else BRIDGE_SYSCTLS),
         network_mode=container.network_mode, privileged=container.privileged,
         stop_timeout=int(container.stop_timeout))
     labels = {MANAGED: "true", STACK_VERSION: stack_version, IMAGE_DIGEST: image_digest,
               SPEC_HASH: spec.digest()}
     return replace(spec, labels=labels)
+
+
+def health_url(container, stack_path: Path) -> str:
+    """Where Quay's /health/instance answers on this host: HTTPS on what 8443 maps to when the
+    stack has ssl.key (8080 then only redirects), else HTTP on what 8080 maps to (also with
+    EXTERNAL_TLS_TERMINATION); the ports themselves with host networking.
+
+    Raises:
+        ConfigError: the port Quay serves on is not published.
+    """
+    tls = (stack_path / "ssl.key").exists()
+    inside, scheme = (HTTPS_PORT, "https") if tls else (HTTP_PORT, "http")
+    if container.network_mode == "host":
+        return f"{scheme}://127.0.0.1:{inside}/health/instance"
+    for published, target in parse_ports(container.ports).items():
+        if published == f"{inside}/tcp":
+            host, port = target if isinstance(target, tuple) else ("127.0.0.1", target)
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+            return f"{scheme}://{host}:{port}/health/instance"
+    raise ConfigError(f"Quay serves {scheme.upper()} on {inside} in its container, and "
+                      "container.ports does not publish it, so its health cannot be probed",
+                      where="container.ports",
+                      hint=f"Publish it (e.g. \"{443 if tls else 80}:{inside}\") or set health.url")
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ class Daemon:
                                                    self.board.update)
         self.roll = roll or Roll(stores.open_leases, f"{socket.gethostname()}:{cfg.container.name}",
                                  self._sleep)
-        self.prober = health.Prober(lambda: self.cfg, self.events.put, stop,
+        self.prober = health.Prober(lambda: (self.cfg, self.live.health_url), self.events.put, stop,
                                     observe=self.board.m_probe.observe, clock=clock)
         self.state = watchdog.State()
         self.policy = watchdog.Policy.from_config(cfg)

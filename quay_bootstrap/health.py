@@ -140,7 +140,7 @@ class Prober:
     starting (`fast` set) it probes every START_POLL, to see "ready" at once; `wake` probes now.
 
     Args:
-        settings: returns the live config (it changes on a roll or SIGHUP).
+        settings: returns the live config and the URL to probe (they change on a roll).
         put: where observations go (the loop's queue).
         stop: the agent's stop event.
     """
@@ -164,10 +164,10 @@ class Prober:
         from quay_bootstrap.watchdog import Probed
 
         while not self.stop.is_set():
-            cfg = self.settings()
+            cfg, url = self.settings()
             began = self.clock()
             try:
-                result = probe(cfg.health.url, timeout=cfg.health.timeout,
+                result = probe(url, timeout=cfg.health.timeout,
                                tls_verify=cfg.health.tls_verify, clock=self.clock)
                 self.observe(result.seconds)
                 # Like Quay's RDSAwareHealthCheck: ask RDS only when the database failed.

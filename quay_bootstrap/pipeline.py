@@ -10,7 +10,16 @@ import tenacity
 
 from quay_bootstrap import health
 from quay_bootstrap.config import Config
-from quay_bootstrap.container import STACK_VERSION, Action, Docker, Observed, Spec, build_spec, decide
+from quay_bootstrap.container import (
+    STACK_VERSION,
+    Action,
+    Docker,
+    Observed,
+    Spec,
+    build_spec,
+    decide,
+    health_url,
+)
 from quay_bootstrap.errors import ContainerError, LockViolation, SourceError, TransientError, Unavailable
 from quay_bootstrap.image import ensure_image, registry_auth
 from quay_bootstrap.lock import Resolved, resolve
@@ -49,6 +58,7 @@ class Live:
     spec: Spec
     stack_version: str
     container_id: str
+    health_url: str = ""
 
 
 @dataclass
@@ -73,7 +83,8 @@ class Pass:
 
     def live(self) -> Live:
         """What the node runs after `run`."""
-        return Live(self.cfg, self.spec, self.outcome.stack_version, self.outcome.container_id)
+        return Live(self.cfg, self.spec, self.outcome.stack_version, self.outcome.container_id,
+                    self.health_url)
 
     def run(self, wait_for_health: bool = True) -> Outcome:
         """The pass. Without `wait_for_health` it stops once the container runs (the daemon's
@@ -106,12 +117,13 @@ class Pass:
             sleep=self.sleep))
         self.spec = build_spec(self.cfg.container, image.id, image.digest, stack.path,
                                stack.version)
+        self.health_url = self.cfg.health.url or health_url(self.cfg.container, stack.path)
         outcome.stack_version, outcome.image_digest = stack.version, image.digest
         return self.spec
 
     def wait_healthy(self, container_id: str) -> health.Probe:
         return health.wait_healthy(
-            self.cfg.health.url, within=self.cfg.health.start_period, interval=health.START_POLL,
+            self.health_url, within=self.cfg.health.start_period, interval=health.START_POLL,
             timeout=self.cfg.health.timeout, tls_verify=self.cfg.health.tls_verify,
             still_running=lambda: self.docker.running(container_id), sleep=self.sleep,
             clock=self.clock)

@@ -200,7 +200,7 @@ class Roll:
             if probe.ok:
                 one.store.mark_known_good(key[0])
                 self._canary_done(leases, canary, spec.labels[IMAGE_DIGEST], "healthy")
-                return Rolled("applied", Live(cfg, spec, key[0], container_id), cfg,
+                return Rolled("applied", Live(cfg, spec, key[0], container_id, one.health_url), cfg,
                               {"why": why, "result": "applied", "version": key[0],
                                "image": key[1]},
                               ("info", "rollout.applied",

@@ -400,6 +400,7 @@ class FakePass(_Loud):
         self.store.fetched(release.version)
         self.spec = build_spec(self.cfg.container, release.image_id, release.digest,
                                self.store.path(release.version), release.version)
+        self.health_url = "http://127.0.0.1:8080/health/instance"
         self.outcome.stack_version, self.outcome.image_digest = release.version, release.digest
         return self.spec
 

@@ -16,9 +16,12 @@ def test_minimal_config_gets_documented_defaults():
     assert (cfg.stack.max_files, cfg.stack.max_bytes) == (10_000, 64 * 1024 * 1024)
     assert cfg.container.name == "quay"
     assert cfg.container.ports == ["443:8443", "80:8080"]
-    assert cfg.health.url == "https://127.0.0.1:443/health/instance"
+    assert cfg.health.url is None  # follows the stack and the ports: container.health_url
     assert cfg.health.tls_verify is False
-    assert cfg.health.shared_services == ["database", "redis", "storage", "auth"]
+    assert cfg.health.timeout > 2 + 2 + 3 + 5  # above Quay's own worst case
+    assert cfg.health.shared_services == ["database", "redis", "storage", "auth",
+                                          "preferred_storage"]
+    assert cfg.container.sysctls is None  # somaxconn with bridge networking only
     assert cfg.report.listen == "127.0.0.1:9101"
     assert cfg.report.autoscaling == "auto"
     assert cfg.rollout.max_unavailable == 1
@@ -101,11 +104,11 @@ def test_yaml_error_names_the_line():
     assert "cfg.yaml line" in str(caught.value)
 
 
-def test_net_sysctls_refused_on_host_network():
-    with pytest.raises(ConfigError, match="net.core.somaxconn|net.\\* sysctls"):
-        parse_config(MINIMAL + "container: {network_mode: host}\n")
-    cfg = parse_config(MINIMAL + "container: {network_mode: host, sysctls: {}}\n")
-    assert cfg.container.network_mode == "host"
+def test_host_network_needs_no_other_change_but_explicit_net_sysctls_are_refused():
+    cfg = parse_config(MINIMAL + "container: {network_mode: host}\n")
+    assert cfg.container.network_mode == "host" and cfg.container.sysctls is None
+    with pytest.raises(ConfigError, match="net.\\* sysctls"):
+        parse_config(MINIMAL + "container: {network_mode: host, sysctls: {net.core.somaxconn: 1}}\n")
 
 
 def test_yaml_scalars_become_docker_strings():

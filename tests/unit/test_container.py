@@ -14,8 +14,10 @@ from quay_bootstrap.container import (
     Observed,
     build_spec,
     decide,
+    health_url,
     parse_ports,
 )
+from quay_bootstrap.errors import ConfigError
 
 
 def spec(**container):
@@ -42,8 +44,31 @@ def test_ports(items, expect):
     assert parse_ports(items) == expect
 
 
-def test_host_network_publishes_nothing():
-    assert spec(network_mode="host", sysctls={}).ports == {}
+def test_host_network_publishes_nothing_and_sets_no_net_sysctls():
+    desired = spec(network_mode="host")
+    assert desired.ports == {} and desired.sysctls == {}
+
+
+@pytest.mark.parametrize("container, tls, url", [
+    ({}, False, "http://127.0.0.1:80/health/instance"),
+    ({}, True, "https://127.0.0.1:443/health/instance"),
+    ({"network_mode": "host"}, False, "http://127.0.0.1:8080/health/instance"),
+    ({"network_mode": "host"}, True, "https://127.0.0.1:8443/health/instance"),
+    ({"ports": ["10.0.0.5:8000:8080"]}, False, "http://10.0.0.5:8000/health/instance"),
+    ({"ports": ["0.0.0.0:8000:8080", "443:8443"]}, False, "http://127.0.0.1:8000/health/instance"),
+])
+def test_the_default_probe_url_follows_the_scheme_and_the_port_mapping(tmp_path, container, tls,
+                                                                        url):
+    if tls:
+        (tmp_path / "ssl.key").write_text("key")
+    assert health_url(ContainerConfig(**container), tmp_path) == url
+
+
+def test_an_unpublished_quay_port_is_a_config_error_naming_it(tmp_path):
+    (tmp_path / "ssl.key").write_text("key")
+    with pytest.raises(ConfigError, match="HTTPS on 8443") as caught:
+        health_url(ContainerConfig(ports=["80:8080"]), tmp_path)
+    assert caught.value.exit_code == 78 and "health.url" in caught.value.hint
 
 
 def test_spec_hash_follows_every_setting_but_not_labels():
