@@ -116,19 +116,12 @@ def _load(args: argparse.Namespace, redactor):
 
 
 def cmd_fetch(args: argparse.Namespace, redactor) -> int:
-    from quay_bootstrap.pipeline import open_stack_store
-    from quay_bootstrap.stack.fetch import Fetcher
-    from quay_bootstrap.stack.plan import Limits
-    from quay_bootstrap.stores import open_source
+    from quay_bootstrap.pipeline import fetcher, open_stack_store
 
     cfg = _load(args, redactor)
     stack = cfg.stack
     store = open_stack_store(cfg, redactor.add)
-    fetcher = Fetcher(source=open_source(stack.source, stack, concurrency=stack.concurrency),
-                      store=store, limits=Limits(stack.max_files, stack.max_bytes),
-                      concurrency=stack.concurrency, deadline=stack.retry_deadline,
-                      keep_versions=stack.keep_versions, add_secrets=redactor.add)
-    result = fetcher.fetch()
+    result = fetcher(cfg, store, redactor.add).fetch()
     # Without a health check to wait for, a stack that validated and went live is the best
     # known; `run` narrows this to "Quay was healthy on it".
     store.mark_known_good(result.version)
@@ -250,7 +243,7 @@ def cmd_validate(args: argparse.Namespace, redactor) -> int:
     if args.stack:
         from quay_bootstrap.stack.fetch import check_local_stack
 
-        checked = check_local_stack(Path(args.stack))
+        checked = check_local_stack(Path(args.stack), cfg.container.env if explicit else {})
         redactor.add(checked.secrets)
         for where, what in checked.warnings:
             print(f"warning: {where}: {what}")

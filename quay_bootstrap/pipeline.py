@@ -138,17 +138,8 @@ class Pass:
         return value
 
     def _fetch(self) -> FetchResult:
-        stack = self.cfg.stack
-        key = ("source", stack.source, stack.endpoint_url, stack.region, stack.ca_bundle,
-               stack.concurrency)
-        if key not in self.cache:
-            self.cache[key] = open_source(stack.source, stack, concurrency=stack.concurrency)
-        fetcher = Fetcher(source=self.cache[key],
-                          store=self.store, limits=Limits(stack.max_files, stack.max_bytes),
-                          concurrency=stack.concurrency, deadline=stack.retry_deadline,
-                          keep_versions=stack.keep_versions, add_secrets=self.add_secrets,
-                          sleep=self.sleep, clock=self.clock)
-        return fetcher.fetch()
+        return fetcher(self.cfg, self.store, self.add_secrets, self.cache, self.sleep,
+                       self.clock).fetch()
 
     def _resolve(self) -> Resolved:
         return resolve_image(self.cfg, self.sleep, self.cache)
@@ -201,6 +192,22 @@ class Pass:
             raise
         docker.remove(old.id)
         return new_id
+
+
+def fetcher(cfg: Config, store: StackStore, add_secrets: Callable, cache: Optional[dict] = None,
+            sleep: Callable[[float], None] = time.sleep,
+            clock: Callable[[], float] = time.monotonic) -> Fetcher:
+    """The fetch of `cfg.stack` into `store`; its source client is kept in `cache`."""
+    stack = cfg.stack
+    cache = {} if cache is None else cache
+    key = ("source", stack.source, stack.endpoint_url, stack.region, stack.ca_bundle,
+           stack.concurrency)
+    if key not in cache:
+        cache[key] = open_source(stack.source, stack, concurrency=stack.concurrency)
+    return Fetcher(source=cache[key], store=store, limits=Limits(stack.max_files, stack.max_bytes),
+                   concurrency=stack.concurrency, deadline=stack.retry_deadline,
+                   keep_versions=stack.keep_versions, add_secrets=add_secrets, sleep=sleep,
+                   clock=clock, container_env=cfg.container.env)
 
 
 def open_stack_store(cfg: Config, add_secrets: Callable) -> StackStore:

@@ -6,9 +6,10 @@ import hashlib
 import shutil
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from types import MappingProxyType
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import structlog
 import tenacity
@@ -57,6 +58,7 @@ class Fetcher:
         add_secrets: called with the secrets found in the new config.yaml before anything is
             logged about it (the log redactor's `add`).
         sleep, clock: injected so tests and the daemon's stop event control waiting.
+        container_env: the environment Quay will run with (it may hold settings).
     """
 
     source: StackSource
@@ -68,6 +70,7 @@ class Fetcher:
     add_secrets: Callable = lambda values: None
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
+    container_env: Mapping[str, str] = field(default_factory=dict)
 
     def fetch(self) -> FetchResult:
         """Bring the live stack up to date with the source.
@@ -138,7 +141,8 @@ class Fetcher:
             self.store.write_manifest(version, manifest, self.source.url)
             return self._result(version, previous, False, plan, started)
         config = staging / "config.yaml"
-        checked = check_stack(list(manifest), config.read_bytes() if config.is_file() else None)
+        checked = check_stack(list(manifest), config.read_bytes() if config.is_file() else None,
+                              lambda name: (staging / name).read_bytes(), self.container_env)
         self.add_secrets(checked.secrets)
         # Operators debugging a node want to see the settings that go live; the redactor
         # masks the secrets among them.
@@ -221,10 +225,11 @@ def _report(checked: StackCheck, url: str) -> None:
                           problems=checked.errors)
 
 
-def check_local_stack(folder: Path) -> StackCheck:
+def check_local_stack(folder: Path, environ: Mapping[str, str] = MappingProxyType({})) -> StackCheck:
     """Validate a conf/stack folder on disk (for `quay-bootstrap validate --stack`)."""
     if not folder.is_dir():
         raise SourceError("not a directory", where=str(folder))
     names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     config = folder / "config.yaml"
-    return check_stack(names, config.read_bytes() if config.is_file() else None)
+    return check_stack(names, config.read_bytes() if config.is_file() else None,
+                       lambda name: (folder / name).read_bytes(), environ)

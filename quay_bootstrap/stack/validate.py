@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Collection, List, Optional, Set, Tuple
+from types import MappingProxyType
+from typing import Any, Callable, Collection, List, Mapping, Optional, Set, Tuple
 from urllib.parse import urlsplit
 
 import yaml
 
-# util/config/schema.py in quay/quay: keys Quay refuses to start without.
-REQUIRED_KEYS = (
-    "PREFERRED_URL_SCHEME", "SERVER_HOSTNAME", "DB_URI", "AUTHENTICATION_TYPE",
-    "DISTRIBUTED_STORAGE_CONFIG", "DISTRIBUTED_STORAGE_PREFERENCE", "BUILDLOGS_REDIS",
-    "USER_EVENTS_REDIS", "DEFAULT_TAG_EXPIRATION", "TAG_EXPIRATION_OPTIONS",
-)
+# What stops Quay from starting (quay-facts.md, "conf/stack"): config-tool's validation (run
+# by conf/init before anything else), boot.py's SETUP_COMPLETE and app.py's DATABASE_SECRET_KEY.
+# util/config/schema.py's required-key list is NOT enforced by Quay, so it is not used here.
+TAG_EXPIRATION_DEFAULTS = ("2w", ["0s", "1d", "1w", "2w", "4w"])
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*(:\d{1,5})?$")
 # Values under these key names are secret wherever they appear in config.yaml (quay-facts.md).
 _SECRET_NAME = re.compile(r"(secret|password|passwd|psk|^access_key$|_key$|token)", re.I)
 
@@ -32,12 +33,17 @@ class StackCheck:
         return not self.errors
 
 
-def check_stack(names: Collection[str], config_yaml: Optional[bytes]) -> StackCheck:
-    """Check a conf/stack from its file names and the bytes of its config.yaml.
+def check_stack(names: Collection[str], config_yaml: Optional[bytes],
+                read: Optional[Callable[[str], bytes]] = None,
+                environ: Mapping[str, str] = MappingProxyType({})) -> StackCheck:
+    """Check a conf/stack as Quay will at start: what would stop it is an error (the node must
+    not be moved onto it), what only degrades it is a warning.
 
     Args:
         names: every file path in the stack, relative to it.
         config_yaml: the content of config.yaml, or None when there is none.
+        read: reads another file of the stack (ssl.cert, ssl.key) for the TLS checks.
+        environ: the container's environment (container.env), which Quay also reads.
     """
     errors: List[Tuple[str, str]] = []
     warnings: List[Tuple[str, str]] = []
@@ -61,26 +67,107 @@ def check_stack(names: Collection[str], config_yaml: Optional[bytes]) -> StackCh
     secrets = stack_secrets(config)
     if not config:
         errors.append(("config.yaml", "is empty"))
-    for key in REQUIRED_KEYS:
-        if key not in config:
-            errors.append((f"config.yaml: {key}", "required by Quay's schema but missing"))
-    tls_here = (str(config.get("PREFERRED_URL_SCHEME", "")).lower() == "https"
-                and config.get("EXTERNAL_TLS_TERMINATION") is not True)
-    if tls_here:
-        for name in ("ssl.cert", "ssl.key"):
-            if name not in names:
-                errors.append((name, "missing: PREFERRED_URL_SCHEME is https and "
-                                     "EXTERNAL_TLS_TERMINATION is not true, so Quay "
-                                     "terminates TLS itself and needs it"))
-    if config.get("SETUP_COMPLETE") is not True:
-        warnings.append(("config.yaml: SETUP_COMPLETE", "is not true; Quay will show the "
-                                                         "setup screen"))
-    for key in ("SECRET_KEY", "DATABASE_SECRET_KEY"):
-        if not config.get(key):
-            warnings.append((f"config.yaml: {key}", "is missing; it must be set and the same "
-                                                    "on every node of the cluster"))
+    errors += _quay_refuses(config)
+    scheme = config.get("PREFERRED_URL_SCHEME", "http")
+    if scheme == "https" and config.get("EXTERNAL_TLS_TERMINATION") is not True:
+        missing = [name for name in ("ssl.cert", "ssl.key") if name not in names]
+        for name in missing:
+            errors.append((name, "missing: PREFERRED_URL_SCHEME is https and "
+                                 "EXTERNAL_TLS_TERMINATION is not true, so Quay "
+                                 "terminates TLS itself and needs it"))
+        if not missing and read is not None:
+            errors += _tls_problems(read("ssl.cert"), read("ssl.key"),
+                                    str(config.get("SERVER_HOSTNAME", "")))
+    if not config.get("SECRET_KEY"):
+        warnings.append(("config.yaml: SECRET_KEY", "is missing: every Quay process then makes "
+                         "its own random key and sessions break across nodes; set it, the same "
+                         "on every node"))
+    if "DISTRIBUTED_STORAGE_PREFERENCE" not in config and \
+            "QUAY_DISTRIBUTED_STORAGE_PREFERENCE" not in environ:
+        warnings.append(("config.yaml: DISTRIBUTED_STORAGE_PREFERENCE", "is missing (and "
+                         "container.env has no QUAY_DISTRIBUTED_STORAGE_PREFERENCE)"))
     return StackCheck(errors=tuple(errors), warnings=tuple(warnings), secrets=frozenset(secrets),
                       settings=config)
+
+
+def _quay_refuses(config: dict) -> List[Tuple[str, str]]:
+    """What config-tool or Quay's boot refuses, as (where, what) pairs."""
+    problems: List[Tuple[str, str]] = []
+
+    def refuse(key: str, what: str) -> None:
+        problems.append((f"config.yaml: {key}", what))
+
+    hostname = config.get("SERVER_HOSTNAME")
+    if not hostname:
+        refuse("SERVER_HOSTNAME", "is missing; Quay's config-tool refuses to start without it")
+    elif not isinstance(hostname, str) or not _HOSTNAME.match(hostname):
+        refuse("SERVER_HOSTNAME", "is not a valid host name (HOST or HOST:PORT)")
+    if config.get("PREFERRED_URL_SCHEME", "http") not in ("http", "https"):
+        refuse("PREFERRED_URL_SCHEME", "must be exactly http or https")
+    if not config.get("DB_URI"):
+        refuse("DB_URI", "is missing; Quay's config-tool refuses to start without it")
+    for key in ("BUILDLOGS_REDIS", "USER_EVENTS_REDIS"):
+        value = config.get(key)
+        if not isinstance(value, dict) or not value.get("host"):
+            refuse(key, "needs a `host`; Quay's config-tool refuses to start without it")
+    if not config.get("DISTRIBUTED_STORAGE_CONFIG"):
+        refuse("DISTRIBUTED_STORAGE_CONFIG", "is missing or empty; Quay needs a storage engine")
+    default, options = TAG_EXPIRATION_DEFAULTS
+    options = config.get("TAG_EXPIRATION_OPTIONS", options)
+    if config.get("DEFAULT_TAG_EXPIRATION", default) not in (options or []):
+        refuse("DEFAULT_TAG_EXPIRATION", f"must be one of TAG_EXPIRATION_OPTIONS {options}")
+    if config.get("SETUP_COMPLETE") is not True:
+        refuse("SETUP_COMPLETE", "is not true; Quay's boot stops (boot.py): finish the set-up "
+               "with the config tool and set it to true")
+    if not config.get("DATABASE_SECRET_KEY"):
+        refuse("DATABASE_SECRET_KEY", "is missing; Quay does not start without it (app.py): "
+               "set it, the same on every node, never changed once data is written")
+    return problems
+
+
+def _tls_problems(cert_pem: bytes, key_pem: bytes, server_hostname: str) -> List[Tuple[str, str]]:
+    """Whether ssl.cert and ssl.key go together and the certificate names SERVER_HOSTNAME, as
+    config-tool checks before Quay starts."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        return [("ssl.cert", "is not a PEM certificate")]
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return [("ssl.key", "is not an unencrypted PEM private key")]
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
+        return [("ssl.key", "does not match ssl.cert")]
+    host = server_hostname.rsplit(":", 1)[0] if server_hostname.count(":") == 1 \
+        else server_hostname
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = None
+    try:
+        address = ipaddress.ip_address(host)
+        ok = names is not None and address in names.get_values_for_type(x509.IPAddress)
+    except ValueError:
+        dns = names.get_values_for_type(x509.DNSName) if names is not None else []
+        ok = any(_host_matches(pattern, host) for pattern in dns)
+    if not ok:
+        return [("ssl.cert", f"is not valid for SERVER_HOSTNAME {host!r} (its subjectAltName "
+                             "must name it); Quay's config-tool refuses it")]
+    return []
+
+
+def _host_matches(pattern: str, host: str) -> bool:
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return "." in host and host.split(".", 1)[1] == pattern[2:]
+    return pattern == host
 
 
 def stack_secrets(config: Any) -> Set[str]:

@@ -35,7 +35,7 @@ def test_every_command_at_debug_level_keeps_secrets_out(agent, s3_backend, log_f
     s3_backend.put("config.yaml", yaml.safe_dump({"DB_URI": f"mysql://u:{SECRETS['db']}@h/q",
                                                   "SECRET_KEY": SECRETS["secret_key"]}).encode())
     code, text = outputs(agent, "fetch", log_format=log_format)
-    assert code == 78 and "SERVER_HOSTNAME: required" in text
+    assert code == 78 and "SERVER_HOSTNAME: is missing" in text
     everything = "\n".join(seen + [text])
     assert "stack.applied" in everything  # debug output was really produced
     for name, value in SECRETS.items():

@@ -17,8 +17,34 @@ SECRETS = {
     "psk": "ScannerPsk-c0ffee",
     "client_secret": "GithubClientSecret-abc123",
 }
-SSL_KEY = ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC-private-key-body-"
-           "Zm9vYmFy\n-----END PRIVATE KEY-----\n")
+
+
+def tls_pair(hostname: str = "quay.example.com") -> Dict[str, bytes]:
+    """A self-signed ssl.cert/ssl.key for HOSTNAME, as Quay's config-tool accepts them."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return {"ssl.cert": cert.public_bytes(serialization.Encoding.PEM),
+            "ssl.key": key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())}
+
+
+TLS = tls_pair()
+SSL_KEY = TLS["ssl.key"].decode()
 
 
 def quay_config(**overrides) -> Dict:
@@ -52,8 +78,8 @@ def sample_stack(**overrides) -> Dict[str, bytes]:
     """21 files: config.yaml, TLS pair, CA bundle folder, LDAP CA, robots.txt, favicon."""
     files = {
         "config.yaml": yaml.safe_dump(quay_config(**overrides)).encode(),
-        "ssl.cert": b"-----BEGIN CERTIFICATE-----\nMIIcert\n-----END CERTIFICATE-----\n",
-        "ssl.key": SSL_KEY.encode(),
+        "ssl.cert": TLS["ssl.cert"],
+        "ssl.key": TLS["ssl.key"],
         "ldap.crt": b"-----BEGIN CERTIFICATE-----\nMIIldap\n-----END CERTIFICATE-----\n",
         "robots.txt": b"User-agent: *\nDisallow: /\n",
         "favicon.ico": bytes(range(256)) * 4,

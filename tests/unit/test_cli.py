@@ -70,7 +70,7 @@ def test_validate_a_local_stack_changes_nothing(tmp_path, capsys, monkeypatch):
     before = sorted(p.name for p in tmp_path.rglob("*"))
     assert main(["validate", "--stack", str(stack)]) == EXIT_CONFIG
     err = capsys.readouterr().err
-    assert "DB_URI: required by Quay's schema but missing" in err
+    assert "DB_URI: is missing; Quay's config-tool refuses to start without it" in err
     assert "ssl.cert: missing" in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 

@@ -2,7 +2,8 @@
 import pytest
 import yaml
 
-from quay_bootstrap.stack.validate import REQUIRED_KEYS, check_stack, stack_secrets
+from quay_bootstrap.stack.validate import check_stack, stack_secrets
+from tests.testbed.stacks import tls_pair
 
 GOOD = {
     "PREFERRED_URL_SCHEME": "https", "SERVER_HOSTNAME": "quay.example.com",
@@ -27,11 +28,77 @@ def test_good_stack_passes_without_warnings():
     assert checked.ok and not checked.warnings
 
 
-@pytest.mark.parametrize("key", REQUIRED_KEYS)
-def test_each_required_key(key):
-    config = {k: v for k, v in GOOD.items() if k != key}
+# What stops Quay at start (quay-facts.md, "conf/stack"): each one alone is an error.
+@pytest.mark.parametrize("change, key, says", [
+    ({"SERVER_HOSTNAME": None}, "SERVER_HOSTNAME", "is missing"),
+    ({"SERVER_HOSTNAME": "quay example.com"}, "SERVER_HOSTNAME", "not a valid host name"),
+    ({"PREFERRED_URL_SCHEME": "HTTPS"}, "PREFERRED_URL_SCHEME", "exactly http or https"),
+    ({"DB_URI": None}, "DB_URI", "is missing"),
+    ({"BUILDLOGS_REDIS": {"port": 6379}}, "BUILDLOGS_REDIS", "needs a `host`"),
+    ({"USER_EVENTS_REDIS": None}, "USER_EVENTS_REDIS", "needs a `host`"),
+    ({"DISTRIBUTED_STORAGE_CONFIG": {}}, "DISTRIBUTED_STORAGE_CONFIG", "missing or empty"),
+    ({"DEFAULT_TAG_EXPIRATION": "3w"}, "DEFAULT_TAG_EXPIRATION", "one of TAG_EXPIRATION_OPTIONS"),
+    ({"SETUP_COMPLETE": False}, "SETUP_COMPLETE", "is not true"),
+    ({"SETUP_COMPLETE": None}, "SETUP_COMPLETE", "is not true"),
+    ({"DATABASE_SECRET_KEY": None}, "DATABASE_SECRET_KEY", "is missing"),
+])
+def test_what_stops_quay_is_an_error(change, key, says):
+    config = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
     checked = check_stack(FILES, dump(config))
-    assert checked.errors == ((f"config.yaml: {key}", "required by Quay's schema but missing"),)
+    assert [(where, says in what) for where, what in checked.errors] == [(f"config.yaml: {key}",
+                                                                         True)]
+
+
+@pytest.mark.parametrize("key", ["AUTHENTICATION_TYPE", "DEFAULT_TAG_EXPIRATION",
+                                 "TAG_EXPIRATION_OPTIONS", "PREFERRED_URL_SCHEME"])
+def test_keys_quay_has_defaults_for_are_not_required(key):
+    config = {k: v for k, v in GOOD.items() if k != key}
+    if key == "PREFERRED_URL_SCHEME":  # http by default: no TLS pair needed
+        assert check_stack(["config.yaml"], dump(config)).ok
+    else:
+        assert check_stack(FILES, dump(config)).ok
+
+
+def _read(files):
+    return lambda name: files[name]
+
+
+def test_a_matching_certificate_for_server_hostname_passes():
+    pair = tls_pair("quay.example.com")
+    assert check_stack(FILES, dump(GOOD), _read(pair)).ok
+    assert check_stack(FILES, dump({**GOOD, "SERVER_HOSTNAME": "quay.example.com:8443"}),
+                       _read(pair)).ok
+
+
+def test_a_wildcard_certificate_names_one_label_only():
+    pair = tls_pair("*.example.com")
+    assert check_stack(FILES, dump(GOOD), _read(pair)).ok
+    checked = check_stack(FILES, dump({**GOOD, "SERVER_HOSTNAME": "a.quay.example.com"}),
+                          _read(pair))
+    assert [w for w, _ in checked.errors] == ["ssl.cert"]
+
+
+def test_a_certificate_for_another_host_is_an_error_naming_server_hostname():
+    checked = check_stack(FILES, dump(GOOD), _read(tls_pair("registry.example.org")))
+    assert checked.errors == (("ssl.cert", "is not valid for SERVER_HOSTNAME 'quay.example.com' "
+                                           "(its subjectAltName must name it); Quay's "
+                                           "config-tool refuses it"),)
+
+
+def test_a_key_that_does_not_match_the_certificate_is_an_error():
+    cert = tls_pair()["ssl.cert"]
+    other_key = tls_pair()["ssl.key"]
+    checked = check_stack(FILES, dump(GOOD), _read({"ssl.cert": cert, "ssl.key": other_key}))
+    assert checked.errors == (("ssl.key", "does not match ssl.cert"),)
+
+
+@pytest.mark.parametrize("files, where", [
+    ({"ssl.cert": b"not a cert", "ssl.key": b"k"}, "ssl.cert"),
+    ({"ssl.cert": tls_pair()["ssl.cert"], "ssl.key": b"-----BEGIN PRIVATE KEY-----\nx\n"},
+     "ssl.key"),
+])
+def test_unreadable_tls_files_are_errors(files, where):
+    assert [w for w, _ in check_stack(FILES, dump(GOOD), _read(files)).errors] == [where]
 
 
 def test_tls_files_required_only_when_quay_terminates_tls():
@@ -59,12 +126,19 @@ def test_missing_config_points_at_a_nested_one():
 
 
 def test_warnings_do_not_block():
-    config = {k: v for k, v in GOOD.items() if k not in ("SECRET_KEY", "DATABASE_SECRET_KEY")}
-    checked = check_stack(FILES, dump({**config, "SETUP_COMPLETE": False}))
+    config = {k: v for k, v in GOOD.items()
+              if k not in ("SECRET_KEY", "DISTRIBUTED_STORAGE_PREFERENCE")}
+    checked = check_stack(FILES, dump(config))
     assert checked.ok
-    assert [w for w, _ in checked.warnings] == ["config.yaml: SETUP_COMPLETE",
-                                                "config.yaml: SECRET_KEY",
-                                                "config.yaml: DATABASE_SECRET_KEY"]
+    assert [w for w, _ in checked.warnings] == ["config.yaml: SECRET_KEY",
+                                                "config.yaml: DISTRIBUTED_STORAGE_PREFERENCE"]
+
+
+def test_the_storage_preference_may_come_from_the_container_s_environment():
+    config = {k: v for k, v in GOOD.items() if k != "DISTRIBUTED_STORAGE_PREFERENCE"}
+    checked = check_stack(FILES, dump(config),
+                          environ={"QUAY_DISTRIBUTED_STORAGE_PREFERENCE": "default"})
+    assert checked.ok and not checked.warnings
 
 
 def test_secrets_found_everywhere_quay_keeps_them():
