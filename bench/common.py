@@ -143,6 +143,9 @@ print(json.dumps({"exit": os.waitstatus_to_exitcode(status), "wall_s": wall,
 """
 
 
+LAUNCHED: list[Launched] = []  # every one, so a failed benchmark leaves none running
+
+
 class Launched:
     """argv under the launcher, stdout and stderr to PREFIX.out and PREFIX.err. `pid()` is the
     command's own PID (the launcher's child), to read it live or stop it."""
@@ -153,6 +156,7 @@ class Launched:
                                       str(self.err), *argv], env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._pid: int | None = None
+        LAUNCHED.append(self)
 
     def pid(self) -> int:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
@@ -460,7 +464,8 @@ class Bed:
 
     def close(self) -> None:
         notes = []
-        for what, undo in (("events", lambda: self.events and self.events.close()),
+        for what, undo in (("agents", lambda: [p.stop() for p in LAUNCHED if p.alive()]),
+                           ("events", lambda: self.events and self.events.close()),
                            ("containers", self._remove_containers),
                            ("image", lambda: self.image and not self.ours
                             and self.docker().images.remove(self.image)),
