@@ -39,6 +39,26 @@ def instance_id(environ=os.environ, timeout: float = 1.0) -> Optional[str]:
     return imds_get("/latest/meta-data/instance-id", environ, timeout)
 
 
+def node_id(cfg, environ=os.environ, machine_id: str = "/etc/machine-id") -> str:
+    """This node's name in leases and the canary record: the cloud instance id (asked only
+    when report.autoscaling allows AWS), else /etc/machine-id, then the container's name (two
+    agents on one machine are two nodes). Host names collide on cloned VMs; these do not."""
+    found = instance_id(environ) if cfg.report.autoscaling is not False else None
+    if not found:
+        try:
+            found = open(machine_id, encoding="ascii").read().strip() or None
+        except OSError:
+            found = None
+    if not found:
+        import socket
+
+        found = socket.gethostname()
+        log.warning("node.no_machine_id", path=machine_id, using=found,
+                    hint="cloned machines must get a machine id of their own "
+                         "(systemd-machine-id-setup)")
+    return f"{found}:{cfg.container.name}"
+
+
 class AutoScaling:
     """Marks this instance Unhealthy in its Auto Scaling group, so the group replaces it."""
 

@@ -222,7 +222,8 @@ class ReportConfig(_Section):
 
 class RolloutConfig(_Section):
     max_unavailable: PositiveInt = 1
-    lease_ttl: Duration = 600.0
+    # Renewed while held, so it only bounds how long a node that died mid-roll blocks the others.
+    lease_ttl: PositiveDuration = 600.0
 
 
 class LoggingConfig(_Section):
@@ -248,6 +249,12 @@ class Config(_Section):
                 k.startswith("net.") for k in self.container.sysctls or {}):
             raise ValueError("container.sysctls: net.* sysctls cannot be set with network_mode "
                              "host; remove them or use the default bridge network")
+        # A lease must outlive a replacement (stop, then Quay's start), or a second node could
+        # take the slot while this one is still down.
+        floor = self.container.stop_timeout + self.health.start_period
+        if self.rollout.lease_ttl <= floor:
+            raise ValueError(f"rollout.lease_ttl ({self.rollout.lease_ttl:g}s) must be longer "
+                             f"than container.stop_timeout + health.start_period ({floor:g}s)")
         return self
 
 

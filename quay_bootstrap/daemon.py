@@ -3,7 +3,6 @@ owner until SIGTERM, which leaves Quay running."""
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 import time
 from dataclasses import replace
@@ -38,6 +37,7 @@ class Daemon:
                  clock: Callable[[], float] = time.monotonic, board=None, systemd=None,
                  escalation=None, roll=None) -> None:
         from quay_bootstrap import health, stores
+        from quay_bootstrap.aws import node_id
         from quay_bootstrap.escalation import Escalation, targets_from_config
         from quay_bootstrap.rollout import Roll
 
@@ -48,8 +48,7 @@ class Daemon:
         self.board = board or status.Board(cfg.report.state_file)
         self.escalation = escalation or Escalation(lambda: targets_from_config(self.cfg),
                                                    self.board.update)
-        self.roll = roll or Roll(stores.open_leases, f"{socket.gethostname()}:{cfg.container.name}",
-                                 self._sleep)
+        self.roll = roll or Roll(stores.open_leases, node_id(cfg), self._sleep)
         self.prober = health.Prober(lambda: (self.cfg, self.live.health_url), self.events.put, stop,
                                     observe=self.board.m_probe.observe, clock=clock)
         self.state = watchdog.State()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Set, Tuple
 
 import structlog
@@ -60,6 +60,7 @@ class Budget:
     slots: int
     ttl: float
     clock: Callable[[], float] = time.time
+    _released: Dict[int, object] = field(default_factory=dict, repr=False)
 
     def try_acquire(self, reason: str = "") -> Optional[int]:
         """Take a free or expired slot; the slot number, or None when all are held."""
@@ -98,10 +99,45 @@ class Budget:
                 waited = True
             sleep(poll)
 
+    def keep(self, slot: int, reason: str = "") -> None:
+        """Renew the slot's lease every third of `ttl` until it is released, from a thread of
+        its own, so a roll that takes longer than `ttl` (a slow start, a rollback) is never
+        taken over while this node is alive; a dead node's lease still runs out."""
+        import threading
+
+        released = threading.Event()
+        self._released[slot] = released
+
+        def renew() -> None:
+            while not released.wait(self.ttl / 3):
+                try:
+                    if not self.renew(slot, reason):
+                        return
+                except Exception as err:  # noqa: BLE001 - tried again in a third of ttl
+                    log.warning("rollout.lease_renew_failed", slot=slot, error=str(err))
+
+        threading.Thread(target=renew, name=f"lease-{slot}", daemon=True).start()
+
+    def renew(self, slot: int, reason: str = "") -> bool:
+        """Push the lease's expiry `ttl` ahead; False when it is no longer this node's."""
+        key = f"lease-{slot}"
+        got = self.store.get(key)
+        current = None if got is None else LeaseBody.decode(got[0])
+        body = LeaseBody(self.me, self.clock() + self.ttl, reason).encode()
+        if current is None or current.holder != self.me or \
+                not self.store.replace(key, body, got[1]):
+            log.error("rollout.lease_lost", slot=slot, holder=self.me,
+                      now_held_by=current.holder if current else None)
+            return False
+        log.debug("rollout.lease_renewed", slot=slot)
+        return True
+
     def release(self, slot: int) -> None:
         """Give the slot back; a store that keeps failing leaves it to expire after `ttl`."""
         import tenacity
 
+        if slot in self._released:
+            self._released.pop(slot).set()
         key = f"lease-{slot}"
         try:
             for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(3),
@@ -192,6 +228,7 @@ class Roll:
                         self.clock)
         slot = budget.acquire(f"{why}: {action.reason}", self.sleep, self.poll)
         try:
+            budget.keep(slot, f"{why}: {action.reason}")
             log.info("rollout.replacing", why=why, reason=action.reason,
                      canary=canary == "canary", version=key[0], image=key[1])
             touching()

@@ -1,6 +1,7 @@
 """Durations and sizes as operators write them ("30s", "1h30m", "64MiB"), read into numbers."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -34,6 +35,8 @@ def parse_duration(value: Any) -> float:
                 ) from None
     else:
         raise ValueError("expected a duration such as 30s, 5m, 1h or a number of seconds")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds

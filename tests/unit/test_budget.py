@@ -102,3 +102,40 @@ def test_the_budget_on_directory_leases(tmp_path):
     assert b.try_acquire() == 0
     a.release(0)
     assert LeaseBody.decode(leases.get("lease-0")[0]).holder == "b"
+
+
+def test_a_held_lease_is_renewed_and_never_taken_over_while_its_holder_lives(tmp_path):
+    """Real time, a 0.3 s lease held for 1.2 s: the other node never gets the slot."""
+    import time
+
+    store = FileLeases(f"file://{tmp_path}")
+    mine = Budget(store, "node-a", slots=1, ttl=0.3)
+    other = Budget(store, "node-b", slots=1, ttl=0.3)
+    slot = mine.try_acquire("roll")
+    mine.keep(slot, "roll")
+    until = time.time() + 1.2
+    while time.time() < until:
+        assert other.try_acquire("roll") is None
+        time.sleep(0.05)
+    mine.release(slot)
+    assert other.try_acquire("roll") == 0
+
+
+def test_a_lease_whose_holder_stopped_renewing_expires(tmp_path):
+    import time
+
+    store = FileLeases(f"file://{tmp_path}")
+    Budget(store, "dead", slots=1, ttl=0.2).try_acquire("roll")  # never kept, never released
+    time.sleep(0.3)
+    assert Budget(store, "alive", slots=1, ttl=0.2).try_acquire("roll") == 0
+
+
+def test_renewing_a_lease_someone_else_took_says_so():
+    store = MemoryStore()
+    clock = [100.0]
+    mine = Budget(store, "a", slots=1, ttl=10, clock=lambda: clock[0])
+    slot = mine.try_acquire()
+    clock[0] += 11  # stalled past its own expiry; b takes over
+    assert Budget(store, "b", slots=1, ttl=10, clock=lambda: clock[0]).try_acquire() == slot
+    assert mine.renew(slot) is False
+    assert LeaseBody.decode(store.get("lease-0")[0]).holder == "b"

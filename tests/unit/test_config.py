@@ -142,3 +142,36 @@ def test_the_lock_must_name_an_object():
     with pytest.raises(ConfigError) as caught:
         parse_config(text)
     assert "names a bucket" in dict(caught.value.problems)["image.lock"]
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "-inf", "1e999"])
+def test_durations_must_be_finite(text):
+    with pytest.raises(ValueError, match="finite"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("rollout, ok", [
+    ("{lease_ttl: 10m}", True),
+    ("{lease_ttl: 0}", False),
+    ("{lease_ttl: inf}", False),
+    ("{lease_ttl: 5m}", False),  # not above stop_timeout 30s + start_period 300s
+    ("{lease_ttl: 331s}", True),
+])
+def test_lease_ttl_outlives_a_replacement(rollout, ok):
+    text = MINIMAL + f"rollout: {rollout}\n"
+    if ok:
+        assert parse_config(text).rollout.lease_ttl > 330
+    else:
+        with pytest.raises(ConfigError) as caught:
+            parse_config(text)
+        assert "lease_ttl" in str(caught.value)
+
+
+def test_the_node_id_is_the_instance_id_else_the_machine_id(tmp_path):
+    from quay_bootstrap.aws import node_id
+
+    machine = tmp_path / "machine-id"
+    machine.write_text("0123456789abcdef\n")
+    off_aws = parse_config(MINIMAL + "report: {autoscaling: false}\n")
+    # autoscaling false: the metadata service is never asked, the machine id names the node.
+    assert node_id(off_aws, environ={}, machine_id=str(machine)) == "0123456789abcdef:quay"
