@@ -168,6 +168,26 @@ def plan_restart(found: Optional[Observed], recreate: bool = False,
     return "start", ("start",)
 
 
+def plan_recovery(current: Optional[Observed],
+                  asides: Dict[str, Observed]) -> Tuple[Optional[str], List[str]]:
+    """What to do with `NAME-previous-*` containers a replacement left when it was cut off.
+
+    A replacement stops the old Quay, renames it aside, creates the new one, then removes the
+    old. Killed before the new one exists, the aside one is the only Quay: it is renamed back
+    (the newest, if several). Once the new one runs, the aside ones are stale. In between (the
+    new one created but not running) they are kept: they may yet be needed.
+
+    Returns (the aside to rename back, the asides to remove); only managed ones are touched.
+    """
+    ours = sorted((name for name, found in asides.items()
+                   if found.labels.get(MANAGED) == "true"), reverse=True)
+    if current is None and ours:
+        return ours[0], ours[1:]
+    if current is not None and current.status == "running":
+        return None, [name for name in ours if asides[name].status != "running"]
+    return None, []
+
+
 _PORT_IN_USE = re.compile(r"(?:Bind for |listen tcp\d? )(\S+?):? (?:failed|bind)")
 
 
@@ -232,13 +252,20 @@ class Docker:
     def remove(self, container_id: str) -> None:
         self.client.api.remove_container(container_id, force=True, v=True)
 
-    def remove_stale_previous(self, name: str) -> None:
-        """Remove stopped `NAME-previous-*` containers a replacement interrupted by a crash left."""
-        for item in self.client.containers.list(all=True, filters={"name": f"{name}-previous-"}):
-            if item.labels.get(MANAGED) == "true" and item.status != "running" and \
-                    item.name.startswith(f"{name}-previous-"):
-                log.info("container.remove_stale", name=item.name)
-                item.remove(force=True, v=True)
+    def recover(self, name: str) -> None:
+        """Finish a replacement the agent was killed in the middle of (see plan_recovery)."""
+        asides = {item.name: Observed(item.id, item.status, dict(item.labels or {}))
+                  for item in self.client.containers.list(
+                      all=True, filters={"name": f"{name}-previous-"})
+                  if item.name.startswith(f"{name}-previous-")}
+        restore, remove = plan_recovery(self.find(name), asides)
+        if restore:
+            log.warning("container.restored_aside", name=restore, to=name,
+                        why="a replacement was cut off before the new Quay was created")
+            self.rename(asides[restore].id, name)
+        for aside in remove:
+            log.info("container.remove_stale", name=aside)
+            self.remove(asides[aside].id)
 
     def restart_quay(self, spec: Spec, recreate: bool, exited: bool,
                      expect: Callable[[Tuple[str, ...]], None]) -> Optional[str]:

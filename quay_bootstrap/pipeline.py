@@ -154,11 +154,12 @@ class Pass:
         """Make the container `spec` (with what `decide` found, when already asked); records
         the stack version it mounts as in use."""
         action, container_id = self._reconcile(docker, spec, decided)
+        docker.recover(spec.name)  # asides an interrupted replacement kept until Quay ran
         self.store.mark_in_use(spec.labels[STACK_VERSION])
         return action, container_id
 
     def _reconcile(self, docker: Docker, spec: Spec, decided) -> Tuple[Action, str]:
-        docker.remove_stale_previous(spec.name)
+        docker.recover(spec.name)
         found, action = decided or (docker.find(spec.name), None)
         action = action or decide(found, spec, self.cfg.container.adopt_unmanaged)
         log.info("container.reconcile", action=action.kind, reason=action.reason,

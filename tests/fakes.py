@@ -21,7 +21,7 @@ import structlog.testing
 
 from quay_bootstrap import health
 from quay_bootstrap.config import Config, parse_config
-from quay_bootstrap.container import MANAGED, Observed, Spec, build_spec, plan_restart
+from quay_bootstrap.container import MANAGED, Observed, Spec, build_spec, plan_recovery, plan_restart
 from quay_bootstrap.pipeline import Outcome, Pass
 from quay_bootstrap.rollout import LeaseBody
 
@@ -173,12 +173,16 @@ class FakeDocker(_Loud):
             self._emit(found, "die", 137)
         self._emit(found, "destroy")
 
-    def remove_stale_previous(self, name: str) -> None:
-        self._call("remove_stale_previous", name)
-        for found in list(self.containers.values()):
-            if found.name.startswith(f"{name}-previous-") and found.status != "running" and \
-                    found.labels.get(MANAGED) == "true":
-                self.remove(found.id)
+    def recover(self, name: str) -> None:
+        self._call("recover", name)
+        asides = {found.name: Observed(found.id, found.status, dict(found.labels))
+                  for found in self.containers.values()
+                  if found.name.startswith(f"{name}-previous-")}
+        restore, remove = plan_recovery(self.find(name), asides)
+        if restore:
+            self.rename(asides[restore].id, name)
+        for aside in remove:
+            self.remove(asides[aside].id)
 
     def running(self, container_id: str) -> bool:
         self._call("running", container_id)

@@ -247,3 +247,31 @@ def test_replacements_remove_the_old_container_s_anonymous_volumes(node):
     after = volumes()
     assert len(after) == len(before), f"volumes leaked: {sorted(after - before)}"
     assert not set(mounted) & after  # the first container's volumes went with it
+
+
+KILL_POINTS = [("stack.done", 0.0), ("lock.done", 0.0), ("image.done", 0.0)] + [
+    ("container.reconcile", i * 0.02) for i in range(20)]
+
+
+def test_kill_9_anywhere_in_a_replacement_leaves_a_quay_after_the_next_start(node):
+    """SIGKILL the agent at 23 points of a replacement (from the fetch to the health wait): the
+    next start always ends with one running Quay and no container left aside."""
+    import signal
+    import time
+
+    healthy_run(node)
+    for round_, (event, delay) in enumerate(KILL_POINTS):
+        node.configure(container={"env": {"PORT": str(node.port), "ROUND": str(round_)}})
+        proc = node.agent.spawn("run", "--once")
+        for line in proc.stderr:
+            if f'"{event}"' in line:
+                break
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        out, _ = healthy_run(node)  # the next start
+        running = [c for c in node.docker.containers.list(all=True)
+                   if c.name.startswith(node.name)]
+        assert [(c.name, c.status) for c in running] == [(node.name, "running")], \
+            (event, delay, out)
+        assert node.found().attrs["Config"]["Env"].count(f"ROUND={round_}") == 1

@@ -16,6 +16,7 @@ from quay_bootstrap.container import (
     decide,
     health_url,
     parse_ports,
+    plan_recovery,
 )
 from quay_bootstrap.errors import ConfigError
 
@@ -101,3 +102,27 @@ def observed(status="running", **labels):
 def test_decide(found, adopt, kind, reason):
     action = decide(found, spec(), adopt)
     assert action.kind == kind and reason in action.reason
+
+
+def _found(status, managed=True):
+    return Observed("id-" + status, status, {MANAGED: "true"} if managed else {})
+
+
+# A replacement: stop old, rename it NAME-previous-T, create new, start new, remove old. Killed
+# anywhere in between, the next start must leave a Quay.
+@pytest.mark.parametrize("current, asides, restore, remove", [
+    # killed after the rename, before the create: the aside one is the only Quay
+    (None, {"quay-previous-100": _found("exited")}, "quay-previous-100", []),
+    # two interrupted replacements: the newest aside comes back, the older goes
+    (None, {"quay-previous-100": _found("exited"), "quay-previous-200": _found("exited")},
+     "quay-previous-200", ["quay-previous-100"]),
+    # the new one is created but not running yet: keep the aside, it may be needed
+    (_found("created"), {"quay-previous-100": _found("exited")}, None, []),
+    # the new one runs: the aside is stale
+    (_found("running"), {"quay-previous-100": _found("exited")}, None, ["quay-previous-100"]),
+    # a stranger's container is never touched
+    (None, {"quay-previous-100": _found("exited", managed=False)}, None, []),
+    (None, {}, None, []),
+])
+def test_recovery_from_a_replacement_cut_off_half_way(current, asides, restore, remove):
+    assert plan_recovery(current, asides) == (restore, remove)
