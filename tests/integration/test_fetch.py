@@ -1,5 +1,10 @@
 """`quay-bootstrap fetch` against real stores: what lands on disk, and that bad input never costs
-the live stack."""
+the live stack.
+
+S3 runs on two servers: moto and SeaweedFS (a real S3-compatible store that checks signatures,
+keeps connections alive and refuses or rewrites some keys moto accepts). Tests that need a feature
+only moto has (IAM enforcement) say so in their name or docstring.
+"""
 from __future__ import annotations
 
 import json
@@ -15,7 +20,23 @@ import pytest
 import yaml
 
 from tests.integration.faulty_proxy import Fault, FaultyProxy
+from tests.integration.stores_fixtures import CA_VARIABLES, StoreProxy
 from tests.testbed.stacks import quay_config, sample_stack
+
+# seaweedfs_backend, s3_store (moto and SeaweedFS), seaweedfs_tls
+pytest_plugins = ["tests.integration.stores_fixtures"]
+
+
+@pytest.fixture(params=["s3", "seaweedfs", "gcs", "file"])
+def backend(request):
+    """The same behaviour on every kind of store; S3 on moto ("s3") and on SeaweedFS."""
+    return request.getfixturevalue(f"{request.param}_backend")
+
+
+@pytest.fixture(params=["s3", "seaweedfs", "gcs"])
+def cloud_backend(request):
+    """The same behaviour on every object store (not a directory); S3 on moto and SeaweedFS."""
+    return request.getfixturevalue(f"{request.param}_backend")
 
 
 def applied(agent, backend, files=None, **stack):
@@ -112,6 +133,7 @@ def refused(agent, *, code, says):
 @pytest.mark.parametrize("kind,bad_key,why", [
     ("s3", "../escape.yaml", "'..'"),  # the GCS emulator normalises '..'; a directory can't hold it
     ("s3", "ctl\x01.crt", "control character"),
+    ("seaweedfs", "ctl\x01.crt", "control character"),  # it refuses '..' and turns '\\' into '/'
     ("gcs", "ctl\x01.crt", "control character"),
     ("s3", "a\\b.crt", "backslash"),
     ("gcs", "a\\b.crt", "backslash"),
@@ -145,8 +167,8 @@ def test_empty_prefix_names_the_url(agent, backend):
                                  "Check the bucket and prefix"])
 
 
-def test_access_denied_names_the_url_and_what_to_check(agent, s3_backend, tmp_path):
-    """A second moto that enforces IAM answers a real 403 to unknown credentials."""
+def test_access_denied_names_the_url_and_what_to_check_moto_iam(agent, s3_backend, tmp_path):
+    """moto only: a second moto that enforces IAM answers a real 403 to unknown credentials."""
     applied(agent, s3_backend)
     moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
     with socket.socket() as probe:
@@ -172,6 +194,14 @@ def test_access_denied_names_the_url_and_what_to_check(agent, s3_backend, tmp_pa
         proc.wait(timeout=10)
 
 
+def test_unknown_keys_are_access_denied_on_seaweedfs(agent, seaweedfs_backend, monkeypatch):
+    """SeaweedFS checks every signature: keys it does not know get InvalidAccessKeyId (403)."""
+    applied(agent, seaweedfs_backend)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-seaweedfs-key")
+    refused(agent, code=1, says=["access denied to the stack (InvalidAccessKeyId)",
+                                 seaweedfs_backend.url, "s3:ListBucket and s3:GetObject"])
+
+
 @pytest.mark.parametrize("limit,says", [
     ({"max_files": 21}, "22 files, more than stack.max_files (21)"),
     ({"max_bytes": "2KiB"}, "more than stack.max_bytes (2048)"),
@@ -184,12 +214,12 @@ def test_over_the_limits(agent, backend, limit, says):
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "truncate"])
-def test_a_bad_download_is_retried_then_succeeds(agent, s3_backend, kind):
+def test_a_bad_download_is_retried_then_succeeds(agent, s3_store, kind):
     files = sample_stack()
-    s3_backend.upload(files)
-    with FaultyProxy(s3_backend.stack_options["endpoint_url"],
-                     [Fault("robots.txt", kind, times=2)]) as proxy:
-        agent.write_config(s3_backend, endpoint_url=proxy.url)
+    s3_store.upload(files)
+    with StoreProxy(s3_store.stack_options["endpoint_url"],
+                    [Fault("robots.txt", kind, times=2)]) as proxy:
+        agent.write_config(s3_store, endpoint_url=proxy.url)
         code, _, err = agent.run("fetch")
     assert code == 0, err
     assert agent.live()[1] == files
@@ -199,12 +229,12 @@ def test_a_bad_download_is_retried_then_succeeds(agent, s3_backend, kind):
 @pytest.mark.parametrize("with_sha256,kind", [(False, "corrupt"), (True, "corrupt"),
                                              (False, "truncate")],
                          ids=["etag-md5", "checksum-sha256", "truncated"])
-def test_a_download_that_never_matches_is_refused(agent, s3_backend, with_sha256, kind):
-    version, _ = applied(agent, s3_backend)
-    s3_backend.put("ssl.cert", b"-----BEGIN CERTIFICATE-----\nnew\n", sha256=with_sha256)
-    with FaultyProxy(s3_backend.stack_options["endpoint_url"],
-                     [Fault("ssl.cert", kind, times=99)]) as proxy:
-        agent.write_config(s3_backend, endpoint_url=proxy.url)
+def test_a_download_that_never_matches_is_refused(agent, s3_store, with_sha256, kind):
+    version, _ = applied(agent, s3_store)
+    s3_store.put("ssl.cert", b"-----BEGIN CERTIFICATE-----\nnew\n", sha256=with_sha256)
+    with StoreProxy(s3_store.stack_options["endpoint_url"],
+                    [Fault("ssl.cert", kind, times=99)]) as proxy:
+        agent.write_config(s3_store, endpoint_url=proxy.url)
         refused(agent, code=1, says=["'ssl.cert' did not match the store's checksum after 3",
                                      "re-upload"])
 
@@ -217,12 +247,12 @@ def test_gcs_corruption_is_caught_by_its_md5(agent, gcs_backend, gcs_endpoint, m
         refused(agent, code=1, says=["'ssl.cert' did not match the store's checksum"])
 
 
-def test_an_overloaded_store_is_retried_with_backoff(agent, s3_backend):
+def test_an_overloaded_store_is_retried_with_backoff(agent, s3_store):
     files = sample_stack()
-    s3_backend.upload(files)
-    with FaultyProxy(s3_backend.stack_options["endpoint_url"],
-                     [Fault("list-type=2", "status", times=2)]) as proxy:
-        agent.write_config(s3_backend, endpoint_url=proxy.url, retry_deadline="30s")
+    s3_store.upload(files)
+    with StoreProxy(s3_store.stack_options["endpoint_url"],
+                    [Fault("list-type=2", "status", times=2)]) as proxy:
+        agent.write_config(s3_store, endpoint_url=proxy.url, retry_deadline="30s")
         code, _, err = agent.run("fetch")
     assert code == 0, err
     assert agent.live()[1] == files
@@ -251,7 +281,7 @@ def test_an_unreachable_store_gives_69_within_the_deadline(agent, cloud_backend,
     ({"config.yaml": b"SERVER_HOSTNAME: [unclosed\n"}, "is not valid YAML"),
     ({"config.yaml": b"- a\n- list\n"}, "must be a YAML mapping"),
     ({"config.yaml": yaml.safe_dump({k: v for k, v in quay_config().items()
-                                     if k != "DB_URI"}).encode()}, "DB_URI: required"),
+                                     if k != "DB_URI"}).encode()}, "DB_URI: is missing"),
     ({"ssl.key": None}, "ssl.key: missing: PREFERRED_URL_SCHEME is https"),
 ])
 def test_an_invalid_stack_is_never_applied(agent, backend, change, says):
@@ -277,12 +307,12 @@ def test_disk_full_while_staging_leaves_the_live_stack(agent, file_backend, tmp_
         subprocess.run(["umount", str(small)], check=True)
 
 
-def test_killed_mid_fetch_leaves_the_live_stack_and_the_next_run_cleans_up(agent, s3_backend):
-    version, before = applied(agent, s3_backend)
+def test_killed_mid_fetch_leaves_the_live_stack_and_the_next_run_cleans_up(agent, s3_store):
+    version, before = applied(agent, s3_store)
     for i in range(300):
-        s3_backend.put(f"extra_ca_certs/more-{i:03d}.crt", b"x" * 512)
-    with FaultyProxy(s3_backend.stack_options["endpoint_url"]) as proxy:
-        agent.write_config(s3_backend, endpoint_url=proxy.url, concurrency=1)
+        s3_store.put(f"extra_ca_certs/more-{i:03d}.crt", b"x" * 512)
+    with StoreProxy(s3_store.stack_options["endpoint_url"]) as proxy:
+        agent.write_config(s3_store, endpoint_url=proxy.url, concurrency=1)
         proc = agent.spawn("fetch")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(
@@ -292,7 +322,7 @@ def test_killed_mid_fetch_leaves_the_live_stack_and_the_next_run_cleans_up(agent
         proc.communicate(timeout=10)
     assert agent.staging(), "the fetch finished before it could be killed"
     assert agent.live() == (version, before)
-    agent.write_config(s3_backend)
+    agent.write_config(s3_store)
     code, out, err = agent.run("fetch")
     assert code == 0, err
     assert agent.staging() == []
@@ -317,3 +347,34 @@ def test_a_symlink_out_of_the_source_directory_is_refused(agent, file_backend, t
     secret.write_text("root only")
     (tmp_path / "source" / "leak.crt").symlink_to(secret)
     refused(agent, code=1, says=["links outside the stack directory", "leak.crt"])
+
+
+# --- HTTPS with a private CA: SeaweedFS's S3 API over TLS ----------------------------------
+
+def test_fetch_over_https_uses_the_stacks_ca_bundle(agent, seaweedfs_backend, seaweedfs_tls,
+                                                    monkeypatch):
+    """stack.ca_bundle is what makes the private CA trusted; an operator's AWS_CA_BUNDLE
+    (here: the public CAs only) does not override it."""
+    import certifi
+
+    monkeypatch.setenv("AWS_CA_BUNDLE", certifi.where())
+    files = sample_stack()
+    seaweedfs_backend.upload(files)
+    agent.write_config(seaweedfs_backend, endpoint_url=seaweedfs_tls["endpoint"],
+                       ca_bundle=seaweedfs_tls["ca"])
+    code, out, err = agent.run("fetch")
+    assert code == 0, err
+    assert agent.live()[1] == files
+
+
+def test_fetch_over_https_without_the_ca_bundle_is_refused_on_the_certificate(
+        agent, seaweedfs_backend, seaweedfs_tls, monkeypatch):
+    applied(agent, seaweedfs_backend, endpoint_url=seaweedfs_tls["endpoint"],
+            ca_bundle=seaweedfs_tls["ca"])
+    # Nothing else may trust the private CA (the seaweedfs fixture cleared these; say it here).
+    for name in CA_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    agent.write_config(seaweedfs_backend, endpoint_url=seaweedfs_tls["endpoint"])
+    refused(agent, code=1, says=["the store's TLS certificate was not accepted",
+                                 "CERTIFICATE_VERIFY_FAILED", seaweedfs_backend.url,
+                                 "set stack.ca_bundle to its PEM file"])

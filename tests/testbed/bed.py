@@ -382,9 +382,17 @@ def start(directory: str | Path) -> dict[str, Any]:
         seaweed_dir = directory / "seaweedfs"
         seaweed_dir.mkdir(exist_ok=True)
         weed_ports = _seaweedfs_ports()
+        # The same S3 API over HTTPS too, with a server certificate from a private CA of the
+        # bed's own (tests prove stack.ca_bundle with it).
+        tls = _private_ca(directory / "tls")
         state["seaweedfs_endpoint"] = f"http://{HOST}:{weed_ports['s3.port']}"
+        state["seaweedfs_https_endpoint"] = f"https://{HOST}:{weed_ports['s3.port.https']}"
+        state["tls_ca_file"] = str(tls["ca"])
+        state["tls_cert_file"] = str(tls["cert"])
+        state["tls_key_file"] = str(tls["key"])
         state["spawn"]["seaweedfs"] = {
-            "argv": _seaweedfs_argv(seaweed_dir, weed_ports),
+            "argv": _seaweedfs_argv(seaweed_dir, weed_ports)
+            + [f"-s3.cert.file={tls['cert']}", f"-s3.key.file={tls['key']}"],
             "env": {
                 "AWS_ACCESS_KEY_ID": SEAWEEDFS_ACCESS_KEY,
                 "AWS_SECRET_ACCESS_KEY": SEAWEEDFS_SECRET_KEY,
@@ -485,7 +493,7 @@ def start(directory: str | Path) -> dict[str, Any]:
 
 
 def _seaweedfs_ports() -> dict[str, int]:
-    names = ["s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
+    names = ["s3.port", "s3.port.https", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
              "volume.port.grpc", "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
              "debug.port"]
     for _ in range(50):
@@ -505,6 +513,39 @@ def _seaweedfs_argv(data: Path, ports: dict[str, int]) -> list[str]:
         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
         *[f"-{name}={port}" for name, port in ports.items()],
     ]
+
+
+def _private_ca(root: Path) -> dict[str, Path]:
+    """A private CA and a server certificate it signed for 127.0.0.1 (SAN IP), made with openssl.
+
+    Returns the paths {"ca": CA certificate (PEM), "cert": server certificate, "key": its key}.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {"ca": root / "ca.crt", "ca_key": root / "ca.key", "cert": root / "server.crt",
+             "key": root / "server.key"}
+    openssl = _tool("openssl")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    extensions = root / "server.ext"
+    extensions.write_text(
+        f"subjectAltName=IP:{HOST}\nbasicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
+    steps = [
+        [openssl, "req", "-x509", *ec, "-keyout", str(paths["ca_key"]), "-out", str(paths["ca"]),
+         "-days", "30", "-subj", "/CN=quay-bootstrap test bed CA",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        [openssl, "req", *ec, "-keyout", str(paths["key"]), "-out", str(root / "server.csr"),
+         "-subj", f"/CN={HOST}"],
+        [openssl, "x509", "-req", "-in", str(root / "server.csr"), "-CA", str(paths["ca"]),
+         "-CAkey", str(paths["ca_key"]), "-CAcreateserial", "-days", "30",
+         "-extfile", str(extensions), "-out", str(paths["cert"])],
+    ]
+    for argv in steps:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise TestbedError(f"openssl failed making the bed's CA: {done.stderr.strip()}")
+    return paths
 
 
 def _redis_argv(data: Path, port: int) -> list[str]:
@@ -640,6 +681,8 @@ def _write_env(directory: Path, state: dict[str, Any]) -> None:
         "TESTBED_POSTGRES": state["postgres_dsn"],
         "TESTBED_REDIS": f"{HOST}:{state['redis_port']}",
         "TESTBED_SEAWEEDFS": state["seaweedfs_endpoint"],
+        "TESTBED_SEAWEEDFS_HTTPS": state["seaweedfs_https_endpoint"],
+        "TESTBED_CA_FILE": state["tls_ca_file"],
         "TESTBED_FAKE_GCS": state["fake_gcs_endpoint"],
     }
     lines = [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
