@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import structlog
 
@@ -147,7 +147,11 @@ class Budget:
                     got = self.store.get(key)
                     current = None if got is None else LeaseBody.decode(got[0])
                     if got is not None and (current is None or current.holder == self.me):
-                        self.store.delete(key)
+                        # An expired lease in place of ours, conditional on what was just read:
+                        # a node that took an overrun lease over in between keeps it (a plain
+                        # delete would remove its lease too, and a third node would get in).
+                        self.store.replace(key, LeaseBody(self.me, 0.0, "released").encode(),
+                                           got[1])
         except Exception as err:  # noqa: BLE001 - the lease expires by itself
             log.error("rollout.lease_release_failed", slot=slot, error=str(err),
                       note=f"the other nodes wait until it expires ({self.ttl:g}s)")
@@ -194,7 +198,6 @@ class Roll:
         self.sleep = sleep
         self.clock = clock
         self.poll = poll
-        self.rejected: Set[Tuple[str, str, str]] = set()  # (stack, image, spec)
         self._leases: Dict[tuple, LeaseStore] = {}
 
     def apply(self, one: Pass, live: Live, why: str,
@@ -212,7 +215,7 @@ class Roll:
         if action.kind != "replace":  # missing, stopped or not ours: the watchdog's business
             log.info("rollout.skipped", why=why, action=action.kind, reason=action.reason)
             return Rolled("skipped")
-        if key in self.rejected:
+        if one.store.is_rejected(*key):
             one.store.switch_current(live.stack_version)
             log.debug("rollout.still_rejected", version=key[0][:12], image=key[1])
             return Rolled("rejected")
@@ -221,7 +224,7 @@ class Roll:
         if spec.labels[IMAGE_DIGEST] != live.spec.labels[IMAGE_DIGEST]:
             canary = self._canary_gate(leases, spec.labels[IMAGE_DIGEST], cfg.rollout.lease_ttl)
             if canary == "stop":
-                self.rejected.add(key)
+                one.store.reject(*key)
                 one.store.switch_current(live.stack_version)
                 return Rolled("stopped")
         budget = Budget(leases, self.me, cfg.rollout.max_unavailable, cfg.rollout.lease_ttl,
@@ -244,7 +247,7 @@ class Roll:
                                {"why": why, "version": key[0], "image": key[1]}))
             log.error("rollout.rolling_back", why=why, version=key[0], image=key[1],
                       error=probe.error, services=probe.services)
-            self.rejected.add(key)
+            one.store.reject(*key)
             self._canary_done(leases, canary, spec.labels[IMAGE_DIGEST], "failed")
             one.store.switch_current(live.stack_version)
             _, container_id = one.reconcile(one.docker, live.spec)

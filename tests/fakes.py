@@ -296,7 +296,10 @@ class MemoryLeases(_Loud):
         return None if got is None else LeaseBody.decode(got[0])
 
     def leases(self) -> Dict[str, Optional[LeaseBody]]:
-        return {k: LeaseBody.decode(v[0]) for k, v in self.objects.items() if k.startswith("lease-")}
+        """The leases that hold a slot (a released one is left behind already expired)."""
+        found = {k: LeaseBody.decode(v[0]) for k, v in self.objects.items()
+                 if k.startswith("lease-")}
+        return {k: body for k, body in found.items() if body is None or body.expires > 0}
 
     def record(self) -> Optional[dict]:
         """The canary's upgrade record."""
@@ -325,6 +328,13 @@ class FakeStackStore(_Loud):
         self.links: Dict[str, Optional[str]] = {"current": None, "last-known-good": None,
                                                 "in-use": None}
         self.known_good_marks: List[str] = []
+        self.rejected: List[tuple] = []  # what StackStore keeps in rejected.json
+
+    def reject(self, version: str, image: str, spec: str) -> None:
+        self.rejected.append((version, image, spec))
+
+    def is_rejected(self, version: str, image: str, spec: str) -> bool:
+        return (version, image, spec) in self.rejected
 
     def current(self) -> Optional[str]:
         return self.links["current"]

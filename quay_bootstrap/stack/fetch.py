@@ -87,6 +87,13 @@ class Fetcher:
         with self.store:
             previous = self.store.current()
             objects = self._retrying(give_up_at, self.source.list)
+            rejected = self.store.rejected_listing({o.key: o.token for o in objects})
+            if rejected and previous:
+                log.info("stack.still_rejected", version=rejected[:12], live=previous[:12],
+                         note="Quay was not healthy on it; fetched again once the source "
+                              "changes")
+                return FetchResult(previous, previous, False, len(objects), 0, 0, 0,
+                                   self.clock() - started, self.store.path(previous))
             plan = plan_fetch(self.source.url, objects, self.limits,
                               self.store.manifest(previous))
             if plan.unchanged and previous:

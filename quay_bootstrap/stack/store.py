@@ -29,6 +29,10 @@ DIR_MODE = 0o750
 FILE_MODE = 0o640
 
 
+# Rejections remembered in rejected.json: the newest few are enough to stop a retry loop.
+REJECTIONS_KEPT = 20
+
+
 class StackStore:
     """Owns stack.dir. Args: root folder; owner (uid, gid) for the files Quay reads."""
 
@@ -156,6 +160,42 @@ class StackStore:
         tmp = self.manifests / f".{version}.json.tmp"
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, self.manifests / f"{version}.json")
+
+    def reject(self, version: str, image: str, spec: str) -> None:
+        """Remember that Quay was not healthy on this stack + image + spec, across restarts,
+        with the store's tokens of the stack's objects: while the source still lists exactly
+        those, the stack is neither downloaded nor applied again."""
+        tokens = {key: entry.token for key, entry in self.manifest(version).items()}
+        kept = [r for r in self.rejections()
+                if (r["version"], r["image"], r["spec"]) != (version, image, spec)]
+        record = {"version": version, "image": image, "spec": spec, "tokens": tokens,
+                  "at": time.time()}
+        tmp = self.root / f".rejected.json.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as out:
+            json.dump((kept + [record])[-REJECTIONS_KEPT:], out)
+        os.replace(tmp, self.root / "rejected.json")
+
+    def rejections(self) -> List[dict]:
+        try:
+            found = json.loads((self.root / "rejected.json").read_text())
+        except (OSError, ValueError):
+            return []
+        return [r for r in found if isinstance(r, dict) and {"version", "image", "spec",
+                                                             "tokens"} <= set(r)]
+
+    def is_rejected(self, version: str, image: str, spec: str) -> bool:
+        return any((r["version"], r["image"], r["spec"]) == (version, image, spec)
+                   for r in self.rejections())
+
+    def rejected_listing(self, tokens: Dict[str, str]) -> Optional[str]:
+        """The rejected version the source lists again unchanged (same objects, same tokens),
+        if any, unless it is the live one (only its image or spec was at fault)."""
+        current = self.current()
+        for record in self.rejections():
+            if record["tokens"] == tokens and record["version"] != current:
+                return record["version"]
+        return None
 
     def mark_known_good(self, version: str) -> None:
         self._set_link("last-known-good", version)

@@ -143,7 +143,7 @@ def test_a_new_stack_on_the_same_image_needs_no_canary():
     rolled = node.apply(V2)
     assert rolled.result == "applied"
     assert node.quay() == (V2.version, V2.digest, "running")
-    assert node.leases.objects == {}  # the lease came and went; no upgrade record
+    assert node.leases.leases() == {} and "upgrade" not in node.leases.objects  # no record
 
 
 # --- rolled back ----------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_the_lease_store_failing_on_release_logs_an_error_and_leaves_the_lease_t
     naps: List[float] = []
     monkeypatch.setattr(tenacity.nap, "time", types.SimpleNamespace(sleep=naps.append))
     node = Node()
-    node.leases.fail("delete", OSError("the store is down"), times=3)
+    node.leases.fail("replace", OSError("the store is down"), times=3)
     with captured_logs() as logs:
         rolled = node.apply(V2)
     assert rolled.result == "applied"  # no exception: the change is in place

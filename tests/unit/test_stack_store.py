@@ -66,3 +66,25 @@ def test_a_dangling_current_link_means_no_live_version(tmp_path):
         (tmp_path / "current").symlink_to("versions/gone")
         assert store.current() is None
         assert store.manifest(None) == {}
+
+
+def test_a_rejection_survives_a_restart_and_names_the_listing_it_came_from(tmp_path):
+    with StackStore(tmp_path) as store:
+        commit(store, "v1", {"config.yaml": b"one"})
+        commit(store, "v2", {"config.yaml": b"two"})
+        store.reject("v2", "quay@sha256:new", "spec1")
+        store.switch_current("v1")
+    again = StackStore(tmp_path)  # the agent restarted
+    assert again.is_rejected("v2", "quay@sha256:new", "spec1")
+    assert not again.is_rejected("v2", "quay@sha256:other", "spec1")
+    assert again.rejected_listing({"config.yaml": "t"}) == "v2"  # the same objects, same tokens
+    assert again.rejected_listing({"config.yaml": "t2"}) is None  # the source changed
+    assert oct((tmp_path / "rejected.json").stat().st_mode & 0o777) == "0o640"
+
+
+def test_the_live_version_s_listing_is_not_called_rejected(tmp_path):
+    """Only the image was at fault: the stack it ran on stays fetchable."""
+    with StackStore(tmp_path) as store:
+        commit(store, "v1", {"config.yaml": b"one"})
+        store.reject("v1", "quay@sha256:bad", "spec1")
+        assert store.rejected_listing({"config.yaml": "t"}) is None
