@@ -196,7 +196,7 @@ def body(args, bed) -> dict:
     summary = {group: {side: {k: stats(r.get(k) for r in items) for k in
                               {k for r in items for k, v in r.items() if isinstance(v, (int, float))}}
                        for side, items in sides.items()} for group, sides in runs.items()}
-    goals, report = {}, ["### The watchdog", ""]
+    goals, report = {}, ["### The watchdog"]
     if "kill" in runs:
         kill = summary["kill"]
         floor = kill["docker_crash"]["die_to_healthy_s"]["median"]
@@ -206,7 +206,7 @@ def body(args, bed) -> dict:
         by_agent = sum(r["first_start_by"] == "agent" for s in SIDES[:2] for r in runs["kill"][s])
         once_each = all(r["starts"] == 1 for s in SIDES for r in runs["kill"][s])
         crash = kill["agent_crash"].get("die_to_restart_issued_s", {}).get("median")
-        report += ["| kill -> healthy, median | agent + `docker kill` | agent + crash | "
+        report += ["", "| kill -> healthy, median | agent + `docker kill` | agent + crash | "
                    "Docker alone + crash |", "|---|---:|---:|---:|",
                    f"| die -> restart issued | {common.s(restart['median'], 3)} (max "
                    f"{common.s(restart['max'], 3)}) | {common.s(crash, 3)} | - |"]
