@@ -1,5 +1,7 @@
 """Stack sources on the real stores (moto S3 over HTTP, the GCS emulator, a directory) and a way
-to run the agent's CLI against them and look at what is live on disk."""
+to run the agent's CLI against them and look at what is live on disk; Quay nodes for the agent
+to run: the busybox fake (`node`) or, for a test marked `standin`, the Quay stand-in on the
+bed's real PostgreSQL, Redis and SeaweedFS."""
 from __future__ import annotations
 
 import json
@@ -21,12 +23,20 @@ import pytest
 import yaml
 
 from quay_bootstrap.cli import main
+from tests.testbed import quay_standin
 from tests.testbed.stacks import sample_stack
 
 PREFIX = "conf/stack"
 # A daemon tuned for tests: seconds, not minutes.
 FAST = {"interval": "0.5s", "timeout": "1s", "failure_threshold": 2, "start_period": "3s"}
 BACKOFF = {"backoff_initial": "1s", "backoff_max": "4s", "unhealthy_after": 3, "window": "10m"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "standin(tag='v3.11.0'): the `node` fixture (and so `daemon`) runs the Quay "
+        "stand-in of that version on the bed's PostgreSQL (a database of its own), Redis and a "
+        "SeaweedFS bucket, instead of the busybox fake")
 
 
 @dataclass
@@ -189,16 +199,22 @@ class Node:
         self.agent.write_config(self.backend, **stack)
         config = yaml.safe_load(self.agent.config_path.read_text())
         config["image"] = self.image
-        config["container"] = {"name": self.name, "network_mode": "host", "ports": [],
-                               "sysctls": {}, "env": {"PORT": str(self.port)},
-                               "volumes": [f"{self.control}:/control"], "stop_timeout": "5s",
-                               **self.container}
-        config["health"] = {"url": f"http://127.0.0.1:{self.port}/health/instance",
-                            "start_period": "20s", "timeout": "2s", **self.health}
+        base = self.container_defaults()
+        config["container"] = {**base, **self.container,
+                               "env": {**base["env"], **self.container.get("env", {})}}
+        health = {"url": f"http://127.0.0.1:{self.port}/health/instance",
+                  "start_period": "20s", "timeout": "2s", **self.health}
+        # None: the agent's own default.
+        config["health"] = {key: value for key, value in health.items() if value is not None}
         config["report"] = self.report
         config["restart"] = self.restart
         config["rollout"] = self.rollout
         self.agent.config_path.write_text(yaml.safe_dump(config))
+
+    def container_defaults(self) -> dict:
+        return {"name": self.name, "network_mode": "host", "ports": [], "sysctls": {},
+                "env": {"PORT": str(self.port)}, "volumes": [f"{self.control}:/control"],
+                "stop_timeout": "5s"}
 
     def state(self, text: str) -> None:
         (self.control / "state").write_text(text)
@@ -216,13 +232,141 @@ class Node:
     def cleanup(self) -> None:
         for container in self.docker.containers.list(all=True):
             if container.name.startswith(self.name):
-                container.remove(force=True)
+                container.remove(force=True, v=True)
+
+
+LOCAL_SERVICES = ("web_gunicorn", "registry_gunicorn", "service_key", "disk_space")
+
+
+class StandinNode(Node):
+    """A node whose Quay is the stand-in (tests/testbed/quay_standin.py): it validates its
+    config against the bed's real services, migrates DATABASE (a DSN) on start, and answers
+    /health/instance like Quay, slowly when the database is slow. Its conf/stack (config.yaml
+    on DATABASE, the bed's Redis and the SeaweedFS BUCKET, and a robots.txt) is in the node's
+    backend; the agent runs it with host networking on `port`. `/datastorage` and `/tmp` (two
+    of the image's VOLUMEs) are named volumes of the node, removed with it."""
+
+    def __init__(self, agent, backend, docker_client, testbed, images, tmp_path, monkeypatch,
+                 *, database: str, bucket: str, tag: str = "v3.11.0"):
+        super().__init__(agent, backend, docker_client, testbed, images, tmp_path, monkeypatch)
+        self.bed, self.database, self.bucket = testbed, database, bucket
+        self.image = {"reference": images[tag]}
+        self.began = time.time()
+        self.backend.upload({"config.yaml": self.config_yaml(),
+                             "robots.txt": b"User-agent: *\nDisallow: /\n"})
+
+    def config_yaml(self, **overrides) -> bytes:
+        """Quay's config.yaml for this node's services; OVERRIDES as in quay_standin.config."""
+        return yaml.safe_dump(quay_standin.config(self.bed, database=self.database,
+                                                  bucket=self.bucket, **overrides)).encode()
+
+    def volumes(self) -> list:
+        return [f"{self.name}-datastorage", f"{self.name}-tmp"]
+
+    def container_defaults(self) -> dict:
+        datastorage, tmp = self.volumes()
+        # Host networking: no port mapping, and no net.* sysctl (Docker refuses them there).
+        return {"name": self.name, "network_mode": "host", "ports": [], "sysctls": {},
+                "env": {"QUAY_STANDIN_HTTP_PORT": str(self.port),
+                        "QUAY_STANDIN_MIGRATION_SECONDS": "0"},
+                "volumes": [f"{self.control}:/control", f"{datastorage}:/datastorage",
+                            f"{tmp}:/tmp"],
+                "stop_timeout": "5s"}
+
+    def state(self, text: str) -> None:
+        """The fake's words for the stand-in's local services: "healthy", "fail SERVICE...",
+        "hang" (the web worker that serves /health hangs). Shared services are the bed's own:
+        make them down, hung or slow with tests/testbed/faults.py."""
+        words = text.split()
+        failing = words[1:] if words[:1] == ["fail"] else []
+        for service in failing:
+            if service not in LOCAL_SERVICES:
+                raise ValueError(f"{service} is not local to a node; use tests/testbed/faults.py")
+        for service in LOCAL_SERVICES:
+            how = "fail" if service in failing else None
+            if words == ["hang"] and service == "web_gunicorn":
+                how = "hang"
+            quay_standin.set_local(self.control, service, how)
+
+    def starts(self) -> list:
+        """One (unix time, image id) per start of a container under the node's name, as Docker
+        reported it."""
+        events = self.docker.api.events(
+            since=self.began, until=time.time(), decode=True,
+            filters={"type": "container", "event": "start", "container": self.name})
+        return [(event["time"], event["Actor"]["Attributes"].get("image"))
+                for event in events if event["Actor"]["Attributes"].get("name") == self.name]
+
+    def revision(self):
+        """The schema revision in the node's database."""
+        return quay_standin.db_revision(self.database)
+
+    def logs(self, since: Optional[float] = None) -> str:
+        """What the container under the node's name printed (since SINCE, unix time)."""
+        found = self.found()
+        if found is None:
+            return ""
+        if since is None:
+            return quay_standin.logs(found)
+        return found.logs(since=since).decode(errors="replace")
+
+    def image_id(self, tag: str) -> str:
+        return self.docker.images.get(self.images[tag]).id
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        for name in self.volumes():
+            try:
+                self.docker.volumes.get(name).remove(force=True)
+            except Exception:  # noqa: BLE001 - docker.errors.NotFound: never created
+                pass
+
+
+@pytest.fixture(scope="session")
+def standin_images(docker_client, registry):
+    """{tag: reference} of the stand-in's v3.9.0, v3.10.0 and v3.11.0 in the bed's registry."""
+    return quay_standin.build(docker_client, registry)
 
 
 @pytest.fixture
-def node(agent, s3_backend, docker_client, testbed, fake_images, tmp_path, monkeypatch):
-    s3_backend.upload(sample_stack())
-    made = Node(agent, s3_backend, docker_client, testbed, fake_images, tmp_path, monkeypatch)
+def quay_db(testbed):
+    """The DSN of a new database on the bed's PostgreSQL, dropped afterwards."""
+    dsn = quay_standin.create_database(testbed)
+    yield dsn
+    quay_standin.drop_database(testbed, dsn)
+
+
+@pytest.fixture
+def quay_bucket(testbed):
+    """A new bucket on the bed's SeaweedFS, emptied and deleted afterwards."""
+    from tests.testbed import bed
+
+    name = quay_standin.create_bucket(testbed)
+    yield name
+    client = bed.seaweedfs_client(testbed)
+    try:
+        for item in client.list_objects_v2(Bucket=name).get("Contents", []):
+            client.delete_object(Bucket=name, Key=item["Key"])
+        client.delete_bucket(Bucket=name)
+    except Exception:  # noqa: BLE001 - SeaweedFS stopped by a test: the bed goes with it
+        pass
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def node(request, agent, s3_backend, docker_client, testbed, tmp_path, monkeypatch):
+    """The fake Quay, or the stand-in for a test marked `standin`."""
+    marker = request.node.get_closest_marker("standin")
+    if marker is None:
+        s3_backend.upload(sample_stack())
+        made = Node(agent, s3_backend, docker_client, testbed,
+                    request.getfixturevalue("fake_images"), tmp_path, monkeypatch)
+    else:
+        made = StandinNode(agent, s3_backend, docker_client, testbed,
+                           request.getfixturevalue("standin_images"), tmp_path, monkeypatch,
+                           database=request.getfixturevalue("quay_db"),
+                           bucket=request.getfixturevalue("quay_bucket"), **marker.kwargs)
     made.configure()
     yield made
     made.cleanup()

@@ -1,7 +1,13 @@
-"""Auto Scaling lifecycle hooks: join only when healthy, drain before leaving."""
+"""Auto Scaling lifecycle hooks: join only when healthy, drain before leaving; Quay is the
+stand-in on the bed's real PostgreSQL and Redis."""
 from __future__ import annotations
 
+import pytest
+
 from tests.integration.conftest import wait_for
+from tests.testbed.quay_standin import HEADS
+
+pytestmark = pytest.mark.standin
 
 
 def env(standin):
@@ -48,4 +54,6 @@ def test_termination_drains_quay_then_continues(node, daemon, asg_group):
     assert last["LifecycleHookName"] == "quay-terminate"
     assert last["LifecycleActionResult"] == "CONTINUE"
     assert node.found().status == "exited"  # drained, and not restarted after
+    assert "received SIGTERM" in node.logs()  # stopped, not killed
     assert agent.status()["state"] == "terminating"
+    assert node.revision() == HEADS["v3.11.0"]
