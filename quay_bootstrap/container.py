@@ -118,6 +118,7 @@ class Observed:
     id: str
     status: str  # created, running, restarting, paused, exited, dead
     labels: Dict[str, str]
+    image: str = ""  # the image ID it runs
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,8 @@ class Docker:
             found = self.client.containers.get(name)
         except self._errors.NotFound:
             return None
-        return Observed(found.id, found.status, dict(found.labels or {}))
+        return Observed(found.id, found.status, dict(found.labels or {}),
+                        found.attrs.get("Image", ""))
 
     def create_and_start(self, spec: Spec) -> str:
         """Create and start; on failure remove what was created and say why, naming the port."""

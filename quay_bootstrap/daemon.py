@@ -172,10 +172,11 @@ class Daemon:
 
     def _first_pass(self) -> None:
         one = self.make_pass(self.cfg, self._sleep)
-        one.run(wait_for_health=False)
+        live, deferred = one.first()
         self.docker, self.store = one.docker, one.store
-        age = self.docker.age(one.outcome.container_id)
-        self._adopt(one.live(), started_at=self.clock() - age)
+        self._adopt(live, started_at=self.clock() - self.docker.age(live.container_id))
+        if deferred:  # adopted as it runs: the change is rolled at once, within the budget
+            self.refresh.due_at = self.clock()
 
     def _adopt(self, live: Live, started_at: float) -> None:
         self.live, self.cfg = live, live.cfg

@@ -135,7 +135,8 @@ class FakeDocker(_Loud):
     def find(self, name: str) -> Optional[Observed]:
         self._call("find", name)
         found = self.named(name)
-        return None if found is None else Observed(found.id, found.status, dict(found.labels))
+        return None if found is None else Observed(found.id, found.status, dict(found.labels),
+                                                   found.spec.image if found.spec else "")
 
     def create_and_start(self, spec: Spec) -> str:
         self._call("create_and_start", spec.name)
@@ -395,6 +396,9 @@ class FakePass(_Loud):
     _reconcile = Pass._reconcile
     _replace = Pass._replace
     live = Pass.live
+    first = Pass.first
+    _adopt_running = Pass._adopt_running
+    _timed = Pass._timed
 
     def __init__(self, cfg: Config, docker: FakeDocker, store: FakeStackStore, release: Release,
                  verdicts=(), prepare_error: Optional[BaseException] = None) -> None:
@@ -406,6 +410,7 @@ class FakePass(_Loud):
         self.prepare_error = prepare_error
         self.waited: List[str] = []  # the container ids health was awaited for
         self.outcome = Outcome(healthy=False)
+        self.clock = lambda: 0.0  # step timings in the summary: not what these tests read
 
     def prepare(self) -> Spec:
         if self.prepare_error is not None:

@@ -14,7 +14,7 @@ from quay_bootstrap.container import STACK_VERSION
 from quay_bootstrap.daemon import Daemon
 from quay_bootstrap.errors import Unavailable
 from quay_bootstrap.escalation import Escalation
-from quay_bootstrap.rollout import Roll
+from quay_bootstrap.rollout import LeaseBody, Roll
 from quay_bootstrap.status import Board
 from tests.fakes import (
     V1,
@@ -132,6 +132,25 @@ def test_the_first_pass_adopts_the_running_quay():
     status = node.status()
     assert (status["state"], status["stack_version"], status["container"]) == \
         ("starting", V1.version, "quay")
+
+
+def test_a_change_that_came_while_the_agent_was_down_goes_through_the_budget():
+    """An agent (re)start, e.g. an upgrade across the fleet, finds its running Quay drifted:
+    it is adopted untouched, and the change is rolled at once, under a lease."""
+    node = Node()
+    quay = node.existing_quay(age=3600)
+    node.release = V2
+    node.leases.put("lease-0", LeaseBody("node-b", node.clock() + 60, "rolling").encode())
+    with captured_logs() as logs:
+        node.start()
+    assert node.first_pass_mutations == []  # Quay runs as it did
+    assert node.daemon.live.container_id == quay and node.status()["stack_version"] == V1.version
+    assert events(logs, "rollout.deferred")[0]["reason"] == "changed: stack version"
+    assert node.daemon.refresh.due_at <= node.clock()  # rolled at the loop's next turn
+    node.after(61)  # node-b's lease runs out
+    node.daemon.refresh.run_if_due()
+    assert node.docker.named("quay").labels[STACK_VERSION] == V2.version
+    assert node.status()["stack_version"] == V2.version
 
 
 @pytest.mark.parametrize("age,restarted", [
