@@ -173,7 +173,7 @@ def _daemon(args: argparse.Namespace, cfg, redactor) -> int:
 
 
 def cmd_prefetch(args: argparse.Namespace, redactor) -> int:
-    from quay_bootstrap.container import Docker
+    from quay_bootstrap.engine import Docker
     from quay_bootstrap.image import ensure_image, registry_auth
     from quay_bootstrap.pipeline import resolve_image
 

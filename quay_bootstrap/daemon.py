@@ -54,7 +54,7 @@ class Daemon:
         self.state = watchdog.State()
         self.policy = watchdog.Policy.from_config(cfg)
         self.live: Optional[Live] = None
-        self.docker = self.store = self.lifecycle = None
+        self.docker = self.store = self.lifecycle = self.held = None
         self.draining = False
         self.refresh = Periodic("refresh.failed", lambda: self._roll(self.cfg, "refresh"),
                                 cfg.stack.refresh_interval, jitter=0.2, clock=clock)
@@ -98,11 +98,11 @@ class Daemon:
                 elif item is _TERMINATE:
                     self._drain()
                 elif not self.draining:
-                    self.feed(item if item is not None else watchdog.Tick(self.clock()))
-                    if self.lifecycle and not self.lifecycle.launch_finished:
-                        with self.systemd.keepalive():  # Pending:Wait until Quay is healthy
-                            self.lifecycle.launch_tick(self.state.phase == "healthy",
-                                                       self.cfg.health.start_period)
+                    if not self.held:  # a held node is out of service: nothing to watch
+                        self.feed(item if item is not None else watchdog.Tick(self.clock()))
+                    if self.lifecycle:  # Pending:Wait until Quay is healthy
+                        self.lifecycle.launch_tick(self.state.phase == "healthy",
+                                                   self.cfg.health.start_period)
                     self.refresh.run_if_due()
         finally:
             self.systemd.notify("STOPPING=1", "STATUS=stopping; Quay keeps running")
@@ -125,15 +125,8 @@ class Daemon:
         self.state, actions = watchdog.step(self.state, seen, self.policy)
         for action in actions:
             self._do(action)
-        # Fast probes only while Quay may still be coming up, to see "ready" at once; after
-        # its start period, failures are counted at the configured pace.
-        starting = self.state.phase == "starting" and \
-            self.clock() - self.state.started_at < self.policy.start_period
-        (self.prober.fast.set if starting else self.prober.fast.clear)()
-        watched = ("phase", "failures", "marked", "restarts")
-        if isinstance(seen, watchdog.Probed) or \
-                any(getattr(self.state, f) != getattr(before, f) for f in watched):
-            status.publish(self.board, self.systemd, self.state)
+        self.prober.follow(self.state, self.policy.start_period, self.clock())
+        status.publish(self.board, self.systemd, self.state, before, isinstance(seen, watchdog.Probed))
 
     def _do(self, action) -> None:
         if isinstance(action, watchdog.Log):
@@ -154,7 +147,7 @@ class Daemon:
         self.board.m_restarts.inc()
         log.warning("container.restarting", reason=action.reason, next_backoff=self.state.backoff,
                     restarts_in_window=len(self.state.restarts), services=self.state.services())
-        spec = self.live.spec
+        spec = self.roll.restart_spec(self.live)
 
         def expect(echoes) -> None:
             now = self.clock()
@@ -162,9 +155,10 @@ class Daemon:
 
         try:
             with self.systemd.keepalive():
-                created = self.docker.restart_quay(spec, action.recreate, action.exited, expect)
+                created = self.docker.restart_quay(spec, action.recreate or spec != self.live.spec,
+                                                   action.exited, expect)
             if created:
-                self.live = replace(self.live, container_id=created)
+                self.live = replace(self.live, spec=spec, container_id=created)
             self.prober.fast.set()
             self.prober.wake.set()
         except Exception as err:  # noqa: BLE001 - the loop must survive; the next tick retries
@@ -172,11 +166,12 @@ class Daemon:
 
     def _first_pass(self) -> None:
         one = self.make_pass(self.cfg, self._sleep)
-        live, deferred = one.first()
+        live, deferred, held = self.roll.first(one)
         self.docker, self.store = one.docker, one.store
         self._adopt(live, started_at=self.clock() - self.docker.age(live.container_id))
         if deferred:  # adopted as it runs: the change is rolled at once, within the budget
             self.refresh.due_at = self.clock()
+        self._apply_rolled(held)
 
     def _adopt(self, live: Live, started_at: float) -> None:
         self.live, self.cfg = live, live.cfg
@@ -224,11 +219,12 @@ class Daemon:
             self._adopt(rolled.live, started_at=self.clock())
         elif rolled.cfg is not None:
             self.cfg, self.policy = rolled.cfg, watchdog.Policy.from_config(rolled.cfg)
-        if rolled.result == "rolled back":
-            self.board.m_rollbacks.inc()
-        if rolled.change:
-            self.board.update(last_change=rolled.change)
-        rolled.log()
+        self._apply_rolled(rolled)
+
+    def _apply_rolled(self, rolled) -> None:
+        if rolled.behind and not self.board.snapshot().get("degraded"):
+            self.docker.leave_restarts_to_the_agent(self.live.container_id)
+        self.held = rolled.report(self.board, self.held)
 
     def _drain(self) -> None:
         """The instance is leaving: stop Quay gracefully, say CONTINUE, and restart nothing."""

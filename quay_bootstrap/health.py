@@ -160,6 +160,12 @@ class Prober:
         self.fast.set()
         self.wake = threading.Event()
 
+    def follow(self, state, start_period: float, now: float) -> None:
+        """Fast probes only while Quay may still be coming up, to see "ready" at once; after
+        its start period, failures are counted at the configured pace."""
+        starting = state.phase == "starting" and now - state.started_at < start_period
+        (self.fast.set if starting else self.fast.clear)()
+
     def run(self) -> None:
         from quay_bootstrap.watchdog import Probed
 

@@ -12,16 +12,16 @@ from quay_bootstrap import health
 from quay_bootstrap.config import Config
 from quay_bootstrap.container import (
     IMAGE_DIGEST,
-    MANAGED,
+    IMAGE_TAG,
     STACK_VERSION,
     Action,
-    Docker,
     Observed,
     Spec,
     build_spec,
     decide,
     health_url,
 )
+from quay_bootstrap.engine import Docker
 from quay_bootstrap.errors import ContainerError, LockViolation, SourceError, TransientError, Unavailable
 from quay_bootstrap.image import ensure_image, registry_auth
 from quay_bootstrap.lock import Resolved, resolve
@@ -104,28 +104,12 @@ class Pass:
             self.store.mark_known_good(outcome.stack_version)
         return outcome
 
-    def first(self) -> Tuple[Live, bool]:
-        """The daemon's first pass after the agent (re)starts: `run` without waiting for
-        health, except that a running Quay that drifted (a new stack, image or spec came while
-        the agent was down, or the agent itself was upgraded) is adopted as it is, and True
-        says the change is left to a roll through the cluster's budget and canary: an agent
-        upgrade across the fleet must not replace every node's Quay at once."""
-        spec = self.prepare()
-        found, action = self.decide(spec)
-        if action.kind == "replace" and found.status in ("running", "restarting") and \
-                found.labels.get(MANAGED) == "true":
-            log.info("rollout.deferred", reason=action.reason,
-                     note="Quay keeps running; the change goes through the cluster's budget")
-            return self._adopt_running(found), True
-        _, self.outcome.container_id = self._timed(
-            self.outcome, "container", lambda: self.reconcile(self.docker, spec, (found, action)))
-        return self.live(), False
-
-    def _adopt_running(self, found: Observed) -> Live:
+    def adopt_running(self, found: Observed) -> Live:
+        """A running Quay (perhaps of an older stack, image or spec) as this node's live one."""
         version = found.labels[STACK_VERSION]
         path = self.store.path(version)
         spec = build_spec(self.cfg.container, found.image, found.labels[IMAGE_DIGEST], path,
-                          version)
+                          version, found.labels.get(IMAGE_TAG, ""))
         self.store.mark_in_use(version)
         return Live(self.cfg, spec, version, found.id,
                     self.cfg.health.url or health_url(self.cfg.container, path))
@@ -144,7 +128,7 @@ class Pass:
             self.docker, resolved.ref, auth=auth, deadline=self.cfg.image.pull_deadline,
             sleep=self.sleep))
         self.spec = build_spec(self.cfg.container, image.id, image.digest, stack.path,
-                               stack.version)
+                               stack.version, resolved.ref.tag or "")
         self.health_url = self.cfg.health.url or health_url(self.cfg.container, stack.path)
         outcome.stack_version, outcome.image_digest = stack.version, image.digest
         return self.spec

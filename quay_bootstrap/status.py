@@ -160,8 +160,13 @@ class Systemd:
             self.notify("WATCHDOG=1")
 
 
-def publish(board: Board, systemd: Systemd, state) -> None:
-    """The watchdog's state on the board and in systemd's status line."""
+def publish(board: Board, systemd: Systemd, state, before=None, probed: bool = True) -> None:
+    """The watchdog's state on the board and in systemd's status line, after a probe or when
+    it changed from `before`."""
+    watched = ("phase", "failures", "marked", "restarts")
+    if not probed and before is not None and \
+            all(getattr(state, f) == getattr(before, f) for f in watched):
+        return
     probe = state.last_probe
     board.update(
         state=state.phase, consecutive_failures=state.failures,

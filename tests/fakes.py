@@ -20,10 +20,10 @@ import structlog
 import structlog.testing
 
 from quay_bootstrap import health
+from quay_bootstrap.budget import LeaseBody
 from quay_bootstrap.config import Config, parse_config
 from quay_bootstrap.container import MANAGED, Observed, Spec, build_spec, plan_recovery, plan_restart
 from quay_bootstrap.pipeline import Outcome, Pass
-from quay_bootstrap.rollout import LeaseBody
 
 CONFIG = """
 stack: {source: "file:///srv/cluster/conf/stack", dir: /var/lib/quay-bootstrap/stack}
@@ -80,6 +80,8 @@ class FakeContainer:
     status: str  # created, running, restarting, exited
     labels: Dict[str, str]
     spec: Optional[Spec] = None
+    logs: str = ""  # what Quay printed; "runmigration.sh" once its migration step ran
+    restart_policy: str = "unless-stopped"
 
 
 # Calls that change a container; a test asserts on them to prove "nothing was touched".
@@ -87,7 +89,7 @@ MUTATING = ("create_and_start", "start", "stop", "rename", "remove", "restart")
 
 
 class FakeDocker(_Loud):
-    """The part of container.Docker the pipeline, the roll and the loop use, over containers in
+    """The part of engine.Docker the pipeline, the roll and the loop use, over containers in
     memory. `events` holds what Docker would stream (name, action, exit code) for each act, so a
     test can feed them back to the loop as the docker-events thread does. `restart_quay` keeps
     the real decision (container.plan_restart). Failures are injected per method with `fail`."""
@@ -130,7 +132,7 @@ class FakeDocker(_Loud):
     def mutations(self) -> List[str]:
         return [name for name, _ in self.calls if name in MUTATING]
 
-    # -- container.Docker ----------------------------------------------------------------------
+    # -- engine.Docker -------------------------------------------------------------------------
 
     def find(self, name: str) -> Optional[Observed]:
         self._call("find", name)
@@ -184,6 +186,15 @@ class FakeDocker(_Loud):
             self.rename(asides[restore].id, name)
         for aside in remove:
             self.remove(asides[aside].id)
+
+    def leave_restarts_to_the_agent(self, container_id: str) -> None:
+        self._call("leave_restarts_to_the_agent", container_id)
+        self.containers[container_id].restart_policy = "no"
+
+    def logs(self, container_id: str) -> str:
+        self._call("logs", container_id)
+        found = self.containers.get(container_id)
+        return found.logs if found else ""
 
     def running(self, container_id: str) -> bool:
         self._call("running", container_id)
@@ -371,11 +382,12 @@ class Release:
     version: str
     digest: str
     image_id: str
+    tag: str = "v3.9.0"
 
 
 V1 = Release("stack-v1", "sha256:" + "1" * 64, "sha256:image-v3.9.0")
 V2 = Release("stack-v2", "sha256:" + "1" * 64, "sha256:image-v3.9.0")  # a new stack only
-V3 = Release("stack-v3", "sha256:" + "3" * 64, "sha256:image-v3.10.0")  # and a new image
+V3 = Release("stack-v3", "sha256:" + "3" * 64, "sha256:image-v3.10.0", "v3.10.0")  # new image
 
 
 def probe(ok: bool = True, error: str = "HTTP 503, failing: web_gunicorn") -> health.Probe:
@@ -396,8 +408,7 @@ class FakePass(_Loud):
     _reconcile = Pass._reconcile
     _replace = Pass._replace
     live = Pass.live
-    first = Pass.first
-    _adopt_running = Pass._adopt_running
+    adopt_running = Pass.adopt_running
     _timed = Pass._timed
 
     def __init__(self, cfg: Config, docker: FakeDocker, store: FakeStackStore, release: Release,
@@ -418,7 +429,7 @@ class FakePass(_Loud):
         release = self.release
         self.store.fetched(release.version)
         self.spec = build_spec(self.cfg.container, release.image_id, release.digest,
-                               self.store.path(release.version), release.version)
+                               self.store.path(release.version), release.version, release.tag)
         self.health_url = "http://127.0.0.1:8080/health/instance"
         self.outcome.stack_version, self.outcome.image_digest = release.version, release.digest
         return self.spec

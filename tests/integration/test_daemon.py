@@ -178,12 +178,10 @@ def test_a_hanging_health_endpoint_counts_as_failing(node, daemon):
     assert node.found().status == "running" and node.revision() == HEADS["v3.11.0"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 2/3: a Quay restarted while the database "
-                   "is ahead of its image is started with `registry` (migrating), which cannot "
-                   "locate the newer revision and exits: the node is left with no Quay")
 @pytest.mark.standin(tag="v3.10.0")
-def test_an_old_quay_restarted_after_another_node_migrated_still_serves(node, daemon, tmp_path):
-    agent = daemon()
+def test_an_old_quay_restarted_after_another_node_migrated_still_serves(node, daemon, tmp_path,
+                                                                       moto_endpoint):
+    agent = daemon(refresh_interval="1s")
     agent.wait_state("healthy")
     # Another node starts v3.11.0 on the shared database and migrates it.
     stack = quay_standin.write_stack(tmp_path / "newer-stack", node_config(node))
@@ -194,6 +192,12 @@ def test_an_old_quay_restarted_after_another_node_migrated_still_serves(node, da
     finally:
         newer.remove(force=True, v=True)
     assert node.revision() == HEADS["v3.11.0"]
+    # What that node's agent, the canary, records beside the leases once it migrated.
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.put_object(Bucket=node.backend.url.split("/")[2], Key="conf/stack.rollout/database",
+                  Body=json.dumps({"image": node.images["v3.11.0"], "tag": "v3.11.0"}).encode())
+    wait_for(lambda: agent.status().get("degraded"), 10, "the node to see it is behind")
     before, killed = started_at(node), time.time()
     node.docker.api.kill(node.name)
     wait_for(lambda: node.found() is not None and started_at(node) != before, 10, "a restart")

@@ -165,9 +165,6 @@ def test_a_failed_canary_stops_the_rollout(node, daemon, moto_endpoint):
     assert agent.status()["state"] == "healthy"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 11 item 2: after a failed canary the agent rolls "
-                   "the node back to the old image, which cannot start on the database the "
-                   "canary migrated (Can't locate revision): the node is left with no Quay")
 @pytest.mark.standin(tag="v3.10.0")
 def test_a_canary_that_failed_after_migrating_is_held_not_rolled_back(node, daemon,
                                                                       moto_endpoint):

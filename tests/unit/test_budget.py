@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from quay_bootstrap.rollout import Budget, LeaseBody, may_take
+from quay_bootstrap.budget import Budget, LeaseBody, may_take
 from quay_bootstrap.stores.file import FileLeases
 
 

@@ -10,11 +10,12 @@ from typing import List, Optional
 import pytest
 
 from quay_bootstrap import watchdog
+from quay_bootstrap.budget import LeaseBody
 from quay_bootstrap.container import STACK_VERSION
 from quay_bootstrap.daemon import Daemon
 from quay_bootstrap.errors import Unavailable
 from quay_bootstrap.escalation import Escalation
-from quay_bootstrap.rollout import LeaseBody, Roll
+from quay_bootstrap.rollout import Roll
 from quay_bootstrap.status import Board
 from tests.fakes import (
     V1,
@@ -380,3 +381,46 @@ def test_the_periodic_refresh_rolls_a_new_stack_when_due():
     assert node.status()["stack_version"] == V2.version
     assert node.docker.named("quay").labels[STACK_VERSION] == V2.version
     assert node.daemon.refresh.due_at > node.clock() + 47
+
+
+def test_a_canary_held_after_migrating_is_out_of_service_until_a_fix_applies():
+    from tests.fakes import V3
+
+    node = Node().start().after(20)
+    node.release = V3
+
+    def migrated_then_failed(container_id):
+        node.docker.containers[container_id].logs = "... conf/init/runmigration.sh ...\n"
+        return False
+
+    node.verdicts = [migrated_then_failed]
+    node.daemon._roll(node.daemon.cfg, "refresh")
+    status = node.status()
+    assert (status["state"], status["marked_unhealthy"]) == ("held", True)  # /healthz 503
+    assert "docker logs" in status["marked_reason"]
+    assert node.docker.named("quay").labels[STACK_VERSION] == V3.version  # kept, not rolled back
+    assert node.targets[0].marks == []  # not the Auto Scaling group's business: a human's
+
+    node.daemon._roll(node.daemon.cfg, "refresh")  # the same source: still held
+    assert node.status()["state"] == "held"
+    node.release, node.verdicts = V2, []  # the fix (a new stack on the old image) applies
+    node.daemon._roll(node.daemon.cfg, "refresh")
+    assert node.daemon.held is None and node.status()["marked_unhealthy"] is False
+    quay = node.docker.named("quay")  # the old image, started without migrating
+    assert quay.labels[STACK_VERSION] == V2.version and quay.spec.command == ("registry-nomigrate",)
+
+
+def test_a_node_behind_the_migrated_database_leaves_restarts_to_the_agent_and_says_degraded():
+    from tests.fakes import V3
+
+    node = Node().start().after(20)
+    quay = node.docker.named("quay")
+    node.leases.put("database", {"image": V3.digest, "tag": V3.tag, "at": 0})
+    node.daemon._roll(node.daemon.cfg, "refresh")
+    assert node.docker.named("quay").id == quay.id  # still serving, untouched
+    assert quay.restart_policy == "no"  # Docker would restart it with `registry`
+    assert "rolled forward" in node.status()["degraded"]
+    node.docker.crash("quay", 137)
+    node.pump()
+    restarted = node.docker.named("quay")
+    assert restarted.status == "running" and restarted.spec.command == ("registry-nomigrate",)

@@ -10,10 +10,11 @@ from typing import List, Optional
 import pytest
 import tenacity
 
+from quay_bootstrap.budget import LeaseBody
 from quay_bootstrap.container import IMAGE_DIGEST, STACK_VERSION
 from quay_bootstrap.errors import Interrupted
 from quay_bootstrap.pipeline import Live
-from quay_bootstrap.rollout import LeaseBody, Roll, Rolled
+from quay_bootstrap.rollout import Roll, Rolled
 from tests.fakes import (
     V1,
     V2,
@@ -163,7 +164,7 @@ def test_not_healthy_rolls_back_to_the_old_stack_and_image_and_rejects_the_chang
     assert node.store.links == {"current": V1.version, "last-known-good": V1.version,
                                 "in-use": V1.version}
     assert node.leases.leases() == {}
-    assert node.leases.record()["state"] == "failed"
+    assert node.leases.record()["state"] == "failed-before-migrating"
     assert rolled.change["result"] == "rolled back"
     assert rolled.change["rejected_version"] == V3.version
     assert "web_gunicorn" in rolled.change["error"]
@@ -230,7 +231,7 @@ def test_a_lease_released_by_its_holder_is_taken_without_a_takeover():
 
 def test_the_lease_store_failing_once_during_acquire_is_retried():
     node = Node()
-    node.leases.fail("get", ConnectionError("the store blinked"))
+    node.leases.fail("create", ConnectionError("the store blinked"))
     with captured_logs() as logs:
         rolled = node.apply(V2)
     assert rolled.result == "applied"
@@ -368,3 +369,102 @@ def test_sigterm_while_waiting_propagates_and_releases_nothing_it_did_not_take(w
     assert node.quay() == (V1.version, V1.digest, "running")
     assert not events(logs, "rollout.lease_released")
     assert len(node.clock.slept) == 1
+
+
+# --- a canary that migrated, and the database ahead of a node -----------------------------
+
+def _migrated_then_failed(node):
+    def verdict(container_id):
+        node.docker.containers[container_id].logs = (
+            "Running init script '/quay-registry/conf/init/runmigration.sh'\n")
+        return False
+    return verdict
+
+
+def test_a_canary_that_failed_after_migrating_is_held_not_rolled_back():
+    import json
+
+    node = Node()
+    rolled = node.apply(V3, verdicts=[_migrated_then_failed(node)])
+    assert rolled.result == "held"
+    # Kept for `docker logs`; the old image would fail against the migrated database.
+    assert node.quay() == (V3.version, V3.digest, "running")
+    assert len(node.docker.containers) == 1
+    assert node.leases.record()["state"] == "failed-after-migrating"
+    assert json.loads(node.leases.objects["database"][0])["image"] == V3.digest
+    assert node.leases.leases() == {}
+    assert "held out of service" in rolled.change["reason"]
+    # The rollout stops on every node.
+    other = Node(me="node-b", leases=node.leases)
+    assert other.apply(V3).result == "stopped"
+    assert other.quay() == (V1.version, V1.digest, "running")
+
+
+def test_a_canary_that_failed_before_migrating_goes_back_to_the_old_image():
+    node = Node()
+    rolled = node.apply(V3, verdicts=[False, True])  # no migration step in its logs
+    assert rolled.result == "rolled back"
+    assert node.quay() == (V1.version, V1.digest, "running")
+    assert node.leases.record()["state"] == "failed-before-migrating"
+    assert "database" not in node.leases.objects
+
+
+def test_a_restart_after_another_node_migrated_the_database_uses_registry_nomigrate():
+    node = Node()
+    assert node.roll.restart_spec(node.live) == node.live.spec  # nothing recorded yet
+    node.leases.put("database", {"image": V3.digest, "tag": V3.tag, "at": 0})
+    spec = node.roll.restart_spec(node.live)
+    assert spec.command == ("registry-nomigrate",)
+    assert spec.labels[IMAGE_DIGEST] == V1.digest  # the same image, started without migrating
+
+
+def test_a_rollback_onto_a_database_a_newer_image_migrated_starts_without_migrating():
+    node = Node()
+    node.leases.put("upgrade", upgrade_record(V3, "node-z", "healthy", node.clock()))
+    node.leases.put("database", {"image": V3.digest, "tag": V3.tag, "at": 0})
+    rolled = node.apply(V3, verdicts=[False, True])  # not the canary: fails here alone
+    assert rolled.result == "rolled back"
+    assert node.docker.named("quay").spec.command == ("registry-nomigrate",)
+
+
+# --- the first start of a node (a new cluster, a scale-out) ----------------------------------
+
+def _bare(me, leases, clock=None):
+    """A node with no Quay yet, sharing `leases` with the others."""
+    node = Node(me=me, leases=leases, clock=clock or FakeClock())
+    node.docker.containers.clear()
+    return node
+
+
+def test_the_first_node_of_a_new_cluster_is_the_canary_the_others_wait_for_its_verdict():
+    leases = MemoryLeases()
+    first = _bare("node-a", leases)
+    one = FakePass(first.cfg, first.docker, first.store, V3, verdicts=[True])
+    live, deferred, rolled = first.roll.first(one)
+    assert not deferred and rolled.result == "started"
+    assert leases.record()["state"] == "healthy" and leases.record()["canary"] == "node-a"
+    assert first.quay() == (V3.version, V3.digest, "running")
+
+    second = _bare("node-b", leases)
+    leases.put("upgrade", upgrade_record(V3, "node-a", "rolling", second.clock()))
+    leases.objects.pop("database", None)
+
+    def verdict_arrives(clock):
+        leases.put("upgrade", upgrade_record(V3, "node-a", "healthy", clock()))
+        leases.put("database", {"image": V3.digest, "tag": V3.tag, "at": clock()})
+    second.clock.on_sleep = verdict_arrives
+    one = FakePass(second.cfg, second.docker, second.store, V3)
+    _, _, rolled = second.roll.first(one)
+    assert second.clock.slept == [POLL]  # it waited for the canary before starting
+    assert second.quay() == (V3.version, V3.digest, "running")
+
+
+def test_a_node_booting_after_a_failed_canary_does_not_start_that_image():
+    from quay_bootstrap.errors import ContainerError
+
+    leases = MemoryLeases()
+    leases.put("upgrade", upgrade_record(V3, "node-a", "failed-after-migrating", 0))
+    node = _bare("node-d", leases)
+    with pytest.raises(ContainerError, match="canary failed"):
+        node.roll.first(FakePass(node.cfg, node.docker, node.store, V3))
+    assert node.docker.named("quay") is None

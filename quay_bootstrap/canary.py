@@ -1,0 +1,132 @@
+"""The canary: one node starts a new Quay version against the shared database first, and its
+verdict, kept in the object store beside the leases, decides for every node.
+
+Quay migrates its database on every start of the `registry` entry point, with no lock and no
+way back (quay-facts.md): an image older than the one that migrated cannot start with
+`registry` again. So the store also remembers which image migrated the database last, and a
+node that must start an older image uses `registry-nomigrate`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Callable, Optional, Tuple
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+UPGRADE = "upgrade"  # the canary record: {image, tag, canary, state, since}
+DATABASE = "database"  # the image that last migrated the shared database: {image, tag, at}
+MIGRATING, NOMIGRATE = "registry", "registry-nomigrate"
+# Verdicts. A canary that failed before its migration step leaves the database as it was.
+ROLLING, HEALTHY = "rolling", "healthy"
+FAILED_BEFORE, FAILED_AFTER = "failed-before-migrating", "failed-after-migrating"
+FAILED = (FAILED_BEFORE, FAILED_AFTER, "failed")  # "failed": an older agent's record
+# Quay's init script for the migration (conf/init/runmigration.sh): once it has run, the
+# database may be migrated, even when the start failed later.
+MIGRATION_MARK = "runmigration.sh"
+_VERSION = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)")
+
+
+def version_of(tag: str) -> Optional[Tuple[int, int, int]]:
+    match = _VERSION.match(tag or "")
+    return tuple(int(part) for part in match.groups()) if match else None
+
+
+def entry_point(image: str, tag: str, migrated: Optional[dict]) -> str:
+    """`registry` unless the database was migrated by another image that is newer than this
+    one (or not comparable with it): starting this one would then fail at the migration, or
+    worse, so it starts without migrating."""
+    if not migrated or migrated.get("image") == image:
+        return MIGRATING
+    ours, theirs = version_of(tag), version_of(str(migrated.get("tag", "")))
+    if ours is not None and theirs is not None and ours >= theirs:
+        return MIGRATING
+    return NOMIGRATE
+
+
+def migrated_in(logs: str) -> bool:
+    """Whether Quay's start reached its migration step, by its own log lines."""
+    return MIGRATION_MARK in logs
+
+
+class Verdicts:
+    """The canary record and the database record in a lease store (stores.LeaseStore).
+
+    Args:
+        leases: the lease store beside the stack.
+        me: this node's name.
+        sleep: the daemon's stop-aware sleep (SIGTERM ends the wait for a verdict).
+        clock: wall-clock seconds (records are compared across nodes).
+    """
+
+    def __init__(self, leases, me: str, sleep: Callable[[float], None],
+                 clock: Callable[[], float] = time.time, poll: float = 2.0) -> None:
+        self.leases, self.me, self.sleep, self.clock, self.poll = leases, me, sleep, clock, poll
+
+    def _read(self, key: str):
+        got = self.leases.get(key)
+        return (_json(got[0]) if got else None), got
+
+    def migrated(self) -> Optional[dict]:
+        return self._read(DATABASE)[0]
+
+    def gate(self, image: str, tag: str, ttl: float) -> str:
+        """Before this node starts `image` for the first time: "canary" (this node goes first;
+        the record says so), "go" (the canary was healthy) or "stop" (it failed). Waits while
+        another node's canary is rolling; a canary silent for `ttl` is taken over."""
+        waited = False
+        while True:
+            record, got = self._read(UPGRADE)
+            now = self.clock()
+            stale = record is not None and record.get("state") == ROLLING and \
+                now - float(record.get("since", 0)) > ttl
+            if record is None or record.get("image") != image or stale:
+                body = self._body(image, tag, ROLLING)
+                if self.leases.create(UPGRADE, body) if got is None else \
+                        self.leases.replace(UPGRADE, body, got[1]):
+                    log.info("rollout.canary", image=image, node=self.me)
+                    return "canary"
+                continue
+            state = record.get("state")
+            if state == HEALTHY:
+                return "go"
+            if state in FAILED:
+                log.error("rollout.stopped", image=image, canary=record.get("canary"),
+                          verdict=state, note="the canary failed on this image; fix it and "
+                                              "change the lock again")
+                return "stop"
+            if record.get("canary") == self.me:
+                return "canary"  # this agent restarted mid-upgrade
+            if not waited:
+                log.info("rollout.waiting_for_canary", image=image, canary=record.get("canary"))
+                waited = True
+            self.sleep(self.poll)
+
+    def finish(self, image: str, tag: str, state: str, migrating: bool = True) -> None:
+        """The canary's verdict; a start with the migrating entry point that reached the
+        migration also records that `image` migrated the database, so no node starts an older
+        image with `registry` again."""
+        if migrating and state in (HEALTHY, FAILED_AFTER):
+            self._put(DATABASE, json.dumps({"image": image, "tag": tag,
+                                            "at": self.clock()}).encode())
+        self._put(UPGRADE, self._body(image, tag, state))
+
+    def _put(self, key: str, body: bytes) -> None:
+        got = self.leases.get(key)
+        if got is None or not self.leases.replace(key, body, got[1]):
+            self.leases.create(key, body)
+
+    def _body(self, image: str, tag: str, state: str) -> bytes:
+        return json.dumps({"image": image, "tag": tag, "canary": self.me, "state": state,
+                           "since": self.clock()}).encode()
+
+
+def _json(data: bytes):
+    try:
+        value = json.loads(data.decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None

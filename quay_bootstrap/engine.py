@@ -1,0 +1,220 @@
+"""The Docker engine, through the docker SDK: the Quay container created, restarted, recovered,
+watched; a client that never reads ~/.docker/config.json."""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import structlog
+
+from quay_bootstrap.container import MANAGED, Observed, Spec, plan_recovery, plan_restart
+from quay_bootstrap.errors import ContainerError, Unavailable
+
+log = structlog.get_logger(__name__)
+
+_PORT_IN_USE = re.compile(r"(?:Bind for |listen tcp\d? )(\S+?):? (?:failed|bind)")
+
+
+class Docker:
+    """The Docker engine, through the docker SDK. Args: base_url (None = DOCKER_HOST or the
+    default socket); how long to wait for the daemon to answer."""
+
+    def __init__(self, base_url: Optional[str] = None, *, connect_deadline: float = 10.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        import docker
+
+        self._errors = docker.errors
+        where = base_url or _default_socket()
+        deadline = time.monotonic() + connect_deadline
+        while True:
+            try:
+                self.client = _client_without_user_config(docker, base_url)
+                self.client.ping()
+                break
+            except docker.errors.DockerException as err:
+                if time.monotonic() >= deadline:
+                    raise Unavailable("the Docker daemon does not answer", where=where,
+                                      hint="Start it (systemctl start docker) or set "
+                                           "DOCKER_HOST; the agent needs it to run Quay") from err
+                sleep(0.5)
+        self.where = where
+
+    def find(self, name: str) -> Optional[Observed]:
+        try:
+            found = self.client.containers.get(name)
+        except self._errors.NotFound:
+            return None
+        return Observed(found.id, found.status, dict(found.labels or {}),
+                        found.attrs.get("Image", ""))
+
+    def create_and_start(self, spec: Spec) -> str:
+        """Create and start; on failure remove what was created and say why, naming the port."""
+        created = self.client.api.create_container(
+            image=spec.image, name=spec.name, labels=spec.labels, environment=spec.env,
+            command=list(spec.command) if spec.command else None,
+            ports=[(int(p.split("/")[0]), p.split("/")[1]) for p in spec.ports],
+            stop_timeout=spec.stop_timeout,
+            host_config=self.client.api.create_host_config(
+                port_bindings=spec.ports, binds=list(spec.binds), sysctls=spec.sysctls or None,
+                network_mode=spec.network_mode, privileged=spec.privileged,
+                restart_policy={"Name": "unless-stopped"}))
+        container_id = created["Id"]
+        try:
+            self.client.api.start(container_id)
+        except self._errors.APIError as err:
+            self.client.api.remove_container(container_id, force=True, v=True)
+            raise _start_error(err, spec) from err
+        return container_id
+
+    def start(self, container_id: str) -> None:
+        self.client.api.start(container_id)
+
+    def stop(self, container_id: str, timeout: int) -> None:
+        self.client.api.stop(container_id, timeout=timeout)
+
+    def rename(self, container_id: str, name: str) -> None:
+        self.client.api.rename(container_id, name)
+
+    def remove(self, container_id: str) -> None:
+        self.client.api.remove_container(container_id, force=True, v=True)
+
+    def recover(self, name: str) -> None:
+        """Finish a replacement the agent was killed in the middle of (see plan_recovery)."""
+        asides = {item.name: Observed(item.id, item.status, dict(item.labels or {}))
+                  for item in self.client.containers.list(
+                      all=True, filters={"name": f"{name}-previous-"})
+                  if item.name.startswith(f"{name}-previous-")}
+        restore, remove = plan_recovery(self.find(name), asides)
+        if restore:
+            log.warning("container.restored_aside", name=restore, to=name,
+                        why="a replacement was cut off before the new Quay was created")
+            self.rename(asides[restore].id, name)
+        for aside in remove:
+            log.info("container.remove_stale", name=aside)
+            self.remove(asides[aside].id)
+
+    def restart_quay(self, spec: Spec, recreate: bool, exited: bool,
+                     expect: Callable[[Tuple[str, ...]], None]) -> Optional[str]:
+        """Carry out the watchdog's restart as plan_restart decides; `expect` hears the Docker
+        events the act will echo before it acts. Returns the new container's id when one was
+        created."""
+        found = self.find(spec.name)
+        kind, echoes = plan_restart(found, recreate, exited)
+        if kind == "refuse":
+            log.error("container.not_ours", name=spec.name,
+                      hint="a container quay-bootstrap did not create took Quay's name; it is "
+                           "left alone. Remove it, then restart quay-bootstrap")
+            return None
+        if kind == "none":
+            log.info("container.restarted_by_docker", name=spec.name)
+            return None
+        expect(echoes)
+        if kind in ("recreate", "create"):
+            if found is not None:
+                self.remove(found.id)
+            return self.create_and_start(spec)
+        if kind == "restart":
+            self.client.api.restart(found.id, timeout=spec.stop_timeout)
+        else:
+            self.start(found.id)
+        return None
+
+    def stop_quay(self, spec: Spec) -> None:
+        """Stop Quay gracefully, if the container under its name is ours."""
+        found = self.find(spec.name)
+        if found is not None and found.labels.get(MANAGED) == "true":
+            self.stop(found.id, spec.stop_timeout)
+
+    def age(self, container_id: str) -> float:
+        """Seconds since the container started (0 when unknown), so an adopted Quay is not
+        given a fresh start period."""
+        try:
+            text = self.client.api.inspect_container(container_id)["State"]["StartedAt"]
+            match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?", text)
+            started = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(
+                tzinfo=datetime.timezone.utc).timestamp() + float(match.group(2) or 0)
+        except Exception:  # noqa: BLE001 - unknown: a full start period
+            return 0.0
+        return max(time.time() - started, 0.0)
+
+    def watch(self, name: str, stop, on_event: Callable[[str, Optional[int]], None]) -> None:
+        """A thread's loop: calls `on_event(action, exit code)` for each of the container's die,
+        start and destroy events, as Docker streams them (a die is seen within milliseconds,
+        no polling). Reconnects when dockerd restarts; the loss is logged once, not every
+        second."""
+        from quay_bootstrap.periodic import Warnings
+
+        lost = Warnings("docker.events_lost")
+        while not stop.is_set():
+            try:
+                for event in self.client.events(
+                        decode=True, filters={"type": "container", "container": name}):
+                    lost.ok()
+                    action = event.get("status") or event.get("Action")
+                    attributes = event.get("Actor", {}).get("Attributes", {})
+                    if attributes.get("name") == name and action in ("die", "start", "destroy"):
+                        code = attributes.get("exitCode")
+                        on_event(action, int(code) if code else None)
+            except Exception as err:  # noqa: BLE001 - dockerd went away: reconnect
+                lost.warn(err)
+            stop.wait(1.0)
+
+    def leave_restarts_to_the_agent(self, container_id: str) -> None:
+        """No restart policy on a running Quay (no downtime): Docker would restart it with the
+        entry point it was created with, which migrates, and the shared database is ahead."""
+        self.client.api.update_container(container_id, restart_policy={"Name": "no"})
+
+    def logs(self, container_id: str, tail: int = 5000) -> str:
+        """What Quay printed (its init scripts name each start-up phase)."""
+        try:
+            return self.client.api.logs(container_id, tail=tail).decode("utf-8", "replace")
+        except self._errors.NotFound:
+            return ""
+
+    def running(self, container_id: str) -> bool:
+        try:
+            return self.client.api.inspect_container(container_id)["State"]["Running"]
+        except self._errors.NotFound:
+            return False
+
+
+def _start_error(err: Exception, spec: Spec) -> ContainerError:
+    text = str(getattr(err, "explanation", None) or err)
+    match = _PORT_IN_USE.search(text)
+    if match or "port is already allocated" in text or "address already in use" in text:
+        port = match.group(1) if match else "?"
+        return ContainerError(f"the host port {port} is already in use, so the Quay container "
+                              "cannot start", where=f"container {spec.name}",
+                              hint="Stop what listens there (ss -ltnp) or change "
+                                   "container.ports")
+    return ContainerError(f"Docker could not start the Quay container: {text}",
+                          where=f"container {spec.name}")
+
+
+def _default_socket() -> str:
+    return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+
+def _client_without_user_config(docker, base_url: Optional[str]):
+    """A client that never reads (or later writes) ~/.docker/config.json: the SDK reads the
+    config once, at construction, from $DOCKER_CONFIG first, so point that at an empty one."""
+    folder = tempfile.mkdtemp(prefix="quay-bootstrap-docker-")
+    saved = os.environ.get("DOCKER_CONFIG")
+    try:
+        Path(folder, "config.json").write_text("{}")
+        os.environ["DOCKER_CONFIG"] = folder
+        if base_url:
+            return docker.DockerClient(base_url=base_url, version="auto", timeout=120)
+        return docker.from_env(version="auto", timeout=120)
+    finally:
+        if saved is None:
+            os.environ.pop("DOCKER_CONFIG", None)
+        else:
+            os.environ["DOCKER_CONFIG"] = saved
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,53 @@
+"""The canary's records and the entry point the shared database allows, from tables."""
+from __future__ import annotations
+
+import pytest
+
+from quay_bootstrap.canary import (
+    FAILED_AFTER,
+    FAILED_BEFORE,
+    HEALTHY,
+    MIGRATING,
+    NOMIGRATE,
+    Verdicts,
+    entry_point,
+    migrated_in,
+    version_of,
+)
+from tests.fakes import FakeClock, MemoryLeases
+
+
+@pytest.mark.parametrize("image, tag, migrated, entry", [
+    ("img-a", "v3.9.0", None, MIGRATING),  # a database no canary recorded
+    ("img-a", "v3.9.0", {"image": "img-a", "tag": "v3.9.0"}, MIGRATING),  # its own
+    ("img-b", "v3.10.0", {"image": "img-a", "tag": "v3.9.0"}, MIGRATING),  # newer: it migrates
+    ("img-a", "v3.9.0", {"image": "img-b", "tag": "v3.10.0"}, NOMIGRATE),  # older: must not
+    ("img-c", "v3.9.0", {"image": "img-a", "tag": "v3.9.0"}, MIGRATING),  # a rebuild, same release
+    ("img-a", "", {"image": "img-b", "tag": "v3.10.0"}, NOMIGRATE),  # unknown: the safe way
+])
+def test_an_older_image_never_starts_with_the_migrating_entry_point(image, tag, migrated, entry):
+    assert entry_point(image, tag, migrated) == entry
+
+
+def test_versions_order_numerically():
+    assert version_of("v3.10.0") > version_of("v3.9.0") and version_of("3.11.2-rc1") == (3, 11, 2)
+    assert version_of("latest") is None
+
+
+def test_a_start_that_reached_quay_s_migration_step_says_so_in_its_logs():
+    assert migrated_in("Running init script '/quay-registry/conf/init/runmigration.sh'\n")
+    assert not migrated_in("Running init script '/quay-registry/conf/init/d_validate_config_bundle.sh'\n"
+                           "Validating Configuration\nlevel=fatal msg=\"...\"\n")
+
+
+@pytest.mark.parametrize("state, migrated", [(HEALTHY, True), (FAILED_AFTER, True),
+                                             (FAILED_BEFORE, False)])
+def test_a_verdict_records_who_migrated_the_database(state, migrated):
+    leases, clock = MemoryLeases(), FakeClock()
+    verdicts = Verdicts(leases, "node-a", clock.sleep, clock)
+    assert verdicts.gate("img-b", "v3.10.0", ttl=600) == "canary"
+    verdicts.finish("img-b", "v3.10.0", state)
+    assert leases.record()["state"] == state
+    assert (verdicts.migrated() == {"image": "img-b", "tag": "v3.10.0", "at": clock()}) is migrated
+    other = Verdicts(leases, "node-b", clock.sleep, clock)
+    assert other.gate("img-b", "v3.10.0", ttl=600) == ("go" if state == HEALTHY else "stop")
