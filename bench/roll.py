@@ -58,7 +58,8 @@ def downtime(samples: list, what: str) -> dict:
 
 def body(args, bed) -> dict:
     from quay_bootstrap.config import ContainerConfig
-    from quay_bootstrap.container import STACK_VERSION, Docker, build_spec
+    from quay_bootstrap.container import STACK_VERSION, build_spec
+    from quay_bootstrap.engine import Docker
 
     files = common.stacks.sample_stack()
     bed.upload(files)

@@ -24,6 +24,9 @@ MIGRATING, NOMIGRATE = "registry", "registry-nomigrate"
 ROLLING, HEALTHY = "rolling", "healthy"
 FAILED_BEFORE, FAILED_AFTER = "failed-before-migrating", "failed-after-migrating"
 FAILED = (FAILED_BEFORE, FAILED_AFTER, "failed")  # "failed": an older agent's record
+# A node's first start failed: no verdict on the version (the node may be at fault); the next
+# node to start it is the canary.
+OPEN = "open"
 # Quay's init script for the migration (conf/init/runmigration.sh): once it has run, the
 # database may be migrated, even when the start failed later.
 MIGRATION_MARK = "runmigration.sh"
@@ -83,7 +86,8 @@ class Verdicts:
             now = self.clock()
             stale = record is not None and record.get("state") == ROLLING and \
                 now - float(record.get("since", 0)) > ttl
-            if record is None or record.get("image") != image or stale:
+            if record is None or record.get("image") != image or stale or \
+                    record.get("state") == OPEN:
                 body = self._body(image, tag, ROLLING)
                 if self.leases.create(UPGRADE, body) if got is None else \
                         self.leases.replace(UPGRADE, body, got[1]):

@@ -5,61 +5,71 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import replace
 from typing import Callable, Optional
 
 import structlog
 
 from quay_bootstrap import status, watchdog
 from quay_bootstrap.config import Config
-from quay_bootstrap.container import IMAGE_DIGEST
 from quay_bootstrap.errors import Interrupted
+from quay_bootstrap.node import Node, RollOutcome
 from quay_bootstrap.periodic import Periodic
 from quay_bootstrap.pipeline import Live, Pass
 
 log = structlog.get_logger(__name__)
 
-# Everything the loop hears arrives on one queue: probe results, Docker events, signals.
+# Everything the loop hears arrives on one queue: probe results, Docker events, signals, the
+# outcome of a roll.
 _STOP = object()
 _RELOAD = object()
 _TERMINATE = object()
-# Docker events that arrive within this long after a roll are the roll's own.
-_ROLL_ECHO = 1.0
 
 
 class Daemon:
     """Args: the agent config; `make_pass(cfg, sleep)` for a pipeline Pass; the stop event the
     signal handlers set; how to re-read the config on SIGHUP; a clock. The collaborators
-    (board, systemd, escalation, roll) default to the real ones and are replaced in tests."""
+    (board, systemd, escalation, roll, spawn) default to the real ones; tests replace them."""
 
     def __init__(self, cfg: Config, make_pass: Callable[..., Pass], stop: threading.Event, *,
                  reload_config: Optional[Callable[[], Config]] = None,
                  clock: Callable[[], float] = time.monotonic, board=None, systemd=None,
-                 escalation=None, roll=None) -> None:
+                 escalation=None, roll=None, spawn: Optional[Callable] = None) -> None:
         from quay_bootstrap import health, stores
         from quay_bootstrap.aws import node_id
         from quay_bootstrap.escalation import Escalation, targets_from_config
         from quay_bootstrap.rollout import Roll
 
-        self.cfg, self.make_pass, self.stop, self.clock = cfg, make_pass, stop, clock
+        self.first_cfg, self.make_pass, self.stop, self.clock = cfg, make_pass, stop, clock
         self.reload_config = reload_config
         self.events: "queue.SimpleQueue" = queue.SimpleQueue()  # put() is signal-safe
         self.systemd = systemd or status.Systemd()
         self.board = board or status.Board(cfg.report.state_file)
         self.escalation = escalation or Escalation(lambda: targets_from_config(self.cfg),
                                                    self.board.update)
-        self.roll = roll or Roll(stores.open_leases, node_id(cfg), self._sleep)
         self.prober = health.Prober(lambda: (self.cfg, self.live.health_url), self.events.put, stop,
                                     observe=self.board.m_probe.observe, clock=clock)
+        self.node = Node(roll or Roll(stores.open_leases, node_id(cfg), self._sleep), self.board,
+                         self.systemd, self.feed, self._wake, clock,
+                         spawn or (lambda fn: _thread("roll", fn)), self.events.put)
         self.state = watchdog.State()
-        self.policy = watchdog.Policy.from_config(cfg)
-        self.live: Optional[Live] = None
-        self.docker = self.store = self.lifecycle = self.held = None
+        self.lifecycle = None
         self.draining = False
         self.refresh = Periodic("refresh.failed", lambda: self._roll(self.cfg, "refresh"),
                                 cfg.stack.refresh_interval, jitter=0.2, clock=clock)
         self.ping = Periodic("systemd.ping_failed", lambda: self.systemd.notify("WATCHDOG=1"),
                              self.systemd.watchdog_every, first=0, clock=clock)
+
+    @property
+    def live(self) -> Optional[Live]:
+        return self.node.live
+
+    @property
+    def cfg(self) -> Config:
+        return self.node.live.cfg if self.node.live else self.first_cfg
+
+    @property
+    def held(self) -> Optional[str]:
+        return self.node.held
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -88,28 +98,49 @@ class Daemon:
             _thread("lifecycle", lambda: self.lifecycle.watch_termination(
                 self.stop, lambda: self.events.put(_TERMINATE)))
         try:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and self.handle(self._next_item()):
                 self.ping.run_if_due()
-                item = self._next_item()
-                if item is _STOP:
-                    break
-                if item is _RELOAD:
-                    self._reload()
-                elif item is _TERMINATE:
-                    self._drain()
-                elif not self.draining:
-                    if not self.held:  # a held node is out of service: nothing to watch
-                        self.feed(item if item is not None else watchdog.Tick(self.clock()))
-                    if self.lifecycle:  # Pending:Wait until Quay is healthy
-                        self.lifecycle.launch_tick(self.state.phase == "healthy",
-                                                   self.cfg.health.start_period)
-                    self.refresh.run_if_due()
         finally:
             self.systemd.notify("STOPPING=1", "STATUS=stopping; Quay keeps running")
             endpoint.stop()
+            if self.node.replacing.is_set():  # never leave a replacement half-done
+                log.info("agent.finishing_replacement")
+                while self.node.replacing.is_set() and not self._settle(timeout=60):
+                    pass
             log.info("agent.stopped", container=self.cfg.container.name,
                      note="the Quay container was left running")
         return 0
+
+    def handle(self, item) -> bool:
+        """One thing the loop heard; False to stop."""
+        if item is _STOP:
+            return False
+        if item is _RELOAD:
+            self._reload()
+        elif item is _TERMINATE:
+            self._drain()
+        elif isinstance(item, RollOutcome):
+            self.node.finish_roll(item)
+        elif not self.draining:
+            # A held node is out of service, and a roll replacing Quay owns its events.
+            if not (self.node.held or self.node.replacing.is_set()):
+                self.feed(item if item is not None else watchdog.Tick(self.clock()))
+            if self.lifecycle:  # Pending:Wait until Quay is healthy
+                self.lifecycle.launch_tick(self.state.phase == "healthy",
+                                           self.cfg.health.start_period)
+            self.refresh.run_if_due()
+        return True
+
+    def _settle(self, timeout: float) -> bool:
+        """At exit: the next thing heard, until the roll's outcome (True) or `timeout` (True)."""
+        try:
+            item = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return True
+        if isinstance(item, RollOutcome):
+            self.node.finish_roll(item)
+            return True
+        return False
 
     def _next_item(self):
         due = [at - self.clock() for at in (self.state.restart_due_at(), self.refresh.due_at)
@@ -122,10 +153,14 @@ class Daemon:
     def feed(self, seen) -> None:
         """One observation through the watchdog; its actions go to their owners."""
         before = self.state
-        self.state, actions = watchdog.step(self.state, seen, self.policy)
+        self.state, actions = watchdog.step(self.state, seen,
+                                            watchdog.Policy.from_config(self.cfg))
         for action in actions:
             self._do(action)
-        self.prober.follow(self.state, self.policy.start_period, self.clock())
+        if self.state.phase == "healthy":
+            self.node.healthy()
+        self.node.first_verdict(self.state.phase)
+        self.prober.follow(self.state, self.cfg.health.start_period, self.clock())
         status.publish(self.board, self.systemd, self.state, before, isinstance(seen, watchdog.Probed))
 
     def _do(self, action) -> None:
@@ -133,7 +168,7 @@ class Daemon:
             getattr(log, action.level)(action.event, **dict(action.fields),
                                        services=self.state.services())
         elif isinstance(action, watchdog.Restart):
-            self._restart(action)
+            self.node.restart(action, self.state)
         elif isinstance(action, watchdog.MarkUnhealthy):
             self.escalation.mark(action.reason)
         elif isinstance(action, watchdog.ClearUnhealthy):
@@ -141,48 +176,15 @@ class Daemon:
         elif isinstance(action, watchdog.Ready):
             self.systemd.notify("READY=1")
         elif isinstance(action, watchdog.MarkKnownGood):
-            self.store.mark_known_good(self.live.stack_version)
+            self.node.store.mark_known_good(self.live.stack_version)
 
-    def _restart(self, action: watchdog.Restart) -> None:
-        self.board.m_restarts.inc()
-        log.warning("container.restarting", reason=action.reason, next_backoff=self.state.backoff,
-                    restarts_in_window=len(self.state.restarts), services=self.state.services())
-        spec = self.roll.restart_spec(self.live)
-
-        def expect(echoes) -> None:
-            now = self.clock()
-            self.feed(watchdog.Expect(now, now + spec.stop_timeout + 10, echoes))
-
-        try:
-            with self.systemd.keepalive():
-                created = self.docker.restart_quay(spec, action.recreate or spec != self.live.spec,
-                                                   action.exited, expect)
-            if created:
-                self.live = replace(self.live, spec=spec, container_id=created)
-            self.prober.fast.set()
-            self.prober.wake.set()
-        except Exception as err:  # noqa: BLE001 - the loop must survive; the next tick retries
-            self.feed(watchdog.RestartFailed(self.clock(), str(err), action))
-
-    def _first_pass(self) -> None:
-        one = self.make_pass(self.cfg, self._sleep)
-        live, deferred, held = self.roll.first(one)
-        self.docker, self.store = one.docker, one.store
-        self._adopt(live, started_at=self.clock() - self.docker.age(live.container_id))
-        if deferred:  # adopted as it runs: the change is rolled at once, within the budget
-            self.refresh.due_at = self.clock()
-        self._apply_rolled(held)
-
-    def _adopt(self, live: Live, started_at: float) -> None:
-        self.live, self.cfg = live, live.cfg
-        self.policy = watchdog.Policy.from_config(live.cfg)
-        now = self.clock()
-        self.feed(watchdog.Applied(now, started_at, quiet_until=now + _ROLL_ECHO))
-        self.board.update(state="starting", stack_version=live.stack_version,
-                          image_digest=live.spec.labels[IMAGE_DIGEST],
-                          container=live.cfg.container.name)
+    def _wake(self) -> None:
         self.prober.fast.set()
         self.prober.wake.set()
+
+    def _first_pass(self) -> None:
+        if self.node.first_pass(self.make_pass(self.cfg, self._sleep)):
+            self.refresh.due_at = self.clock()  # adopted as it runs: rolled within the budget
 
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
@@ -199,32 +201,7 @@ class Daemon:
         self._roll(cfg, "SIGHUP")
 
     def _roll(self, cfg: Config, why: str) -> None:
-        touched = []  # events queued meanwhile are news unless the roll touched the container
-        try:
-            with self.systemd.keepalive():
-                one = self.make_pass(cfg, self._sleep)
-                rolled = self.roll.apply(one, self.live, why, lambda: touched.append(1))
-        except Interrupted:
-            return
-        except Exception as err:  # noqa: BLE001 - a failed change must not end the watch
-            log.error("rollout.failed", why=why, error=str(err),
-                      note="still watching the Quay that runs")
-            self.board.update(last_change={"why": why, "result": "failed", "error": str(err)})
-            return
-        finally:
-            if touched:  # a replacement's die, destroy and start are the roll's own
-                self.feed(watchdog.Expect(self.clock(), self.clock() + _ROLL_ECHO, everything=True))
-        if rolled.live is not None:
-            self.store = one.store
-            self._adopt(rolled.live, started_at=self.clock())
-        elif rolled.cfg is not None:
-            self.cfg, self.policy = rolled.cfg, watchdog.Policy.from_config(rolled.cfg)
-        self._apply_rolled(rolled)
-
-    def _apply_rolled(self, rolled) -> None:
-        if rolled.behind and not self.board.snapshot().get("degraded"):
-            self.docker.leave_restarts_to_the_agent(self.live.container_id)
-        self.held = rolled.report(self.board, self.held)
+        self.node.start_roll(lambda c: self.make_pass(c, self._sleep), cfg, why)
 
     def _drain(self) -> None:
         """The instance is leaving: stop Quay gracefully, say CONTINUE, and restart nothing."""
@@ -234,11 +211,11 @@ class Daemon:
         self.systemd.notify("STATUS=terminating: Quay stopped for the Auto Scaling group")
         self.feed(watchdog.Expect(self.clock(), float("inf"), everything=True))
         with self.systemd.keepalive():
-            self.lifecycle.drain(lambda: self.docker.stop_quay(self.live.spec))
+            self.lifecycle.drain(lambda: self.node.docker.stop_quay(self.live.spec))
 
     def _watch_docker(self) -> None:
-        self.docker.watch(self.cfg.container.name, self.stop, lambda action, code: self.events.put(
-            watchdog.from_docker(action, code, self.clock())))
+        self.node.docker.watch(self.cfg.container.name, self.stop, lambda action, code:
+                               self.events.put(watchdog.from_docker(action, code, self.clock())))
 
 
 def _thread(name: str, target: Callable[[], None]) -> None:

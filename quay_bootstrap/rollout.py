@@ -46,6 +46,8 @@ class Rolled:
     # The shared database was migrated past the image this node runs: it keeps running, but
     # must not be restarted with the migrating entry point.
     behind: bool = False
+    # A first start that is the canary: (verdicts, image, tag, migrating), judged by the watch.
+    canary: Optional[tuple] = None
 
     def report(self, board, held: Optional[str] = None) -> Optional[str]:
         """On the status board first, then in the log, so what the log says /status says.
@@ -123,8 +125,7 @@ class Roll:
                 one.store.reject(*key)
                 one.store.switch_current(live.stack_version)
                 return Rolled("stopped")
-        budget = Budget(verdicts.leases, self.me, cfg.rollout.max_unavailable,
-                        cfg.rollout.lease_ttl, self.clock)
+        budget = self.budget(cfg)
         slot = budget.acquire(f"{why}: {action.reason}", self.sleep, self.poll)
         try:
             budget.keep(slot, f"{why}: {action.reason}")
@@ -196,17 +197,11 @@ class Roll:
                                           "(or image.reference) again")
         _, container_id = one.reconcile(one.docker, spec, (found, action))
         one.outcome.container_id = container_id
-        live = one.live()
-        if canary != "canary":
-            return live, False, Rolled("started")
-        probe = one.wait_healthy(container_id)
-        if probe.ok:
-            verdicts.finish(image, tag, canary_mod.HEALTHY, not spec.command)
-            return live, False, Rolled("started")
-        after = canary_mod.migrated_in(one.docker.logs(container_id))
-        verdicts.finish(image, tag, canary_mod.FAILED_AFTER if after else canary_mod.FAILED_BEFORE,
-                        not spec.command)
-        return live, False, self._hold(live, "first start", probe) if after else Rolled("started")
+        # The watchdog gives the verdict (node.Node.first_verdict): the first start is not
+        # held up waiting for health, so lifecycle heartbeats and the watch begin at once.
+        return one.live(), False, Rolled(
+            "started", canary=(verdicts, image, tag, not spec.command) if canary == "canary"
+            else None)
 
     def _hold(self, new: Live, why: str, probe) -> Rolled:
         """The canary failed after its migration: the old image cannot start against the
@@ -235,6 +230,11 @@ class Roll:
                         why="the shared database was migrated by a newer Quay than this node "
                             "runs: it starts without migrating until it is rolled forward")
         return spec
+
+    def budget(self, cfg) -> Budget:
+        """The cluster's disruption budget: rollout.max_unavailable leases beside the stack."""
+        return Budget(self._leases_for(cfg.stack), self.me, cfg.rollout.max_unavailable,
+                      cfg.rollout.lease_ttl, self.clock)
 
     def verdicts(self, stack) -> Verdicts:
         """The canary and database records beside this stack's leases."""

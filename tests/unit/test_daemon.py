@@ -3,6 +3,7 @@ does to the container, what the status board says, whom it tells. Observations a
 loop as its threads would put them on its queue (`Daemon.feed`); no thread is started."""
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -67,7 +68,20 @@ class Node:
             self.cfg, self.make_pass, threading.Event(), clock=self.clock, board=self.board,
             systemd=self.systemd,
             escalation=Escalation(lambda: self.targets, self.board.update),
-            roll=Roll(lambda stack: self.leases, "node-a", self.clock.sleep, clock=self.clock))
+            roll=Roll(lambda stack: self.leases, "node-a", self.clock.sleep, clock=self.clock),
+            spawn=lambda roll: roll())  # the roll runs in place; its outcome is queued
+
+    def settle(self) -> None:
+        """The loop takes what the roll put on its queue."""
+        while True:
+            try:
+                self.daemon.handle(self.daemon.events.get_nowait())
+            except queue.Empty:
+                return
+
+    def roll(self, why: str = "refresh") -> None:
+        self.daemon._roll(self.daemon.cfg, why)
+        self.settle()
 
     def make_pass(self, cfg, sleep) -> FakePass:
         one = FakePass(cfg, self.docker, self.store, self.release, self.verdicts,
@@ -150,6 +164,7 @@ def test_a_change_that_came_while_the_agent_was_down_goes_through_the_budget():
     assert node.daemon.refresh.due_at <= node.clock()  # rolled at the loop's next turn
     node.after(61)  # node-b's lease runs out
     node.daemon.refresh.run_if_due()
+    node.settle()
     assert node.docker.named("quay").labels[STACK_VERSION] == V2.version
     assert node.status()["stack_version"] == V2.version
 
@@ -315,7 +330,7 @@ def test_a_roll_that_applies_is_adopted_and_its_own_events_are_ignored():
     node = Node().start().after(20)
     node.probe(ALL_UP)
     node.release = V2
-    node.daemon._roll(node.daemon.cfg, "refresh")
+    node.roll("refresh")
 
     assert node.daemon.live.stack_version == V2.version
     assert node.daemon.live.container_id == node.docker.named("quay").id
@@ -337,7 +352,7 @@ def test_a_roll_that_raises_keeps_the_old_live_and_says_failed():
     node.release = V2
     node.prepare_error = Unavailable("the stack source did not answer", where="file:///srv")
     with captured_logs() as logs:
-        node.daemon._roll(node.daemon.cfg, "refresh")
+        node.roll("refresh")
     failed = events(logs, "rollout.failed")
     assert failed and failed[0]["log_level"] == "error" and failed[0]["why"] == "refresh"
     assert node.daemon.live is live
@@ -351,7 +366,7 @@ def test_a_roll_that_rolls_back_counts_a_rollback_and_watches_the_old_stack():
     node = Node().start().after(20)
     node.release = V2
     node.verdicts = [False, True]
-    node.daemon._roll(node.daemon.cfg, "SIGHUP")
+    node.roll("SIGHUP")
     assert node.daemon.live.stack_version == V1.version
     assert node.daemon.live.container_id == node.docker.named("quay").id
     assert node.docker.named("quay").labels[STACK_VERSION] == V1.version
@@ -364,7 +379,7 @@ def test_a_crash_during_a_refresh_that_changes_nothing_is_restarted():
     crashed_at = node.clock()
     node.docker.crash("quay", 137)  # while the refresh is fetching the stack
     node.after(3)  # the fetch took 3s
-    node.daemon._roll(node.daemon.cfg, "refresh")  # nothing to roll: the crash is not its echo
+    node.roll("refresh")  # nothing to roll: the crash is not its echo
     node.pump(at=crashed_at)
     assert node.restarts() == 1
     assert node.docker.named("quay").status == "running"
@@ -378,6 +393,7 @@ def test_the_periodic_refresh_rolls_a_new_stack_when_due():
     assert node.status()["stack_version"] == V1.version
     node.after(26)
     assert node.daemon.refresh.run_if_due() is True
+    node.settle()
     assert node.status()["stack_version"] == V2.version
     assert node.docker.named("quay").labels[STACK_VERSION] == V2.version
     assert node.daemon.refresh.due_at > node.clock() + 47
@@ -394,17 +410,17 @@ def test_a_canary_held_after_migrating_is_out_of_service_until_a_fix_applies():
         return False
 
     node.verdicts = [migrated_then_failed]
-    node.daemon._roll(node.daemon.cfg, "refresh")
+    node.roll("refresh")
     status = node.status()
     assert (status["state"], status["marked_unhealthy"]) == ("held", True)  # /healthz 503
     assert "docker logs" in status["marked_reason"]
     assert node.docker.named("quay").labels[STACK_VERSION] == V3.version  # kept, not rolled back
     assert node.targets[0].marks == []  # not the Auto Scaling group's business: a human's
 
-    node.daemon._roll(node.daemon.cfg, "refresh")  # the same source: still held
+    node.roll("refresh")  # the same source: still held
     assert node.status()["state"] == "held"
     node.release, node.verdicts = V2, []  # the fix (a new stack on the old image) applies
-    node.daemon._roll(node.daemon.cfg, "refresh")
+    node.roll("refresh")
     assert node.daemon.held is None and node.status()["marked_unhealthy"] is False
     quay = node.docker.named("quay")  # the old image, started without migrating
     assert quay.labels[STACK_VERSION] == V2.version and quay.spec.command == ("registry-nomigrate",)
@@ -416,7 +432,7 @@ def test_a_node_behind_the_migrated_database_leaves_restarts_to_the_agent_and_sa
     node = Node().start().after(20)
     quay = node.docker.named("quay")
     node.leases.put("database", {"image": V3.digest, "tag": V3.tag, "at": 0})
-    node.daemon._roll(node.daemon.cfg, "refresh")
+    node.roll("refresh")
     assert node.docker.named("quay").id == quay.id  # still serving, untouched
     assert quay.restart_policy == "no"  # Docker would restart it with `registry`
     assert "rolled forward" in node.status()["degraded"]
@@ -424,3 +440,84 @@ def test_a_node_behind_the_migrated_database_leaves_restarts_to_the_agent_and_sa
     node.pump()
     restarted = node.docker.named("quay")
     assert restarted.status == "running" and restarted.spec.command == ("registry-nomigrate",)
+
+
+# --- the budget covers restarts too; the watch goes on while a roll waits --------------------
+
+def test_restarting_a_running_but_failing_quay_takes_a_slot_of_the_budget():
+    node = Node().start().after(400)
+    node.leases.put("lease-0", LeaseBody("node-b", node.clock() + 60, "rolling").encode())
+    with captured_logs() as logs:
+        node.probe(WEB_DOWN)
+        node.after(10).probe(WEB_DOWN)
+    assert node.docker.mutations() == []  # node-b is out of service: this one waits
+    assert "budget" in events(logs, "container.restart_failed")[0]["error"]
+    node.after(61).tick()  # node-b's slot is free again
+    assert node.restarts() == 1
+    assert LeaseBody.decode(node.leases.objects["lease-0"][0]).holder == "node-a"
+    node.after(5).pump()
+    node.probe(ALL_UP)  # healthy again: the slot goes back
+    assert node.leases.leases() == {}
+
+
+def test_a_quay_that_exited_comes_back_at_once_even_when_the_budget_is_spent():
+    node = Node().start().after(400)
+    node.leases.put("lease-0", LeaseBody("node-b", node.clock() + 600, "rolling").encode())
+    node.docker.crash("quay", 137)
+    node.pump()
+    assert node.restarts() == 1 and node.docker.named("quay").status == "running"
+
+
+def test_while_a_roll_waits_for_a_lease_a_crash_is_still_restarted():
+    """The roll runs beside the loop: waiting for node-b's lease blocks only the roll."""
+    import threading as threads
+
+    node = Node()
+    node.daemon.node.spawn = lambda roll: threads.Thread(target=roll, daemon=True).start()
+    node.start().after(20)
+    node.leases.put("lease-0", LeaseBody("node-b", node.clock() + 30, "rolling").encode())
+    waiting, go_on = threads.Event(), threads.Event()
+
+    def hold_the_roll(clock):
+        waiting.set()
+        go_on.wait(5)
+    node.clock.on_sleep = hold_the_roll
+    node.release = V2
+    node.daemon._roll(node.daemon.cfg, "refresh")
+    assert waiting.wait(5)  # the roll waits for the lease ...
+    node.docker.crash("quay", 137)
+    node.pump()  # ... and the loop restarts the crashed Quay meanwhile
+    assert node.restarts() == 1 and node.docker.named("quay").status == "running"
+    node.clock.on_sleep = None
+    node.clock.advance(31)
+    go_on.set()
+    outcome = node.daemon.events.get(timeout=5)
+    node.daemon.handle(outcome)
+    assert node.docker.named("quay").labels[STACK_VERSION] == V2.version
+
+
+def _first_start(node):
+    from tests.fakes import V3
+
+    node.docker.containers.clear()
+    node.release = V3
+    return node.start()
+
+
+def test_a_first_start_that_is_the_canary_is_judged_by_the_watch_healthy():
+    node = _first_start(Node())
+    assert node.leases.record()["state"] == "rolling"  # the start was not held up
+    node.after(5).probe(ALL_UP)
+    assert node.leases.record()["state"] == "healthy"
+
+
+def test_a_first_start_that_fails_leaves_the_version_open_for_the_next_node():
+    node = _first_start(Node())
+    quay = node.docker.named("quay")
+    quay.logs = "Running init script '/quay-registry/conf/init/runmigration.sh'\n"
+    node.after(400).probe(WEB_DOWN)
+    node.after(10).probe(WEB_DOWN)  # failing after its start period
+    assert node.leases.record()["state"] == "open"  # not "failed": this node may be at fault
+    assert node.daemon.held is None  # no older Quay to protect: the watchdog restarts it
+    import json
+    assert json.loads(node.leases.objects["database"][0])["tag"] == "v3.10.0"

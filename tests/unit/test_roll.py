@@ -439,11 +439,13 @@ def _bare(me, leases, clock=None):
 def test_the_first_node_of_a_new_cluster_is_the_canary_the_others_wait_for_its_verdict():
     leases = MemoryLeases()
     first = _bare("node-a", leases)
-    one = FakePass(first.cfg, first.docker, first.store, V3, verdicts=[True])
+    one = FakePass(first.cfg, first.docker, first.store, V3)
     live, deferred, rolled = first.roll.first(one)
     assert not deferred and rolled.result == "started"
-    assert leases.record()["state"] == "healthy" and leases.record()["canary"] == "node-a"
+    assert leases.record()["state"] == "rolling" and leases.record()["canary"] == "node-a"
     assert first.quay() == (V3.version, V3.digest, "running")
+    verdicts, image, tag, migrating = rolled.canary  # the watch judges it (see test_daemon)
+    verdicts.finish(image, tag, "healthy", migrating)
 
     second = _bare("node-b", leases)
     leases.put("upgrade", upgrade_record(V3, "node-a", "rolling", second.clock()))

@@ -1,0 +1,191 @@
+"""This node's Quay: what runs (the live container, its stack and image), and the acts on it the
+loop hands over: adopting what a pass or a roll put in place, a watchdog restart within the
+cluster's budget, a roll run beside the watch, and its outcome."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+import structlog
+
+from quay_bootstrap import canary, watchdog
+from quay_bootstrap.container import IMAGE_DIGEST
+from quay_bootstrap.errors import Interrupted
+from quay_bootstrap.pipeline import Live
+
+log = structlog.get_logger(__name__)
+
+# Docker events that arrive within this long after a roll are the roll's own.
+ROLL_ECHO = 1.0
+
+
+@dataclass(frozen=True)
+class RollOutcome:
+    """What a roll in the background brings back to the loop."""
+
+    why: str
+    one: Any = None  # the pipeline Pass it ran
+    rolled: Any = None  # rollout.Rolled, or None when it failed
+    error: Optional[BaseException] = None
+    touched: bool = False  # it stopped or replaced Quay's container
+
+
+class Node:
+    """Args: the roll (rollout.Roll); the status board; systemd; `feed`, the loop's way to tell
+    the watchdog; `wake`, to probe at once; a clock; `spawn(fn)` runs a roll beside the loop
+    (a thread; tests run it in place); `deliver` puts its outcome on the loop's queue."""
+
+    def __init__(self, roll, board, systemd, feed: Callable, wake: Callable[[], None],
+                 clock: Callable[[], float], spawn: Callable, deliver: Callable) -> None:
+        self.roll, self.board, self.systemd, self.feed, self.wake = roll, board, systemd, feed, wake
+        self.clock, self.spawn, self.deliver = clock, spawn, deliver
+        self.live: Optional[Live] = None
+        self.docker = self.store = self.held = None
+        self.replacing = threading.Event()  # a roll stops or replaces Quay: the watch waits
+        self.rolling = False
+        self._lock = threading.Lock()  # one act on the container at a time
+        self._slot = None  # (budget, slot) a restart of a running Quay holds until healthy
+        self.canary = None  # a first start's canary, judged by the watch (first_verdict)
+
+    # --- what runs ----------------------------------------------------------------------------
+    def first_pass(self, one) -> bool:
+        """The first pass (rollout.Roll.first); True when a change waits for a roll."""
+        live, deferred, rolled = self.roll.first(one)
+        self.docker, self.store = one.docker, one.store
+        self.adopt(live, started_at=self.clock() - self.docker.age(live.container_id))
+        self.apply(rolled)
+        return deferred
+
+    def adopt(self, live: Live, started_at: float) -> None:
+        self.live = live
+        now = self.clock()
+        self.feed(watchdog.Applied(now, started_at, quiet_until=now + ROLL_ECHO))
+        self.board.update(state="starting", stack_version=live.stack_version,
+                          image_digest=live.spec.labels[IMAGE_DIGEST],
+                          container=live.cfg.container.name)
+        self.wake()
+
+    def apply(self, rolled) -> None:
+        if rolled.behind and not self.board.snapshot().get("degraded"):
+            self.docker.leave_restarts_to_the_agent(self.live.container_id)
+        self.held = rolled.report(self.board, self.held)
+        self.canary = rolled.canary or self.canary
+
+    def first_verdict(self, phase: str) -> None:
+        """A first start that was the canary: healthy says so to the cluster. Failing says
+        nothing about the version (this node may be at fault): the next node to start it goes
+        first, and if the migration ran, the database record says which image ran it."""
+        if self.canary is None or phase not in ("healthy", "failing"):
+            return
+        (verdicts, image, tag, migrating), self.canary = self.canary, None
+        try:
+            if phase == "healthy":
+                verdicts.finish(image, tag, canary.HEALTHY, migrating)
+                return
+            if migrating and canary.migrated_in(self.docker.logs(self.live.container_id)):
+                verdicts.finish(image, tag, canary.FAILED_AFTER)
+            verdicts.finish(image, tag, canary.OPEN, migrating=False)
+            log.warning("rollout.canary_inconclusive", image=image,
+                        note="the next node to start this version goes first")
+        except Exception as err:  # noqa: BLE001 - the record stays rolling until its ttl
+            log.warning("rollout.canary_record_failed", error=str(err))
+
+    # --- the watchdog's restart -----------------------------------------------------------------
+    def restart(self, action: watchdog.Restart, state: watchdog.State) -> None:
+        """A Quay that exited or is gone comes back at once; one that runs but fails takes a
+        slot of the cluster's budget first (held until it is healthy again), so a cause every
+        node sees never restarts them all at once."""
+        self.first_verdict("failing")
+        self.board.m_restarts.inc()
+        log.warning("container.restarting", reason=action.reason, next_backoff=state.backoff,
+                    restarts_in_window=len(state.restarts), services=state.services())
+        with self._lock:
+            try:
+                if self.replacing.is_set():
+                    raise RuntimeError("a roll is replacing Quay")
+                if not (action.exited or action.recreate) and not self._take_slot(action):
+                    raise RuntimeError("waiting for the cluster's budget: rollout.max_unavailable "
+                                       "nodes are out of service already")
+                spec = self.roll.restart_spec(self.live)
+
+                def expect(echoes) -> None:
+                    self.feed(watchdog.Expect(self.clock(), self.clock() + spec.stop_timeout + 10,
+                                              echoes))
+
+                with self.systemd.keepalive():
+                    created = self.docker.restart_quay(
+                        spec, action.recreate or spec != self.live.spec, action.exited, expect)
+                if created:
+                    self.live = replace(self.live, spec=spec, container_id=created)
+                self.wake()
+            except Exception as err:  # noqa: BLE001 - the loop must survive; retried when due
+                self.feed(watchdog.RestartFailed(self.clock(), str(err), action))
+
+    def _take_slot(self, action) -> bool:
+        if self._slot is None:
+            budget = self.roll.budget(self.live.cfg)
+            slot = budget.try_acquire(f"restart: {action.reason}")
+            if slot is None:
+                return False
+            budget.keep(slot, f"restart: {action.reason}")
+            self._slot = (budget, slot)
+        return True
+
+    def healthy(self) -> None:
+        """Quay answers again: a restart's slot goes back to the cluster."""
+        if self._slot is not None:
+            budget, slot = self._slot
+            self._slot = None
+            budget.release(slot)
+
+    # --- rolls --------------------------------------------------------------------------------
+    def start_roll(self, one_for: Callable, cfg, why: str) -> None:
+        """A roll beside the loop: while it waits for a lease or a canary, the watch goes on."""
+        if self.rolling:
+            log.info("rollout.busy", why=why, note="tried again at the next refresh")
+            return
+        self.rolling = True
+        self.spawn(lambda: self.deliver(self._roll(one_for, cfg, why)))
+
+    def _roll(self, one_for: Callable, cfg, why: str) -> RollOutcome:
+        touched = []
+
+        def touching() -> None:
+            self._lock.acquire()  # no watchdog restart from here on
+            touched.append(1)
+            self.replacing.set()
+
+        one = None
+        try:
+            with self.systemd.keepalive():
+                one = one_for(cfg)
+                rolled = self.roll.apply(one, self.live, why, touching)
+            return RollOutcome(why, one, rolled, touched=bool(touched))
+        except Exception as err:  # noqa: BLE001 - Interrupted too: the loop decides
+            return RollOutcome(why, one, error=err, touched=bool(touched))
+        finally:
+            if touched:
+                self._lock.release()
+
+    def finish_roll(self, outcome: RollOutcome) -> None:
+        """On the loop's thread: the roll's outcome becomes what the node runs."""
+        self.rolling = False
+        if outcome.touched:  # a replacement's die, destroy and start were the roll's own
+            self.feed(watchdog.Expect(self.clock(), self.clock() + ROLL_ECHO, everything=True))
+        self.replacing.clear()
+        if isinstance(outcome.error, Interrupted):
+            return
+        if outcome.error is not None:
+            log.error("rollout.failed", why=outcome.why, error=str(outcome.error),
+                      note="still watching the Quay that runs")
+            self.board.update(last_change={"why": outcome.why, "result": "failed",
+                                           "error": str(outcome.error)})
+            return
+        rolled = outcome.rolled
+        if rolled.live is not None:
+            self.store = outcome.one.store
+            self.adopt(rolled.live, started_at=self.clock())
+        elif rolled.cfg is not None:
+            self.live = replace(self.live, cfg=rolled.cfg)
+        self.apply(rolled)
