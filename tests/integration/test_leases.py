@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 from quay_bootstrap import stores
+from quay_bootstrap.budget import Budget, LeaseBody
 from quay_bootstrap.config import StackConfig
-from quay_bootstrap.rollout import Budget, LeaseBody
 from tests.integration.conftest import PREFIX
 from tests.integration.stores_fixtures import CA_VARIABLES, isolate_aws_env, seaweedfs_keys
 
