@@ -1,6 +1,7 @@
 """Pure checks of a conf/stack before it goes live, and the secrets it holds (for log redaction)."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -127,36 +128,36 @@ def _quay_refuses(config: dict) -> List[Tuple[str, str]]:
 
 def _tls_problems(cert_pem: bytes, key_pem: bytes, server_hostname: str) -> List[Tuple[str, str]]:
     """Whether ssl.cert and ssl.key go together and the certificate names SERVER_HOSTNAME, as
-    config-tool checks before Quay starts."""
+    config-tool checks before Quay starts. The standard library's ssl does it (the daemon loads
+    ssl anyway; a crypto library would cost it 10+ MiB for good)."""
     import ipaddress
+    import ssl
+    import tempfile
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
-        return [("ssl.cert", "is not a PEM certificate")]
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError):
-        return [("ssl.key", "is not an unencrypted PEM private key")]
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if cert.public_key().public_bytes(der, spki) != key.public_key().public_bytes(der, spki):
-        return [("ssl.key", "does not match ssl.cert")]
+    with tempfile.TemporaryDirectory(prefix="quay-bootstrap-tls-") as folder:
+        cert, key = os.path.join(folder, "ssl.cert"), os.path.join(folder, "ssl.key")
+        for path, data in ((cert, cert_pem), (key, key_pem)):
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+                out.write(data)
+        try:
+            decoded = ssl._ssl._test_decode_cert(cert)  # noqa: SLF001 - CPython's own decoder
+        except (ssl.SSLError, ValueError):
+            return [("ssl.cert", "is not a PEM certificate")]
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+        except ssl.SSLError as err:
+            if "KEY_VALUES_MISMATCH" in str(err):
+                return [("ssl.key", "does not match ssl.cert")]
+            return [("ssl.key", "is not an unencrypted PEM private key")]
     host = server_hostname.rsplit(":", 1)[0] if server_hostname.count(":") == 1 \
         else server_hostname
-    try:
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        names = None
+    names = decoded.get("subjectAltName", ())
     try:
         address = ipaddress.ip_address(host)
-        ok = names is not None and address in names.get_values_for_type(x509.IPAddress)
+        ok = any(kind == "IP Address" and ipaddress.ip_address(value.strip()) == address
+                 for kind, value in names)
     except ValueError:
-        dns = names.get_values_for_type(x509.DNSName) if names is not None else []
-        ok = any(_host_matches(pattern, host) for pattern in dns)
+        ok = any(kind == "DNS" and _host_matches(value, host) for kind, value in names)
     if not ok:
         return [("ssl.cert", f"is not valid for SERVER_HOSTNAME {host!r} (its subjectAltName "
                              "must name it); Quay's config-tool refuses it")]
