@@ -119,7 +119,7 @@ class Budget:
         got = self.store.get(key)
         current = None if got is None else LeaseBody.decode(got[0])
         body = LeaseBody(self.me, self.clock() + self.ttl, reason).encode()
-        if current is None or current.holder != self.me or \
+        if current is None or current.holder != self.me or current.expires <= self.clock() or \
                 not self.store.replace(key, body, got[1]):
             log.error("rollout.lease_lost", slot=slot, holder=self.me,
                       now_held_by=current.holder if current else None)

@@ -109,19 +109,38 @@ class Verdicts:
                 waited = True
             self.sleep(self.poll)
 
-    def finish(self, image: str, tag: str, state: str, migrating: bool = True) -> None:
-        """The canary's verdict; a start with the migrating entry point that reached the
-        migration also records that `image` migrated the database, so no node starts an older
-        image with `registry` again."""
-        if migrating and state in (HEALTHY, FAILED_AFTER):
-            self._put(DATABASE, json.dumps({"image": image, "tag": tag,
-                                            "at": self.clock()}).encode())
-        self._put(UPGRADE, self._body(image, tag, state))
+    def migrating(self, image: str, tag: str) -> None:
+        """Before this node starts `image` with the migrating entry point: the database record
+        moves to it (never back to an older version), so no node starts an older image with
+        `registry` afterwards, even if this agent dies before any verdict."""
+        while True:
+            record, got = self._read(DATABASE)
+            if record and record.get("image") == image:
+                return
+            theirs, ours = version_of(str((record or {}).get("tag", ""))), version_of(tag)
+            if record and theirs is not None and (ours is None or ours < theirs):
+                return  # a newer one migrated already
+            body = json.dumps({"image": image, "tag": tag, "by": self.me,
+                               "at": self.clock()}).encode()
+            if self.leases.create(DATABASE, body) if got is None else \
+                    self.leases.replace(DATABASE, body, got[1]):
+                return
 
-    def _put(self, key: str, body: bytes) -> None:
-        got = self.leases.get(key)
-        if got is None or not self.leases.replace(key, body, got[1]):
-            self.leases.create(key, body)
+    def touch(self, image: str) -> None:
+        """While the canary waits for a lease: its claim is alive, not stale."""
+        record, got = self._read(UPGRADE)
+        if record and (record.get("image"), record.get("canary"), record.get("state")) == \
+                (image, self.me, ROLLING):
+            self.leases.replace(UPGRADE, self._body(image, record.get("tag", ""), ROLLING), got[1])
+
+    def finish(self, image: str, tag: str, state: str) -> None:
+        """The canary's verdict, only over this node's own claim of this image."""
+        record, got = self._read(UPGRADE)
+        if not record or (record.get("image"), record.get("canary")) != (image, self.me):
+            log.warning("rollout.verdict_not_recorded", image=image, verdict=state,
+                        record=record, why="another node claimed the canary meanwhile")
+            return
+        self.leases.replace(UPGRADE, self._body(image, tag, state), got[1])
 
     def _body(self, image: str, tag: str, state: str) -> bytes:
         return json.dumps({"image": image, "tag": tag, "canary": self.me, "state": state,

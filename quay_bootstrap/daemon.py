@@ -73,6 +73,7 @@ class Daemon:
 
     def request_stop(self) -> None:
         self.stop.set()
+        self.node.stopping.set()
         self.prober.wake.set()
         self.events.put(_STOP)
 
@@ -103,9 +104,9 @@ class Daemon:
         finally:
             self.systemd.notify("STOPPING=1", "STATUS=stopping; Quay keeps running")
             endpoint.stop()
-            if self.node.replacing.is_set():  # never leave a replacement half-done
-                log.info("agent.finishing_replacement")
-                while self.node.replacing.is_set() and not self._settle(timeout=60):
+            if self.node.rolling:  # never leave a replacement half-done
+                log.info("agent.finishing_roll")
+                while self.node.rolling and not self._settle(timeout=90):
                     pass
             log.info("agent.stopped", container=self.cfg.container.name,
                      note="the Quay container was left running")
@@ -169,8 +170,8 @@ class Daemon:
                                        services=self.state.services())
         elif isinstance(action, watchdog.Restart):
             self.node.restart(action, self.state)
-        elif isinstance(action, watchdog.MarkUnhealthy):
-            self.escalation.mark(action.reason)
+        elif isinstance(action, watchdog.MarkUnhealthy) and self.state.marked:
+            self.escalation.mark(action.reason)  # unless its restart waits for the budget
         elif isinstance(action, watchdog.ClearUnhealthy):
             self.escalation.clear()
         elif isinstance(action, watchdog.Ready):
@@ -211,7 +212,7 @@ class Daemon:
         self.systemd.notify("STATUS=terminating: Quay stopped for the Auto Scaling group")
         self.feed(watchdog.Expect(self.clock(), float("inf"), everything=True))
         with self.systemd.keepalive():
-            self.lifecycle.drain(lambda: self.node.docker.stop_quay(self.live.spec))
+            self.node.drain(lambda: self.node.docker.stop_quay(self.live.spec), self.lifecycle)
 
     def _watch_docker(self) -> None:
         self.node.docker.watch(self.cfg.container.name, self.stop, lambda action, code:

@@ -43,6 +43,7 @@ class Node:
         self.live: Optional[Live] = None
         self.docker = self.store = self.held = None
         self.replacing = threading.Event()  # a roll stops or replaces Quay: the watch waits
+        self.stopping = threading.Event()  # the agent stops or the instance drains
         self.rolling = False
         self._lock = threading.Lock()  # one act on the container at a time
         self._slot = None  # (budget, slot) a restart of a running Quay holds until healthy
@@ -59,6 +60,7 @@ class Node:
 
     def adopt(self, live: Live, started_at: float) -> None:
         self.live = live
+        self.board.update(degraded=_degraded(live.spec))
         now = self.clock()
         self.feed(watchdog.Applied(now, started_at, quiet_until=now + ROLL_ECHO))
         self.board.update(state="starting", stack_version=live.stack_version,
@@ -71,6 +73,11 @@ class Node:
             self.docker.leave_restarts_to_the_agent(self.live.container_id)
         self.held = rolled.report(self.board, self.held)
         self.canary = rolled.canary or self.canary
+        if rolled.slot is not None:  # held: out of service, the slot stays taken until healthy
+            if self._slot is None:
+                self._slot = rolled.slot
+            else:
+                rolled.slot[0].release(rolled.slot[1])
 
     def first_verdict(self, phase: str) -> None:
         """A first start that was the canary: healthy says so to the cluster. Failing says
@@ -78,14 +85,11 @@ class Node:
         first, and if the migration ran, the database record says which image ran it."""
         if self.canary is None or phase not in ("healthy", "failing"):
             return
-        (verdicts, image, tag, migrating), self.canary = self.canary, None
+        (verdicts, image, tag), self.canary = self.canary, None
         try:
+            verdicts.finish(image, tag, canary.HEALTHY if phase == "healthy" else canary.OPEN)
             if phase == "healthy":
-                verdicts.finish(image, tag, canary.HEALTHY, migrating)
                 return
-            if migrating and canary.migrated_in(self.docker.logs(self.live.container_id)):
-                verdicts.finish(image, tag, canary.FAILED_AFTER)
-            verdicts.finish(image, tag, canary.OPEN, migrating=False)
             log.warning("rollout.canary_inconclusive", image=image,
                         note="the next node to start this version goes first")
         except Exception as err:  # noqa: BLE001 - the record stays rolling until its ttl
@@ -97,16 +101,19 @@ class Node:
         slot of the cluster's budget first (held until it is healthy again), so a cause every
         node sees never restarts them all at once."""
         self.first_verdict("failing")
-        self.board.m_restarts.inc()
-        log.warning("container.restarting", reason=action.reason, next_backoff=state.backoff,
-                    restarts_in_window=len(state.restarts), services=state.services())
         with self._lock:
             try:
-                if self.replacing.is_set():
-                    raise RuntimeError("a roll is replacing Quay")
-                if not (action.exited or action.recreate) and not self._take_slot(action):
-                    raise RuntimeError("waiting for the cluster's budget: rollout.max_unavailable "
-                                       "nodes are out of service already")
+                if self.replacing.is_set() or (not (action.exited or action.recreate) and
+                                               not self._take_slot(action)):
+                    self.feed(watchdog.RestartDeferred(
+                        self.clock(), "a roll is replacing Quay" if self.replacing.is_set() else
+                        "waiting for the cluster's budget: rollout.max_unavailable nodes are "
+                        "out of service already"))
+                    return
+                self.board.m_restarts.inc()
+                log.warning("container.restarting", reason=action.reason,
+                            next_backoff=state.backoff, restarts_in_window=len(state.restarts),
+                            services=state.services())
                 spec = self.roll.restart_spec(self.live)
 
                 def expect(echoes) -> None:
@@ -118,19 +125,27 @@ class Node:
                         spec, action.recreate or spec != self.live.spec, action.exited, expect)
                 if created:
                     self.live = replace(self.live, spec=spec, container_id=created)
+                    self.board.update(degraded=_degraded(spec))
                 self.wake()
             except Exception as err:  # noqa: BLE001 - the loop must survive; retried when due
                 self.feed(watchdog.RestartFailed(self.clock(), str(err), action))
 
     def _take_slot(self, action) -> bool:
         if self._slot is None:
-            budget = self.roll.budget(self.live.cfg)
+            budget = self.roll.budget(self.live.cfg, "restart")
             slot = budget.try_acquire(f"restart: {action.reason}")
             if slot is None:
                 return False
             budget.keep(slot, f"restart: {action.reason}")
             self._slot = (budget, slot)
         return True
+
+    def drain(self, stop_quay: Callable[[], None], lifecycle) -> None:
+        """The instance is leaving: no roll starts a replacement any more, one in progress
+        finishes first (the lock), then Quay stops and the group hears CONTINUE."""
+        self.stopping.set()
+        with self._lock:
+            lifecycle.drain(stop_quay)
 
     def healthy(self) -> None:
         """Quay answers again: a restart's slot goes back to the cluster."""
@@ -143,7 +158,7 @@ class Node:
     def start_roll(self, one_for: Callable, cfg, why: str) -> None:
         """A roll beside the loop: while it waits for a lease or a canary, the watch goes on."""
         if self.rolling:
-            log.info("rollout.busy", why=why, note="tried again at the next refresh")
+            log.debug("rollout.busy", why=why, note="tried again at the next refresh")
             return
         self.rolling = True
         self.spawn(lambda: self.deliver(self._roll(one_for, cfg, why)))
@@ -154,13 +169,14 @@ class Node:
         def touching() -> None:
             self._lock.acquire()  # no watchdog restart from here on
             touched.append(1)
+            if self.stopping.is_set():  # SIGTERM or a drain: never start a replacement now
+                raise Interrupted()
             self.replacing.set()
 
         one = None
-        try:
-            with self.systemd.keepalive():
-                one = one_for(cfg)
-                rolled = self.roll.apply(one, self.live, why, touching)
+        try:  # no systemd keepalive here: the loop goes on pinging, and a wedged loop shows
+            one = one_for(cfg)
+            rolled = self.roll.apply(one, self.live, why, touching)
             return RollOutcome(why, one, rolled, touched=bool(touched))
         except Exception as err:  # noqa: BLE001 - Interrupted too: the loop decides
             return RollOutcome(why, one, error=err, touched=bool(touched))
@@ -176,6 +192,11 @@ class Node:
         self.replacing.clear()
         if isinstance(outcome.error, Interrupted):
             return
+        if outcome.error is not None and outcome.touched:
+            found = self.docker.find(self.live.spec.name)  # its events were the roll's: look
+            if found is None or found.status != "running":
+                self.feed(watchdog.Missing(self.clock()) if found is None
+                          else watchdog.Died(self.clock()))
         if outcome.error is not None:
             log.error("rollout.failed", why=outcome.why, error=str(outcome.error),
                       note="still watching the Quay that runs")
@@ -183,9 +204,18 @@ class Node:
                                            "error": str(outcome.error)})
             return
         rolled = outcome.rolled
+        if outcome.touched:
+            self.canary = None  # a first start's verdict is for a container that is gone
         if rolled.live is not None:
             self.store = outcome.one.store
             self.adopt(rolled.live, started_at=self.clock())
         elif rolled.cfg is not None:
             self.live = replace(self.live, cfg=rolled.cfg)
         self.apply(rolled)
+
+
+def _degraded(spec) -> Optional[str]:
+    if not spec.command:
+        return None
+    return ("the shared database was migrated by a newer Quay: this node runs its older one "
+            "without migrating (registry-nomigrate) until it is rolled forward")

@@ -46,8 +46,9 @@ class Rolled:
     # The shared database was migrated past the image this node runs: it keeps running, but
     # must not be restarted with the migrating entry point.
     behind: bool = False
-    # A first start that is the canary: (verdicts, image, tag, migrating), judged by the watch.
+    # A first start that is the canary: (verdicts, image, tag), judged by the watch.
     canary: Optional[tuple] = None
+    slot: Optional[tuple] = None  # (budget, slot) a held node keeps while it is out of service
 
     def report(self, board, held: Optional[str] = None) -> Optional[str]:
         """On the status board first, then in the log, so what the log says /status says.
@@ -58,10 +59,9 @@ class Rolled:
             held = self.change["reason"] if self.result == "held" else None
             board.update(marked_unhealthy=bool(held), marked_reason=held,
                          **({"state": "held"} if held else {}))
-        if self.behind or self.result == "applied":
+        if self.behind:
             board.update(degraded="the shared database was migrated by a newer Quay: this node "
-                                  "restarts without migrating until it is rolled forward"
-                         if self.behind else None)
+                                  "restarts without migrating until it is rolled forward")
         if self.result == "rolled back":
             board.m_rollbacks.inc()
         if self.change:
@@ -126,19 +126,29 @@ class Roll:
                 one.store.switch_current(live.stack_version)
                 return Rolled("stopped")
         budget = self.budget(cfg)
-        slot = budget.acquire(f"{why}: {action.reason}", self.sleep, self.poll)
+
+        def sleep(seconds: float) -> None:  # waiting for a lease: the canary's claim stays alive
+            self.sleep(seconds)
+            if canary == "canary":
+                verdicts.touch(image)
+
+        slot = budget.acquire(f"{why}: {action.reason}", sleep, self.poll)
+        kept = None  # a held node stays out of service: its slot stays taken
         try:
             budget.keep(slot, f"{why}: {action.reason}")
             log.info("rollout.replacing", why=why, reason=action.reason,
                      canary=canary == "canary", version=key[0], image=key[1])
             touching()
-            _, container_id = one.reconcile(one.docker, spec, decided)
+            if not spec.command:
+                verdicts.migrating(image, tag)
+            # Decided again: while this roll waited, the watchdog may have recreated Quay.
+            _, container_id = one.reconcile(one.docker, spec)
             probe = one.wait_healthy(container_id)
             new = Live(cfg, spec, key[0], container_id, one.health_url)
             if probe.ok:
                 one.store.mark_known_good(key[0])
                 if canary == "canary":
-                    verdicts.finish(image, tag, canary_mod.HEALTHY, not spec.command)
+                    verdicts.finish(image, tag, canary_mod.HEALTHY)
                 return Rolled("applied", new, cfg,
                               {"why": why, "result": "applied", "version": key[0],
                                "image": key[1]},
@@ -148,9 +158,10 @@ class Roll:
             if canary == "canary":
                 after = canary_mod.migrated_in(one.docker.logs(container_id))
                 verdicts.finish(image, tag, canary_mod.FAILED_AFTER if after
-                                else canary_mod.FAILED_BEFORE, not spec.command)
+                                else canary_mod.FAILED_BEFORE)
                 if after:
-                    return self._hold(new, why, probe)
+                    kept = (budget, slot)
+                    return replace(self._hold(new, why, probe), slot=kept)
             log.error("rollout.rolling_back", why=why, version=key[0], image=key[1],
                       error=probe.error, services=probe.services)
             one.store.switch_current(live.stack_version)
@@ -166,7 +177,8 @@ class Roll:
                             "rejected": key[0],
                             "note": "not retried until the source changes again"}))
         finally:
-            budget.release(slot)
+            if kept is None:
+                budget.release(slot)
 
     def first(self, one: Pass) -> Tuple[Live, bool, Rolled]:
         """The daemon's first pass after the agent (re)starts. A running Quay that drifted (a
@@ -195,13 +207,14 @@ class Roll:
                                      "started here", where=cfg.image.lock or "image.reference",
                                      hint="Fix the image or the stack, then change the lock "
                                           "(or image.reference) again")
+        if action.kind in ("create", "replace") and not spec.command:
+            verdicts.migrating(image, tag)
         _, container_id = one.reconcile(one.docker, spec, (found, action))
         one.outcome.container_id = container_id
         # The watchdog gives the verdict (node.Node.first_verdict): the first start is not
         # held up waiting for health, so lifecycle heartbeats and the watch begin at once.
         return one.live(), False, Rolled(
-            "started", canary=(verdicts, image, tag, not spec.command) if canary == "canary"
-            else None)
+            "started", canary=(verdicts, image, tag) if canary == "canary" else None)
 
     def _hold(self, new: Live, why: str, probe) -> Rolled:
         """The canary failed after its migration: the old image cannot start against the
@@ -231,10 +244,12 @@ class Roll:
                             "runs: it starts without migrating until it is rolled forward")
         return spec
 
-    def budget(self, cfg) -> Budget:
-        """The cluster's disruption budget: rollout.max_unavailable leases beside the stack."""
-        return Budget(self._leases_for(cfg.stack), self.me, cfg.rollout.max_unavailable,
-                      cfg.rollout.lease_ttl, self.clock)
+    def budget(self, cfg, act: str = "roll") -> Budget:
+        """The cluster's disruption budget: rollout.max_unavailable leases beside the stack.
+        Each act of a node (a roll, a restart) holds its own, so one never gives back the
+        other's slot."""
+        return Budget(self._leases_for(cfg.stack), f"{self.me}/{act}",
+                      cfg.rollout.max_unavailable, cfg.rollout.lease_ttl, self.clock)
 
     def verdicts(self, stack) -> Verdicts:
         """The canary and database records beside this stack's leases."""

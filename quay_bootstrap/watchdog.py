@@ -6,7 +6,7 @@ restart of this node can fix, and Docker's own restart of an exited container co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import FrozenSet, List, Optional, Tuple
 
 # How long a node must stay healthy before the restart backoff starts again from the beginning.
@@ -93,6 +93,15 @@ class Expect:
 
 
 @dataclass(frozen=True)
+class RestartDeferred:
+    """The restart waits for a slot of the cluster's budget: it did not happen, it is not
+    counted, and it is tried again after `backoff_initial`."""
+
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True)
 class RestartFailed:
     """Docker refused the restart (of `restart`): it is due again at the next tick, unless
     Docker's restart policy brings Quay back first (its start event then counts)."""
@@ -164,6 +173,9 @@ class State:
     # Docker events the agent's own acts will cause: (kind, until), each consumed once.
     echoes: Tuple[Tuple[str, float], ...] = ()
     quiet_until: float = float("-inf")
+    # The state before the last restart was counted: a restart that waits for the cluster's
+    # budget is not one (RestartDeferred), and must not bring escalation nearer.
+    undo: Optional["State"] = field(default=None, repr=False, compare=False)
 
     def services(self) -> dict:
         """Quay's per-service verdicts in the last probe."""
@@ -205,6 +217,12 @@ def step(state: State, seen, policy: Policy) -> Tuple[State, List]:
         if seen.everything:
             return replace(state, quiet_until=max(state.quiet_until, seen.until)), []
         return replace(state, echoes=state.echoes + tuple((k, seen.until) for k in seen.kinds)), []
+    if isinstance(seen, RestartDeferred):
+        base = state.undo or state
+        return replace(base, pending=base.pending or seen.reason, last_restart=seen.at,
+                       backoff=max(base.backoff, policy.backoff_initial), undo=None,
+                       echoes=state.echoes, quiet_until=state.quiet_until), [
+            Log("container.restart_deferred", "warning", (("reason", seen.reason),))]
     if isinstance(seen, RestartFailed):
         tried = seen.restart or Restart(seen.reason)
         return replace(state, pending=seen.reason, recreate=tried.recreate, exited=tried.exited,
@@ -323,7 +341,8 @@ def _restarted(state: State, now: float, policy: Policy) -> Tuple[State, List]:
         max(state.backoff * 2, policy.backoff_initial), policy.backoff_max)
     return replace(state, restarts=restarts, last_restart=now, backoff=backoff, pending=None,
                    recreate=False, exited=False, started_at=now, failures=0, successes=0, marked=marked,
-                   phase="starting", since=now, container_up=True), actions
+                   phase="starting", since=now, container_up=True,
+                   undo=replace(state, undo=None)), actions
 
 
 def _started(state: State, now: float, policy: Policy) -> Tuple[State, List]:

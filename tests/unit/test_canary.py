@@ -40,14 +40,30 @@ def test_a_start_that_reached_quay_s_migration_step_says_so_in_its_logs():
                            "Validating Configuration\nlevel=fatal msg=\"...\"\n")
 
 
-@pytest.mark.parametrize("state, migrated", [(HEALTHY, True), (FAILED_AFTER, True),
-                                             (FAILED_BEFORE, False)])
-def test_a_verdict_records_who_migrated_the_database(state, migrated):
+def test_the_database_record_only_moves_to_newer_versions():
+    leases, clock = MemoryLeases(), FakeClock()
+    verdicts = Verdicts(leases, "node-a", clock.sleep, clock)
+    verdicts.migrating("img-b", "v3.10.0")
+    assert verdicts.migrated()["image"] == "img-b"
+    verdicts.migrating("img-a", "v3.9.0")  # an older start never moves it back
+    assert verdicts.migrated()["image"] == "img-b"
+    verdicts.migrating("img-c", "v3.11.0")
+    assert verdicts.migrated()["tag"] == "v3.11.0"
+
+
+@pytest.mark.parametrize("state, verdict", [(HEALTHY, "go"), (FAILED_AFTER, "stop"),
+                                            (FAILED_BEFORE, "stop")])
+def test_a_verdict_decides_for_the_other_nodes(state, verdict):
     leases, clock = MemoryLeases(), FakeClock()
     verdicts = Verdicts(leases, "node-a", clock.sleep, clock)
     assert verdicts.gate("img-b", "v3.10.0", ttl=600) == "canary"
     verdicts.finish("img-b", "v3.10.0", state)
     assert leases.record()["state"] == state
-    assert (verdicts.migrated() == {"image": "img-b", "tag": "v3.10.0", "at": clock()}) is migrated
-    other = Verdicts(leases, "node-b", clock.sleep, clock)
-    assert other.gate("img-b", "v3.10.0", ttl=600) == ("go" if state == HEALTHY else "stop")
+    assert Verdicts(leases, "node-b", clock.sleep, clock).gate("img-b", "v3.10.0", ttl=600) == verdict
+
+
+def test_a_verdict_is_only_written_over_this_node_s_own_claim():
+    leases, clock = MemoryLeases(), FakeClock()
+    Verdicts(leases, "node-b", clock.sleep, clock).gate("img-b", "v3.10.0", ttl=600)
+    Verdicts(leases, "node-a", clock.sleep, clock).finish("img-b", "v3.10.0", HEALTHY)
+    assert leases.record()["state"] == "rolling" and leases.record()["canary"] == "node-b"

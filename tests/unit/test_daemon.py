@@ -451,10 +451,14 @@ def test_restarting_a_running_but_failing_quay_takes_a_slot_of_the_budget():
         node.probe(WEB_DOWN)
         node.after(10).probe(WEB_DOWN)
     assert node.docker.mutations() == []  # node-b is out of service: this one waits
-    assert "budget" in events(logs, "container.restart_failed")[0]["error"]
+    assert "budget" in events(logs, "container.restart_deferred")[0]["reason"]
+    assert node.status()["restarts_in_window"] == 0  # not a restart: no nearer to escalation
+    for _ in range(6):  # waiting for the budget for minutes never marks the node unhealthy
+        node.after(10).probe(WEB_DOWN)
+    assert node.targets[0].marks == [] and node.status()["marked_unhealthy"] is False
     node.after(61).tick()  # node-b's slot is free again
     assert node.restarts() == 1
-    assert LeaseBody.decode(node.leases.objects["lease-0"][0]).holder == "node-a"
+    assert LeaseBody.decode(node.leases.objects["lease-0"][0]).holder == "node-a/restart"
     node.after(5).pump()
     node.probe(ALL_UP)  # healthy again: the slot goes back
     assert node.leases.leases() == {}
