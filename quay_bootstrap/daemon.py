@@ -53,7 +53,7 @@ class Daemon:
                          spawn or (lambda fn: _thread("roll", fn)), self.events.put)
         self.state = watchdog.State()
         self.lifecycle = None
-        self.draining = False
+        self.draining = self.reload_pending = False
         self.refresh = Periodic("refresh.failed", lambda: self._roll(self.cfg, "refresh"),
                                 cfg.stack.refresh_interval, jitter=0.2, clock=clock)
         self.ping = Periodic("systemd.ping_failed", lambda: self.systemd.notify("WATCHDOG=1"),
@@ -122,6 +122,8 @@ class Daemon:
             self._drain()
         elif isinstance(item, RollOutcome):
             self.node.finish_roll(item)
+            if self.reload_pending:
+                self._reload()
         elif not self.draining:
             # A held node is out of service, and a roll replacing Quay owns its events.
             if not (self.node.held or self.node.replacing.is_set()):
@@ -192,6 +194,11 @@ class Daemon:
             raise Interrupted()
 
     def _reload(self) -> None:
+        if self.node.rolling:  # after the roll in progress: a SIGHUP is never lost
+            self.reload_pending = True
+            log.info("agent.reload_queued", why="SIGHUP", note="after the roll in progress")
+            return
+        self.reload_pending = False
         log.info("agent.reload", why="SIGHUP")
         try:
             cfg = self.reload_config() if self.reload_config else self.cfg

@@ -135,9 +135,11 @@ def wait_healthy(url: str, *, within: float, interval: float, timeout: float,
 class Prober:
     """The probe thread: probes on a fixed cadence and turns each answer into an observation.
 
-    A probe that hangs for `timeout` does not push the next one a whole `interval` later, so
-    detection stays within failure_threshold x interval + timeout. While Quay may still be
-    starting (`fast` set) it probes every START_POLL, to see "ready" at once; `wake` probes now.
+    The timeout is above Quay's own worst case (a slow shared database must not look like a
+    hung node), so a probe may take that long; the next one still starts on the cadence, beside
+    it, so a hung Quay is seen within failure_threshold x interval + timeout. An answer older
+    than one already fed is dropped. While Quay may still be starting (`fast` set) it probes
+    every START_POLL, one at a time, to see "ready" at once; `wake` probes now.
 
     Args:
         settings: returns the live config and the URL to probe (they change on a roll).
@@ -159,6 +161,9 @@ class Prober:
         self.fast = threading.Event()
         self.fast.set()
         self.wake = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._newest_fed = float("-inf")  # when the newest answer fed was asked for
 
     def follow(self, state, start_period: float, now: float) -> None:
         """Fast probes only while Quay may still be coming up, to see "ready" at once; after
@@ -167,28 +172,49 @@ class Prober:
         (self.fast.set if starting else self.fast.clear)()
 
     def run(self) -> None:
-        from quay_bootstrap.watchdog import Probed
+        import math
+        import threading
 
         while not self.stop.is_set():
             cfg, url = self.settings()
             began = self.clock()
-            try:
-                result = probe(url, timeout=cfg.health.timeout,
-                               tls_verify=cfg.health.tls_verify, clock=self.clock)
-                self.observe(result.seconds)
-                # Like Quay's RDSAwareHealthCheck: ask RDS only when the database failed.
-                rds_down = bool(cfg.report.rds and not result.ok and
-                                result.services.get("database") is False and
-                                self._rds(cfg.report.rds).unavailable())
-                self.put(Probed(self.clock(), result.ok, tuple(sorted(result.services.items())),
-                                result.error, result.status, rds_down))
-            except Exception as err:  # noqa: BLE001 - a dead probe thread would freeze the watch
-                import structlog
-
-                structlog.get_logger(__name__).error("probe.failed", error=str(err))
-            pace = START_POLL if self.fast.is_set() else cfg.health.interval
+            fast = self.fast.is_set()
+            # At most as many probes in flight as fit in one timeout at the cadence.
+            room = 1 if fast else math.ceil(cfg.health.timeout / cfg.health.interval) + 1
+            with self._lock:
+                go = self._in_flight < room
+                self._in_flight += go
+            if go:
+                threading.Thread(target=self._one, args=(cfg, url, began), name="probe-one",
+                                 daemon=True).start()
+            pace = START_POLL if fast else cfg.health.interval
             self.wake.wait(max(0.0, pace - (self.clock() - began)))
             self.wake.clear()
+
+    def _one(self, cfg, url: str, began: float) -> None:
+        from quay_bootstrap.watchdog import Probed
+
+        try:
+            result = probe(url, timeout=cfg.health.timeout, tls_verify=cfg.health.tls_verify,
+                           clock=self.clock)
+            self.observe(result.seconds)
+            # Like Quay's RDSAwareHealthCheck: ask RDS only when the database failed.
+            rds_down = bool(cfg.report.rds and not result.ok and
+                            result.services.get("database") is False and
+                            self._rds(cfg.report.rds).unavailable())
+            with self._lock:
+                newest = began >= self._newest_fed
+                self._newest_fed = max(self._newest_fed, began)
+            if newest:
+                self.put(Probed(self.clock(), result.ok, tuple(sorted(result.services.items())),
+                                result.error, result.status, rds_down))
+        except Exception as err:  # noqa: BLE001 - a lost probe must not stop the watch
+            import structlog
+
+            structlog.get_logger(__name__).error("probe.failed", error=str(err))
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     def _rds(self, settings):
         if self.rds is None:
