@@ -97,3 +97,35 @@ def test_wait_healthy_stops_when_the_container_exits(server):
     result = wait_healthy(server + "/db", within=30, interval=0.01, timeout=1,
                           still_running=lambda: False)
     assert not result.ok and result.error.startswith("the container exited")
+
+
+def test_probes_start_on_the_cadence_beside_one_that_hangs():
+    """A Quay that accepts and never answers: with a 1 s timeout every 0.2 s, failures arrive
+    about every 0.2 s after the first timeout, not one per timeout."""
+    import socket
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from quay_bootstrap.health import Prober
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    port = server.getsockname()[1]
+    cfg = SimpleNamespace(health=SimpleNamespace(timeout=1.0, interval=0.2, tls_verify=False),
+                          report=SimpleNamespace(rds=None))
+    seen, stop = [], threading.Event()
+    prober = Prober(lambda: (cfg, f"http://127.0.0.1:{port}/health/instance"), seen.append, stop)
+    prober.fast.clear()
+    threading.Thread(target=prober.run, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(seen) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        prober.wake.set()
+        server.close()
+    assert len(seen) >= 4 and not any(p.ok for p in seen)
+    assert seen[3].at - seen[0].at < 1.0  # four failures within one timeout of each other
