@@ -285,11 +285,12 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError("the agent config is not valid YAML", where=f"{where}{line}",
-                          hint=f"Fix the YAML: {problem}") from err
+        from quay_bootstrap.stack.validate import yaml_error_where
+
+        raise ConfigError("the agent config is not valid YAML",
+                          where=f"{where} {yaml_error_where(err, text.encode())}",
+                          hint="Fix the YAML there (its text is not shown: it may hold a "
+                               "secret)") from None
     if not isinstance(data, dict):
         raise ConfigError("the agent config must be a YAML mapping with at least "
                           "`stack` and `image` sections", where=where)

@@ -60,6 +60,11 @@ def parse_reference(text: str) -> ImageRef:
     return ImageRef(repository, tag or None, digest or None)
 
 
+# Tags that float to the newest release of a line (v3, 3.9, v3.9): never a lock, whatever
+# image.allowed_tags says.
+_FLOATING = re.compile(r"v?\d+(\.\d+)?")
+
+
 def check_policy(ref: ImageRef, allowed_tags: str, source: str = "image.reference") -> ImageRef:
     """Refuse floating tags before anything is pulled.
 
@@ -71,7 +76,8 @@ def check_policy(ref: ImageRef, allowed_tags: str, source: str = "image.referenc
     if not ref.tag:
         raise LockViolation(f"{source} {ref} has no tag, so it floats to whatever 'latest' is "
                             "when a node boots", where=source, hint=fix)
-    if ref.tag == "latest" or not re.search(allowed_tags, ref.tag):
+    if ref.tag == "latest" or _FLOATING.fullmatch(ref.tag) or \
+            not re.fullmatch(allowed_tags, ref.tag):
         raise LockViolation(f"{source} {ref} uses the tag {ref.tag!r}, which is not a fixed "
                             f"release (image.allowed_tags is {allowed_tags!r}); mixed Quay "
                             "versions in one cluster are unsupported", where=source, hint=fix)
@@ -120,4 +126,11 @@ def resolve(local: str, allowed_tags: str, lock_text: Optional[bytes] = None,
                                 where=lock_url)
         ref = ImageRef(ref.repository, ref.tag, digest)
     check_policy(ref, allowed_tags, source=f"the cluster lock {lock_url}")
+    if ref.repository != local_ref.repository:
+        # The registry password or ECR token goes wherever the reference points.
+        raise LockViolation(f"the cluster lock names the image {ref.repository}, but this "
+                            f"node's image.reference is {local_ref.repository}: a lock may only "
+                            "change the tag and digest", where=lock_url,
+                            hint="Change image.reference on the nodes (a new machine image) to "
+                                 "move to another registry or repository")
     return Resolved(ref, str(ref) != str(local_ref))

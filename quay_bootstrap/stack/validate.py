@@ -58,10 +58,8 @@ def check_stack(names: Collection[str], config_yaml: Optional[bytes],
     except UnicodeDecodeError:
         return StackCheck(errors=(("config.yaml", "is not UTF-8 text"),))
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"config.yaml line {mark.line + 1}" if mark else "config.yaml"
-        return StackCheck(errors=((where, f"is not valid YAML: "
-                                          f"{getattr(err, 'problem', None) or err}"),))
+        return StackCheck(errors=(("config.yaml " + yaml_error_where(err, config_yaml),
+                                   "is not valid YAML"),))
     if not isinstance(config, dict):
         return StackCheck(errors=(("config.yaml", "must be a YAML mapping of Quay settings, "
                                                   f"not {type(config).__name__}"),))
@@ -169,6 +167,20 @@ def _host_matches(pattern: str, host: str) -> bool:
     if pattern.startswith("*."):
         return "." in host and host.split(".", 1)[1] == pattern[2:]
     return pattern == host
+
+
+def yaml_error_where(err: Exception, text: bytes) -> str:
+    """Where a YAML error is, as "line N, column M (key KEY)", never its text: YAML's own
+    message quotes the document ("found undefined alias 'R0tSuperSecret99'"), and a document
+    that does not parse has had no secret registered for redaction yet."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return "(no position)"
+    lines = text.decode("utf-8", "replace").splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    key = re.match(r"\s*-?\s*([A-Za-z0-9_.-]+)\s*:", line)
+    return f"line {mark.line + 1}, column {mark.column + 1}" + (
+        f" (key {key.group(1)})" if key else "")
 
 
 def stack_secrets(config: Any) -> Set[str]:

@@ -175,3 +175,12 @@ def test_the_node_id_is_the_instance_id_else_the_machine_id(tmp_path):
     off_aws = parse_config(MINIMAL + "report: {autoscaling: false}\n")
     # autoscaling false: the metadata service is never asked, the machine id names the node.
     assert node_id(off_aws, environ={}, machine_id=str(machine)) == "0123456789abcdef:quay"
+
+
+def test_a_yaml_error_names_the_line_and_key_never_the_text():
+    secret = "R0tSuperSecret99"
+    with pytest.raises(ConfigError) as caught:
+        parse_config("stack:\n  source: s3://b/p\nimage: {reference: q}\n"
+                     f"report:\n  on_unhealthy: *{secret}\n", "cfg.yaml")
+    text = str(caught.value)
+    assert secret not in text and "line 5" in text and "on_unhealthy" in text

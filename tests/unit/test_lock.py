@@ -90,3 +90,27 @@ def test_a_bad_local_reference_is_refused_even_with_a_good_lock():
     with pytest.raises(LockViolation, match="'latest'"):
         resolve("quay.io/projectquay/quay:latest", DEFAULT_ALLOWED_TAGS,
                 b"reference: quay.io/projectquay/quay:v3.9.0\n")
+
+
+def test_the_cluster_lock_may_not_move_the_image_to_another_registry():
+    with pytest.raises(LockViolation) as caught:
+        resolve("quay.io/projectquay/quay:v3.9.0", DEFAULT_ALLOWED_TAGS,
+                b"reference: attacker.example.net/x/quay:v3.9.0\n", "s3://b/quay-lock.yaml")
+    assert caught.value.exit_code == EXIT_LOCK
+    assert "attacker.example.net/x/quay" in str(caught.value)
+    assert "quay.io/projectquay/quay" in str(caught.value)
+
+
+@pytest.mark.parametrize("allowed, tag, ok", [
+    (r"v3\.9", "v3.9.0", False),  # a full match, not a search
+    (r"v3\.9\.\d+", "v3.9.1", True),
+    (r"v3\.9.*", "v3.9", False),  # a floating tag is never a lock, whatever the pattern says
+    (r".*", "3", False),
+])
+def test_allowed_tags_are_full_matches_and_never_admit_a_floating_tag(allowed, tag, ok):
+    ref = parse_reference(f"quay.io/projectquay/quay:{tag}")
+    if ok:
+        assert check_policy(ref, allowed) == ref
+    else:
+        with pytest.raises(LockViolation):
+            check_policy(ref, allowed)
