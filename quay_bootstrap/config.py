@@ -175,7 +175,19 @@ class HealthConfig(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, value: Optional[str]) -> Optional[str]:
-        return None if value is None else _check_url(value, ("http", "https"), "health")
+        if value is None:
+            return None
+        _check_url(value, ("http", "https"), "health")
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a port out of range
+        except ValueError as err:
+            raise ValueError(f"{value!r} is not a valid URL: {err}") from None
+        if not parts.hostname:
+            raise ValueError(f"{value!r} names no host")
+        return value
 
 
 class RestartConfig(_Section):
@@ -207,9 +219,12 @@ class ReportConfig(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("expected HOST:PORT such as 127.0.0.1:9101 (0.0.0.0:9101 for a load balancer)")
+        # An explicit host: ":9101" or "0:9101" would silently listen on every address.
+        match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|\d{1,3}(?:\.\d{1,3}){3}|[A-Za-z][A-Za-z0-9.-]*)"
+                             r":(\d{1,5})", value)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise ValueError("expected HOST:PORT with an explicit host, such as 127.0.0.1:9101, "
+                             "[::1]:9101, or 0.0.0.0:9101 for a load balancer")
         return value
 
     @field_validator("on_unhealthy", mode="before")

@@ -6,6 +6,7 @@ import contextlib
 import http.server
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -83,7 +84,9 @@ class Endpoint:
     def __init__(self, board: Board, listen: str) -> None:
         host, _, port = listen.rpartition(":")
         handler = _handler(board)
-        self._server = http.server.ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
+        server = type("Server", (http.server.ThreadingHTTPServer,), {
+            "address_family": socket.AF_INET6 if host.startswith("[") else socket.AF_INET})
+        self._server = server((host.strip("[]"), int(port)), handler)
         self._server.daemon_threads = True
         self.address = f"{host}:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="endpoint",

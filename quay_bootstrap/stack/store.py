@@ -158,7 +158,10 @@ class StackStore:
         data = {"version": version, "source": source, "written": time.time(),
                 "files": {k: vars(v) for k, v in sorted(manifest.items())}}
         tmp = self.manifests / f".{version}.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1))
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)  # as the stack's files
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(data, indent=1))
         os.replace(tmp, self.manifests / f"{version}.json")
 
     def reject(self, version: str, image: str, spec: str) -> None:

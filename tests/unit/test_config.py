@@ -184,3 +184,38 @@ def test_a_yaml_error_names_the_line_and_key_never_the_text():
                      f"report:\n  on_unhealthy: *{secret}\n", "cfg.yaml")
     text = str(caught.value)
     assert secret not in text and "line 5" in text and "on_unhealthy" in text
+
+
+@pytest.mark.parametrize("listen, ok", [
+    ("127.0.0.1:9101", True), ("0.0.0.0:9101", True), ("[::1]:9101", True),
+    ("localhost:9101", True), (":9101", False), ("0:9101", False), ("127.0.0.1:99999", False),
+    ("9101", False),
+])
+def test_listen_takes_an_explicit_host_and_port(listen, ok):
+    text = MINIMAL + f'report: {{listen: "{listen}"}}\n'
+    if ok:
+        assert parse_config(text).report.listen == listen
+    else:
+        with pytest.raises(ConfigError, match="explicit host"):
+            parse_config(text)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/health/instance", "http://[::1",
+                                 "http:///health/instance"])
+def test_a_health_url_that_could_not_be_probed_is_refused_when_loaded(url):
+    with pytest.raises(ConfigError, match="health.url"):
+        parse_config(MINIMAL + f'health: {{url: "{url}"}}\n')
+
+
+def test_the_endpoint_listens_on_ipv6_loopback():
+    import urllib.request
+
+    from quay_bootstrap.status import Board, Endpoint
+
+    endpoint = Endpoint(Board(), "[::1]:0").start()
+    try:
+        port = endpoint.address.rsplit(":", 1)[1]
+        with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=2) as answer:
+            assert answer.status == 200
+    finally:
+        endpoint.stop()

@@ -88,3 +88,9 @@ def test_the_live_version_s_listing_is_not_called_rejected(tmp_path):
         commit(store, "v1", {"config.yaml": b"one"})
         store.reject("v1", "quay@sha256:bad", "spec1")
         assert store.rejected_listing({"config.yaml": "t"}) is None
+
+
+def test_manifests_are_as_private_as_the_stack(tmp_path):
+    with StackStore(tmp_path) as store:
+        commit(store, "v1", {"config.yaml": b"one"})
+    assert oct((tmp_path / "manifests" / "v1.json").stat().st_mode & 0o777) == "0o640"
