@@ -84,8 +84,9 @@ class Docker:
     def remove(self, container_id: str) -> None:
         self.client.api.remove_container(container_id, force=True, v=True)
 
-    def recover(self, name: str) -> None:
-        """Finish a replacement the agent was killed in the middle of (see plan_recovery)."""
+    def recover(self, name: str) -> bool:
+        """Finish a replacement the agent was killed in the middle of (see plan_recovery);
+        True when a container set aside was put back under `name`."""
         asides = {item.name: Observed(item.id, item.status, dict(item.labels or {}))
                   for item in self.client.containers.list(
                       all=True, filters={"name": f"{name}-previous-"})
@@ -98,6 +99,7 @@ class Docker:
         for aside in remove:
             log.info("container.remove_stale", name=aside)
             self.remove(asides[aside].id)
+        return restore is not None
 
     def restart_quay(self, spec: Spec, recreate: bool, exited: bool,
                      expect: Callable[[Tuple[str, ...]], None]) -> Optional[str]:

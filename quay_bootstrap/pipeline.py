@@ -157,7 +157,9 @@ class Pass:
         return resolve_image(self.cfg, self.sleep, self.cache)
 
     def decide(self, spec: Spec) -> Tuple[Optional[Observed], Action]:
-        """What reconciling to `spec` would do, without doing it."""
+        """What reconciling to `spec` would do, without doing it (after putting back a Quay
+        that a replacement cut off by kill -9 had set aside)."""
+        self.docker.recover(spec.name)
         found = self.docker.find(spec.name)
         return found, decide(found, spec, self.cfg.container.adopt_unmanaged)
 
@@ -171,7 +173,8 @@ class Pass:
         return action, container_id
 
     def _reconcile(self, docker: Docker, spec: Spec, decided) -> Tuple[Action, str]:
-        docker.recover(spec.name)
+        if docker.recover(spec.name):
+            decided = None  # what was decided did not know the container put back
         found, action = decided or (docker.find(spec.name), None)
         action = action or decide(found, spec, self.cfg.container.adopt_unmanaged)
         log.info("container.reconcile", action=action.kind, reason=action.reason,

@@ -186,6 +186,7 @@ class FakeDocker(_Loud):
             self.rename(asides[restore].id, name)
         for aside in remove:
             self.remove(asides[aside].id)
+        return restore is not None
 
     def leave_restarts_to_the_agent(self, container_id: str) -> None:
         self._call("leave_restarts_to_the_agent", container_id)
