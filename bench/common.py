@@ -37,7 +37,7 @@ RESULTS = HERE / "results"
 if str(HERE.parent) not in sys.path:  # run as a script: the repository root is not on the path
     sys.path.append(str(HERE.parent))
 from tests.testbed import bed as testbed  # noqa: E402
-from tests.testbed import fake_quay, stacks  # noqa: E402, F401 - stacks: for the benchmarks
+from tests.testbed import fake_quay, quay_standin, stacks  # noqa: E402, F401 - for the benchmarks
 
 HOST = "127.0.0.1"
 PREFIX = "conf/stack"
@@ -370,19 +370,27 @@ class Bed:
             AWS_SHARED_CREDENTIALS_FILE=str(self.work / "no-aws-credentials"),
             AWS_EC2_METADATA_DISABLED="true",
             DOCKER_HOST=self.state["docker_host"], DOCKER_CONFIG=str(config))
+        self.endpoint, self.server_pid = self.moto, self.moto_pid
         os.environ["DOCKER_CONFIG"] = str(config)
 
     @property
     def moto(self) -> str:
         return self.state["moto_endpoint"]
 
+    def on_seaweedfs(self) -> None:
+        """The run's bucket on the bed's SeaweedFS instead of moto (before the first upload)."""
+        self.endpoint, self.server_pid = self.state["seaweedfs_endpoint"], self.state["pids"]["seaweedfs"]
+        self.env.update(AWS_ACCESS_KEY_ID=self.state["seaweedfs_access_key"],
+                        AWS_SECRET_ACCESS_KEY=self.state["seaweedfs_secret_key"])
+
     def s3(self):
         if self._s3 is None:
             import boto3  # the benchmark's own set-up; the children are what is measured
 
             self._s3 = boto3.session.Session().client(
-                "s3", endpoint_url=self.moto, region_name="us-east-1",
-                aws_access_key_id="testing", aws_secret_access_key="testing")
+                "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
             self._s3.create_bucket(Bucket=self.bucket)
         return self._s3
 
@@ -427,16 +435,17 @@ class Bed:
             pass
 
     def node_config(self, run_dir: Path, name: str, port: int, stack: dict, listen: str = "",
-                    container: dict | None = None, health: dict | None = None) -> Path:
+                    container: dict | None = None, health: dict | None = None, **sections) -> Path:
         """An agent's config: the node of tests/integration (host networking, PORT on a loopback
-        port, a control folder at /control); the report endpoint on LISTEN when given."""
+        port, a control folder at /control); the report endpoint on LISTEN when given; SECTIONS
+        (image, rollout, ...) as given."""
         config = {
-            "stack": {"source": f"s3://{self.bucket}/{PREFIX}", "endpoint_url": self.moto,
+            "stack": {"source": f"s3://{self.bucket}/{PREFIX}", "endpoint_url": self.endpoint,
                       "region": "us-east-1", **stack},
             "image": {"reference": self.image or "quay.io/projectquay/quay:v3.9.0"},
             "container": {"name": name, "network_mode": "host", "ports": [], "sysctls": {},
                           "env": {"PORT": str(port)}, **(container or {})},
-            "health": {"url": f"http://{HOST}:{port}/health/instance", **(health or {})}}
+            "health": {"url": f"http://{HOST}:{port}/health/instance", **(health or {})}, **sections}
         if listen:  # never "auto": it would ask the real instance-metadata address
             config["report"] = {"autoscaling": False, "listen": listen,
                                 "state_file": str(run_dir / "status.json")}
@@ -485,7 +494,7 @@ class Bed:
     def _remove_containers(self) -> None:
         if self._docker is not None:
             for item in self._docker.containers.list(all=True, filters={"name": self.prefix}):
-                item.remove(force=True)
+                item.remove(force=True, v=True)
 
     def _delete_bucket(self) -> None:
         for page in self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
@@ -502,7 +511,7 @@ class Agent(Launched):
         run_dir = bed.work / label
         run_dir.mkdir()
         self.label, self.listen = label, f"{HOST}:{free_port()}"
-        path = bed.node_config(run_dir, name, port, stack, self.listen, **config)
+        self.config = path = bed.node_config(run_dir, name, port, stack, self.listen, **config)
         super().__init__([tool("quay-bootstrap"), "--config", str(path), "run", "--log-format",
                           "json", "--log-level", "info"], bed.env, run_dir / "agent")
 

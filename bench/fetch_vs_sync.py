@@ -1,15 +1,16 @@
-"""Benchmark: `quay-bootstrap fetch` of a 1,000-file stack from moto, side by side with `aws s3 sync`.
+"""Benchmark: `quay-bootstrap fetch` of a 1,000-file stack, side by side with `aws s3 sync`.
 
-Usage: python bench/fetch_vs_sync.py [--rounds 5] [--warmup 1] [--files 1000] [--size 2048]
-                                     [--json PATH] [--keep]
+Usage: python bench/fetch_vs_sync.py [--store seaweedfs|moto] [--rounds 5] [--warmup 1]
+                                     [--files 1000] [--size 2048] [--json PATH] [--keep]
 
 Uploads FILES objects of SIZE random bytes plus a valid config.yaml under conf/stack/ to a new
-bucket on the bed's moto, then each round, alternating which tool goes first: the agent's fetch
-into an empty stack.dir and again with nothing changed, and `aws s3 sync` into an empty folder
-and again. Every run is checked (exit status 0, every file with the uploaded bytes, nothing
-else); a failing run stops the benchmark. Recorded per run: wall time, the client's CPU and peak
-RSS, and moto's CPU (moto answers from one Python process: its CPU bounds any client). Goal: the
-agent's full fetch takes at most half the time of `aws s3 sync`.
+bucket on the bed's STORE (SeaweedFS by default; moto answers from one Python process and closes
+every connection, so its CPU bounds any client), then each round, alternating which tool goes
+first: the agent's fetch into an empty stack.dir and again with nothing changed, and `aws s3
+sync` into an empty folder and again. Every run is checked (exit status 0, every file with the
+uploaded bytes, nothing else); a failing run stops the benchmark. Recorded per run: wall time,
+the client's CPU and peak RSS, the store's CPU. Goal: the agent's full fetch takes at most half
+the time of `aws s3 sync`.
 """
 from __future__ import annotations
 
@@ -44,12 +45,14 @@ AWS = f"aws s3 sync s3://BUCKET/{PREFIX} DIR --endpoint-url URL --only-show-erro
 
 def body(args, bed) -> dict:
     qb, aws = common.tool("quay-bootstrap"), common.tool("aws")
+    if args.store == "seaweedfs":
+        bed.on_seaweedfs()
     files = {"config.yaml": QUAY_CONFIG}
     # 100 files per folder, like a stack with several folders of certificates and extras.
     files.update((f"d{i // 100:02d}/f{i:04d}.bin", os.urandom(args.size)) for i in range(args.files))
     print(f"uploading {len(files)} files to s3://{bed.bucket}/{PREFIX} ...", flush=True)
     expected = bed.upload(files)
-    watch = {"server": [bed.moto_pid]}
+    watch = {"server": [bed.server_pid]}
 
     def pair(side: str, n: int) -> dict:
         """A full fetch into a new folder, then again with nothing changed; both checked."""
@@ -60,7 +63,7 @@ def body(args, bed) -> dict:
         else:
             run.mkdir()
             argv, tree = [aws, "s3", "sync", f"s3://{bed.bucket}/{PREFIX}", str(run),
-                          "--endpoint-url", bed.moto, "--only-show-errors"], run
+                          "--endpoint-url", bed.endpoint, "--only-show-errors"], run
         got = {}
         for kind, word in (("full", "applied"), ("nochange", "unchanged")):
             got[kind] = measure(argv, bed.env, bed.work / f"{side}{n}-{kind}", watch)
@@ -86,27 +89,28 @@ def body(args, bed) -> dict:
         text = ([f"{c:.0f} MiB" for c in cells] if key == "maxrss_mib" else map(common.s, cells))
         return f"| {what} | " + " | ".join(text) + f" | {common.r(ratios.get(ratio_key))} |"
 
-    report = [f"### Fetch of a {args.files:,}-file stack ({args.size // 1024} KB files) from moto, "
+    report = [f"### Fetch of a {args.files:,}-file stack ({args.size // 1024} KB files) from {args.store}, "
               "against `aws s3 sync`", "", "| | `quay-bootstrap fetch` | `aws s3 sync` | ratio |",
               "|---|---:|---:|---:|",
               row("full fetch into an empty folder, median", "full", "wall_s", "full"),
               row("full fetch, fastest run", "full", "wall_s", "full_min", "min"),
               row("no change (second run on the same folder), median", "nochange", "wall_s", "nochange"),
               row("client CPU (user + system), full fetch", "full", "cpu_s", "cpu"),
-              row("moto server CPU during the full fetch", "full", "server_cpu_s"),
+              row(f"{args.store} server CPU during the full fetch", "full", "server_cpu_s"),
               row("peak RSS, full fetch", "full", "maxrss_mib", "rss"), "",
               f"Goal: half the time of `aws s3 sync` or less: {common.met(ratios['full'] <= GOAL_RATIO)}"
               f" ({ratios['full']:.2f}). Medians of {args.rounds} rounds after {args.warmup} warm-up; "
               f"every run's {len(files):,} files checked byte for byte. Commands: `{AGENT}` and `{AWS}`."]
-    return {"params": {"files": len(files), "object_bytes": args.size, "rounds": args.rounds,
-                       "warmup": args.warmup}, "commands": {"agent": AGENT, "aws": AWS},
-            "summary": summary, "ratios": ratios,
+    return {"params": {"store": args.store, "files": len(files), "object_bytes": args.size,
+                       "rounds": args.rounds, "warmup": args.warmup},
+            "commands": {"agent": AGENT, "aws": AWS}, "summary": summary, "ratios": ratios,
             "goals": {"full_ratio": {"max": GOAL_RATIO, "got": ratios["full"],
                                      "met": ratios["full"] <= GOAL_RATIO}},
             "report": report, "runs": runs}
 
 
 def _args(parser) -> None:
+    parser.add_argument("--store", choices=("seaweedfs", "moto"), default="seaweedfs", help="S3 server")
     parser.add_argument("--files", type=int, default=1000, help="objects besides config.yaml")
     parser.add_argument("--size", type=int, default=2048, help="bytes per object")
 
