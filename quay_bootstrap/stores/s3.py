@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import re
+import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import boto3
@@ -31,6 +32,12 @@ _TRUNCATED = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.In
 _LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 
 
+# One boto3 session for every S3 client of the process (the stack source, the leases, the
+# lock): each new session loads the service models again, about 13 MiB for good.
+_SESSION = None
+_SESSION_LOCK = threading.Lock()
+
+
 def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> Any:
     """An S3 client with the stack's endpoint, region and CA bundle; credentials from boto3's
     default chain (env, instance profile). The source and the leases both use this, so a store
@@ -55,8 +62,12 @@ def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> A
                                         **options)
     except TypeError:
         config = botocore.config.Config(**options)
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
-                                          verify=ca_bundle, config=config)
+    with _SESSION_LOCK:  # making clients from one session is not thread-safe
+        global _SESSION
+        if _SESSION is None:
+            _SESSION = boto3.session.Session()
+        return _SESSION.client("s3", endpoint_url=endpoint_url, region_name=region,
+                               verify=ca_bundle, config=config)
 
 
 class S3Source:
