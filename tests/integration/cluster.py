@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Dict, List, Optional, Tuple
 
+from docker import errors as docker_errors
+
 from tests.integration.conftest import Agent, Daemon, StandinNode
 
 # The agents' settings: probes every second, the probe timeout left at the agent's default
@@ -101,14 +103,19 @@ class ClusterNode(StandinNode):
     def quay_logs_all(self) -> str:
         """The logs of every container whose name starts with the node's (an aside copy too)."""
         out = []
-        for container in self.docker.containers.list(all=True):
-            if container.name.startswith(self.name):
-                out.append(container.logs().decode(errors="replace"))
+        for item in self.docker.api.containers(all=True, filters={"name": self.name}):
+            if item["Names"][0].lstrip("/").startswith(self.name):
+                try:
+                    out.append(self.docker.api.logs(item["Id"]).decode(errors="replace"))
+                except docker_errors.NotFound:
+                    pass  # removed by the agent meanwhile
         return "\n".join(out)
 
     def containers(self) -> List[str]:
-        return sorted(f"{c.name}:{c.status}" for c in self.docker.containers.list(all=True)
-                      if c.name.startswith(self.name))
+        # One listing, no inspect per container: the agent may remove one in between.
+        found = self.docker.api.containers(all=True, filters={"name": self.name})
+        return sorted(f"{c['Names'][0].lstrip('/')}:{c['State']}" for c in found
+                      if c["Names"][0].lstrip("/").startswith(self.name))
 
     def serving(self, timeout: float = 1.0) -> bool:
         return probe(self.port, timeout)
