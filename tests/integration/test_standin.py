@@ -20,22 +20,7 @@ INSTANCE_OK = {"data": {"services": {"auth": True, "database": True, "disk_space
                "status_code": 200}
 
 
-@pytest.fixture(scope="session")
-def standin_images(docker_client, registry):
-    """{tag: reference} of the stand-in's v3.9.0, v3.10.0 and v3.11.0 in the bed's registry."""
-    return qs.build(docker_client, registry)
-
-
-@pytest.fixture
-def quay_db(testbed):
-    dsn = qs.create_database(testbed)
-    yield dsn
-    qs.drop_database(testbed, dsn)
-
-
-@pytest.fixture
-def quay_bucket(testbed):
-    return qs.create_bucket(testbed)
+# standin_images, quay_db and quay_bucket: tests/integration/conftest.py
 
 
 class StandIns:
