@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -33,8 +34,10 @@ _LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 
 
 # One boto3 session for every S3 client of the process (the stack source, the leases, the
-# lock): each new session loads the service models again, about 13 MiB for good.
-_SESSION = None
+# lock): each new session loads the service models again, about 13 MiB for good. A session
+# reads credentials and settings from the environment once, so one is kept per AWS_*
+# environment (the agent's does not change; a test's does).
+_SESSIONS: Dict[tuple, Any] = {}
 _SESSION_LOCK = threading.Lock()
 
 
@@ -62,12 +65,12 @@ def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> A
                                         **options)
     except TypeError:
         config = botocore.config.Config(**options)
+    environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
     with _SESSION_LOCK:  # making clients from one session is not thread-safe
-        global _SESSION
-        if _SESSION is None:
-            _SESSION = boto3.session.Session()
-        return _SESSION.client("s3", endpoint_url=endpoint_url, region_name=region,
-                               verify=ca_bundle, config=config)
+        if environment not in _SESSIONS:
+            _SESSIONS[environment] = boto3.session.Session()
+        return _SESSIONS[environment].client("s3", endpoint_url=endpoint_url, region_name=region,
+                                             verify=ca_bundle, config=config)
 
 
 class S3Source:
