@@ -158,3 +158,18 @@ def test_file_leases_leave_no_temporary_files(leases):
     leases.replace("lease-0", b"c", leases.get("lease-0")[1])
     names = sorted(p.name for p in leases.root.iterdir())
     assert names == [".lock", "lease-0"]
+
+
+def test_s3_clients_share_one_session_per_aws_environment(monkeypatch):
+    """A second session would load the service models again (13 MiB); a changed AWS_*
+    environment (credentials) gets a session of its own."""
+    from quay_bootstrap.stores import s3
+
+    monkeypatch.setattr(s3, "_SESSIONS", {})
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first")
+    s3.client("s3://bucket/conf/stack", None)
+    s3.client("s3://bucket/conf/stack.rollout", None)
+    assert len(s3._SESSIONS) == 1
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "second")
+    s3.client("s3://bucket/conf/stack", None)
+    assert len(s3._SESSIONS) == 2
