@@ -167,6 +167,7 @@ def test_s3_clients_share_one_session_per_aws_environment(monkeypatch):
 
     monkeypatch.setattr(s3, "_SESSIONS", {})
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     s3.client("s3://bucket/conf/stack", None)
     s3.client("s3://bucket/conf/stack.rollout", None)
     assert len(s3._SESSIONS) == 1
