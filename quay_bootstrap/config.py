@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.functional_validators import AfterValidator, BeforeValidator
 
-from quay_bootstrap import stores
+from quay_bootstrap import safe_yaml, stores
 from quay_bootstrap.errors import ConfigError
 from quay_bootstrap.units import parse_duration, parse_size
 
@@ -298,12 +298,10 @@ def load_config(path: str) -> Config:
 def parse_config(text: str, where: str = "<config>") -> Config:
     """Validate YAML text as an agent config; see load_config."""
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml.load(text)
     except yaml.YAMLError as err:
-        from quay_bootstrap.stack.validate import yaml_error_where
-
         raise ConfigError("the agent config is not valid YAML",
-                          where=f"{where} {yaml_error_where(err, text.encode())}",
+                          where=f"{where} {safe_yaml.where(err, text)}",
                           hint="Fix the YAML there (its text is not shown: it may hold a "
                                "secret)") from None
     if not isinstance(data, dict):

@@ -7,6 +7,7 @@ from typing import Optional
 
 import yaml
 
+from quay_bootstrap import safe_yaml
 from quay_bootstrap.errors import LockViolation
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -105,9 +106,10 @@ def resolve(local: str, allowed_tags: str, lock_text: Optional[bytes] = None,
     if lock_text is None:
         return Resolved(local_ref, False)
     try:
-        data = yaml.safe_load(lock_text.decode("utf-8"))
+        data = safe_yaml.load(lock_text)
     except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise LockViolation("the cluster image lock is not valid YAML", where=lock_url,
+        raise LockViolation("the cluster image lock is not valid YAML",
+                            where=f"{lock_url} {safe_yaml.where(err, lock_text)}",
                             hint=f"Write it as `reference: {_EXAMPLE}` and optionally "
                                  "`digest: sha256:...`") from err
     if not isinstance(data, dict) or not isinstance(data.get("reference"), str) or \

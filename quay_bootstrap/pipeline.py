@@ -233,6 +233,7 @@ def open_stack_store(cfg: Config, add_secrets: Callable) -> StackStore:
 
     import yaml
 
+    from quay_bootstrap import safe_yaml
     from quay_bootstrap.stack.validate import stack_secrets
 
     owner = cfg.stack.uid_gid
@@ -244,7 +245,7 @@ def open_stack_store(cfg: Config, add_secrets: Callable) -> StackStore:
     current = store.current()
     if current:
         try:
-            add_secrets(stack_secrets(yaml.safe_load(
+            add_secrets(stack_secrets(safe_yaml.load(
                 (store.path(current) / "config.yaml").read_text())))
         except (OSError, ValueError, yaml.YAMLError):
             pass  # a live stack without a readable config.yaml holds no secrets we can find

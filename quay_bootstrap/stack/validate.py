@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from quay_bootstrap import safe_yaml
+
 # What stops Quay from starting (quay-facts.md, "conf/stack"): config-tool's validation (run
 # by conf/init before anything else), boot.py's SETUP_COMPLETE and app.py's DATABASE_SECRET_KEY.
 # util/config/schema.py's required-key list is NOT enforced by Quay, so it is not used here.
@@ -54,11 +56,11 @@ def check_stack(names: Collection[str], config_yaml: Optional[bytes],
                 f"/{nested[0].rsplit('/', 1)[0]}?" if nested else "")
         return StackCheck(errors=(("config.yaml", "missing: Quay cannot start without it" + hint),))
     try:
-        config = yaml.safe_load(config_yaml.decode("utf-8"))
+        config = safe_yaml.load(config_yaml)
     except UnicodeDecodeError:
         return StackCheck(errors=(("config.yaml", "is not UTF-8 text"),))
     except yaml.YAMLError as err:
-        return StackCheck(errors=(("config.yaml " + yaml_error_where(err, config_yaml),
+        return StackCheck(errors=(("config.yaml " + safe_yaml.where(err, config_yaml),
                                    "is not valid YAML"),))
     if not isinstance(config, dict):
         return StackCheck(errors=(("config.yaml", "must be a YAML mapping of Quay settings, "
@@ -167,20 +169,6 @@ def _host_matches(pattern: str, host: str) -> bool:
     if pattern.startswith("*."):
         return "." in host and host.split(".", 1)[1] == pattern[2:]
     return pattern == host
-
-
-def yaml_error_where(err: Exception, text: bytes) -> str:
-    """Where a YAML error is, as "line N, column M (key KEY)", never its text: YAML's own
-    message quotes the document ("found undefined alias 'R0tSuperSecret99'"), and a document
-    that does not parse has had no secret registered for redaction yet."""
-    mark = getattr(err, "problem_mark", None)
-    if mark is None:
-        return "(no position)"
-    lines = text.decode("utf-8", "replace").splitlines()
-    line = lines[mark.line] if mark.line < len(lines) else ""
-    key = re.match(r"\s*-?\s*([A-Za-z0-9_.-]+)\s*:", line)
-    return f"line {mark.line + 1}, column {mark.column + 1}" + (
-        f" (key {key.group(1)})" if key else "")
 
 
 def stack_secrets(config: Any) -> Set[str]:
