@@ -209,7 +209,9 @@ def _client_without_user_config(docker, base_url: Optional[str]):
     folder = tempfile.mkdtemp(prefix="quay-bootstrap-docker-")
     saved = os.environ.get("DOCKER_CONFIG")
     try:
-        Path(folder, "config.json").write_text("{}")
+        fd = os.open(Path(folder, "config.json"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write("{}")
         os.environ["DOCKER_CONFIG"] = folder
         if base_url:
             return docker.DockerClient(base_url=base_url, version="auto", timeout=120)

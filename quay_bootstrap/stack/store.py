@@ -112,7 +112,7 @@ class StackStore:
         """Write one file into staging, folders 0750 and files 0640, owned by the owner."""
         target = staging / key
         self._make_dirs(staging, target.parent)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        fd = _create(target, os.O_EXCL)
         try:
             view = memoryview(data)
             while view:
@@ -159,7 +159,7 @@ class StackStore:
                 "files": {k: vars(v) for k, v in sorted(manifest.items())}}
         tmp = self.manifests / f".{version}.json.tmp"
         tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)  # as the stack's files
+        fd = _create(tmp, os.O_EXCL)  # as the stack's files
         with os.fdopen(fd, "w") as out:
             out.write(json.dumps(data, indent=1))
         os.replace(tmp, self.manifests / f"{version}.json")
@@ -174,7 +174,7 @@ class StackStore:
         record = {"version": version, "image": image, "spec": spec, "tokens": tokens,
                   "at": time.time()}
         tmp = self.root / f".rejected.json.{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        fd = _create(tmp, os.O_TRUNC)
         with os.fdopen(fd, "w") as out:
             json.dump((kept + [record])[-REJECTIONS_KEPT:], out)
         os.replace(tmp, self.root / "rejected.json")
@@ -241,6 +241,14 @@ def _matches(folder: Path, manifest: Dict[str, ManifestEntry]) -> bool:
         return False
     return all(hashlib.sha256(found[k].read_bytes()).hexdigest() == v.sha256
                for k, v in manifest.items())
+
+
+def _create(path: Path, flag: int) -> int:
+    # The mode given to open is masked by the umask (0077 under the unit): set it outright, so
+    # the files are 0640 however the agent was started.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | flag, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    return fd
 
 
 def _fsync_tree(root: Path) -> None:

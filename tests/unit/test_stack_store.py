@@ -94,3 +94,22 @@ def test_manifests_are_as_private_as_the_stack(tmp_path):
     with StackStore(tmp_path) as store:
         commit(store, "v1", {"config.yaml": b"one"})
     assert oct((tmp_path / "manifests" / "v1.json").stat().st_mode & 0o777) == "0o640"
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o000])
+def test_modes_do_not_depend_on_the_umask(tmp_path, umask):
+    """The unit runs with UMask=0077 and a debugging shell may have 0000: the stack's files are
+    0640 and its folders 0750 either way, never world-readable."""
+    saved = os.umask(umask)
+    try:
+        with StackStore(tmp_path) as store:
+            commit(store, "v1", {"config.yaml": b"one", "extra/ca.crt": b"c"})
+            store.reject("v1", "quay@sha256:bad", "spec1")
+    finally:
+        os.umask(saved)
+    files = [tmp_path / "current" / "config.yaml", tmp_path / "current" / "extra" / "ca.crt",
+             tmp_path / "manifests" / "v1.json", tmp_path / "rejected.json"]
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {"0o640"}
+    folders = [tmp_path / "versions" / "v1", tmp_path / "current" / "extra"]
+    assert {oct(f.stat().st_mode & 0o777) for f in folders} == {"0o750"}
+    assert oct((tmp_path / ".lock").stat().st_mode & 0o777) == "0o600"
