@@ -82,6 +82,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from quay_bootstrap import logs
 
     redactor = logs.Redactor()
+    redactor.add_environ(os.environ)
     logs.configure(redactor, level=getattr(args, "log_level", "info"),
                    fmt=getattr(args, "log_format", "auto"))
     try:
@@ -109,6 +110,7 @@ def _load(args: argparse.Namespace, redactor):
 
     path = config.config_path(getattr(args, "config", None), os.environ)
     cfg = config.load_config(path)
+    redactor.add(cfg.secrets())
     if not hasattr(args, "log_level") or not hasattr(args, "log_format"):
         logs.configure(redactor, level=getattr(args, "log_level", cfg.logging.level),
                        fmt=getattr(args, "log_format", cfg.logging.format))

@@ -272,6 +272,15 @@ class Config(_Section):
                              f"than container.stop_timeout + health.start_period ({floor:g}s)")
         return self
 
+    def secrets(self) -> List[str]:
+        """Values in this config to mask in every output: secret-named container.env values, and
+        the arguments of report.on_unhealthy (a webhook URL or a header is its own credential)."""
+        from quay_bootstrap.logs import SECRET_NAME
+
+        found = [v for k, v in self.container.env.items() if SECRET_NAME.search(k)]
+        argv = self.report.on_unhealthy or []
+        return found + [a for a in argv[1:] if not a.startswith("-") and len(a) >= 8]
+
 
 def config_path(cli_value: Optional[str], environ: Mapping[str, str]) -> str:
     """The config file to read: --config, else $QUAY_BOOTSTRAP_CONFIG, else the default."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from typing import Callable, List, Optional, Protocol, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence
 
 import structlog
 
@@ -45,9 +45,27 @@ class AutoScalingTarget:
         pass
 
 
+# What the on_unhealthy command inherits: enough to find programs, speak the locale, go through
+# the proxy and trust the CA. Not the agent's AWS keys or tokens from its EnvironmentFile: the
+# command is the operator's, often a curl to a third party, and needs none of them.
+CHILD_ENVIRON = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+                 "http_proxy", "https_proxy", "no_proxy", "SSL_CERT_FILE", "SSL_CERT_DIR",
+                 "CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE")
+
+
+def child_environ(environ: Mapping[str, str], reason: str) -> Dict[str, str]:
+    """The environment of the on_unhealthy command: CHILD_ENVIRON, and the reason."""
+    env = {name: environ[name] for name in CHILD_ENVIRON if name in environ}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env["QUAY_BOOTSTRAP_REASON"] = reason
+    return env
+
+
 class CommandTarget:
     """`report.on_unhealthy`: the operator's command, run without a shell, the reason in
-    QUAY_BOOTSTRAP_REASON (a load balancer deregistration, a page, a webhook)."""
+    QUAY_BOOTSTRAP_REASON (a load balancer deregistration, a page, a webhook), with only the
+    environment in CHILD_ENVIRON. Only the program is logged: its arguments often carry a
+    credential (a header, a webhook URL with a token) that no pattern can recognise."""
 
     name = "on_unhealthy"
 
@@ -58,15 +76,20 @@ class CommandTarget:
         self.environ = environ
 
     def mark(self, reason: str) -> bool:
-        env = {**self.environ, "QUAY_BOOTSTRAP_REASON": reason}
+        env = child_environ(self.environ, reason)
+        program = self.argv[0] if self.argv else ""
         try:
             done = subprocess.run(self.argv, env=env, timeout=self.timeout,
                                   stdin=subprocess.DEVNULL, capture_output=True, text=True)
         except (OSError, subprocess.TimeoutExpired) as err:
-            log.error("on_unhealthy.failed", command=self.argv, error=str(err))
+            # Not str(err): TimeoutExpired's text repeats the whole command line.
+            error = (f"timed out after {self.timeout:g}s" if isinstance(err, subprocess.TimeoutExpired)
+                     else err.strerror or type(err).__name__)
+            log.error("on_unhealthy.failed", program=program, arguments=len(self.argv) - 1,
+                      error=error)
             return False
-        log.warning("on_unhealthy.ran", command=self.argv, exit_code=done.returncode,
-                    output=(done.stdout + done.stderr)[-2000:])
+        log.warning("on_unhealthy.ran", program=program, arguments=len(self.argv) - 1,
+                    exit_code=done.returncode, output=(done.stdout + done.stderr)[-2000:])
         return done.returncode == 0
 
     def clear(self) -> None:

@@ -5,15 +5,17 @@ import logging
 import re
 import sys
 import threading
-from typing import Any, Iterable, MutableMapping, Optional, TextIO
+from typing import Any, Iterable, Mapping, MutableMapping, Optional, TextIO
 
 import structlog
 
 MASK = "***"
 
-# Keys whose values are secret wherever they appear in an event (case-insensitive match).
-_SECRET_KEY = re.compile(
-    r"(pass(word|wd)?|secret|token|psk|credential|authorization|_key$|^key$|private)", re.I)
+# Names whose values are secret wherever they appear: event keys, config.yaml keys, environment
+# variables, `name: value` in text (case-insensitive). BITTORRENT_FILENAME_PEPPER is Quay's.
+SECRET_NAME = re.compile(
+    r"(pass(word|wd)?|secret|token|psk|credential|authorization|cookie|pepper|private|"
+    r"api_?key|access_?key|_key$|^key$)", re.I)
 # user:password@ in any URL (DB_URI, redis://, registry URLs).
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
 # Presigned URL signatures (S3 SigV2/SigV4, GCS V2/V4): the whole query string goes.
@@ -22,14 +24,36 @@ _PRESIGNED = re.compile(
     r"X-Goog-Credential|Signature=|AWSAccessKeyId|GoogleAccessId)[^\s\"']*", re.I)
 _PEM_PRIVATE = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S)
+# Credentials in HTTP headers, as curl's -H or a logged request shows them.
+_HEADER = re.compile(
+    r"\b((?:proxy-)?authorization|x-api-key|api-key|x-auth-token|private-token|x-vault-token|"
+    r"(?:set-)?cookie)(\s*:\s*)[^\r\n\"']+", re.I)
+_SCHEME_CREDENTIAL = re.compile(r"\b(bearer|basic|digest|negotiate)\s+[A-Za-z0-9._~+/=-]{6,}", re.I)
+# ?token=..., &api_key=..., &sig=... in any URL (webhooks, signed links).
+_QUERY = re.compile(
+    r"([?&;][^=&\s\"'#]*(token|key|secret|sig|signature|pass|pwd|auth|credential)[^=&\s\"'#]*=)"
+    r"[^&\s\"'#]+", re.I)
+# password=value and "token": "value" in free text (exceptions, command output). Not `KEY: value`:
+# the agent's own messages say "DATABASE_SECRET_KEY: is missing".
+_NAMED = re.compile(
+    r"(\b[\w.-]*(?:password|passwd|secret|token|pepper|credential|api_?key|access_?key)[\w.-]*"
+    r"(?:=|\"\s*:\s*\"))([^\s\"',;}&]+)", re.I)
+# Command-line options whose next argument is a credential (curl -u user:pw, --token T).
+_SECRET_OPTIONS = {"-u", "--user", "--proxy-user", "--password", "--passwd", "--pass", "--token",
+                   "--oauth2-bearer", "--api-key", "--secret", "--auth", "--header-secret"}
+# An environment value shorter than this is not registered: "true" and "1" are not secrets,
+# and masking them everywhere would garble every line.
+_MIN_ENV_SECRET = 8
 
 
 class Redactor:
     """A structlog processor that masks secrets in every event before it is rendered.
 
-    It masks the values of secret-looking keys, passwords inside URLs, presigned query strings,
-    PEM private keys, and every value registered with `add` (secrets found in conf/stack or read
-    from a password file), wherever they appear in a string.
+    It masks the values of secret-looking keys, passwords inside URLs, presigned or token query
+    strings, credential headers, PEM private keys, the arguments of credential options in
+    argument lists, and every value registered with `add` (secrets found in conf/stack, the
+    agent config, the environment, or read from a password file), wherever they appear in a
+    string, a list, a set, bytes or an object's text.
     """
 
     def __init__(self) -> None:
@@ -43,26 +67,55 @@ class Redactor:
             # Longest first, so a secret that contains another is masked whole.
             self._values = tuple(sorted(set(self._values) | fresh, key=len, reverse=True))
 
+    def add_environ(self, environ: Mapping[str, str]) -> None:
+        """Register the environment's secrets (AWS keys from the unit's EnvironmentFile, tokens),
+        and AWS_ACCESS_KEY_ID too: it names the account's key, and it is half of the pair."""
+        self.add(value for name, value in environ.items()
+                 if (SECRET_NAME.search(name) or name == "AWS_ACCESS_KEY_ID")
+                 and len(value) >= _MIN_ENV_SECRET)
+
     def redact_text(self, text: str) -> str:
         for value in self._values:
             if value in text:
                 text = text.replace(value, MASK)
         text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
         text = _PRESIGNED.sub(lambda m: f"{m.group(1)}?{MASK}", text)
+        text = _HEADER.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
+        text = _SCHEME_CREDENTIAL.sub(lambda m: f"{m.group(1)} {MASK}", text)
+        text = _QUERY.sub(lambda m: f"{m.group(1)}{MASK}", text)
+        text = _NAMED.sub(lambda m: f"{m.group(1)}{MASK}", text)
         return _PEM_PRIVATE.sub(MASK, text)
 
     def redact(self, value: Any, key: str = "") -> Any:
-        if key and _SECRET_KEY.search(key) and value not in (None, "", True, False):
+        if key and SECRET_NAME.search(key) and value not in (None, "", True, False):
             return MASK
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
         if isinstance(value, str):
             return self.redact_text(value)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return self.redact_text(bytes(value).decode("utf-8", "replace"))
         if isinstance(value, dict):
             return {k: self.redact(v, str(k)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return [self.redact(v) for v in value]
-        if isinstance(value, BaseException):
-            return self.redact_text(str(value))
-        return value
+            return self._redact_args(value)
+        if isinstance(value, (set, frozenset)):
+            return sorted((self.redact(v) for v in value), key=str)
+        # Exceptions, paths, dataclasses, SDK objects: their text, which a renderer would print.
+        return self.redact_text(str(value))
+
+    def _redact_args(self, items: Iterable[Any]) -> list:
+        out: list = []
+        masked_next = False
+        for item in items:
+            if masked_next:
+                out.append(MASK)
+            elif isinstance(item, str) and "=" in item and item.split("=", 1)[0] in _SECRET_OPTIONS:
+                out.append(item.split("=", 1)[0] + "=" + MASK)
+            else:
+                out.append(self.redact(item))
+            masked_next = isinstance(item, str) and item in _SECRET_OPTIONS
+        return out
 
     def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
         for key in list(event):

@@ -234,7 +234,7 @@ def open_stack_store(cfg: Config, add_secrets: Callable) -> StackStore:
     import yaml
 
     from quay_bootstrap import safe_yaml
-    from quay_bootstrap.stack.validate import stack_secrets
+    from quay_bootstrap.stack.validate import key_secrets, stack_secrets
 
     owner = cfg.stack.uid_gid
     if os.geteuid() != 0:
@@ -244,11 +244,15 @@ def open_stack_store(cfg: Config, add_secrets: Callable) -> StackStore:
     store = StackStore(cfg.stack.dir, owner)
     current = store.current()
     if current:
+        live = store.path(current)
         try:
-            add_secrets(stack_secrets(safe_yaml.load(
-                (store.path(current) / "config.yaml").read_text())))
+            add_secrets(stack_secrets(safe_yaml.load((live / "config.yaml").read_bytes())))
         except (OSError, ValueError, yaml.YAMLError):
             pass  # a live stack without a readable config.yaml holds no secrets we can find
+        try:
+            add_secrets(key_secrets((live / "ssl.key").read_bytes()))
+        except OSError:
+            pass
     return store
 
 

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from quay_bootstrap import safe_yaml
+from quay_bootstrap.logs import SECRET_NAME
 
 # What stops Quay from starting (quay-facts.md, "conf/stack"): config-tool's validation (run
 # by conf/init before anything else), boot.py's SETUP_COMPLETE and app.py's DATABASE_SECRET_KEY.
@@ -19,7 +20,6 @@ TAG_EXPIRATION_DEFAULTS = ("2w", ["0s", "1d", "1w", "2w", "4w"])
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*(:\d{1,5})?$")
 # Values under these key names are secret wherever they appear in config.yaml (quay-facts.md).
-_SECRET_NAME = re.compile(r"(secret|password|passwd|psk|^access_key$|_key$|token)", re.I)
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,9 @@ def check_stack(names: Collection[str], config_yaml: Optional[bytes],
                                  "EXTERNAL_TLS_TERMINATION is not true, so Quay "
                                  "terminates TLS itself and needs it"))
         if not missing and read is not None:
-            errors += _tls_problems(read("ssl.cert"), read("ssl.key"),
-                                    str(config.get("SERVER_HOSTNAME", "")))
+            key_pem = read("ssl.key")
+            secrets |= key_secrets(key_pem)
+            errors += _tls_problems(read("ssl.cert"), key_pem, str(config.get("SERVER_HOSTNAME", "")))
     if not config.get("SECRET_KEY"):
         warnings.append(("config.yaml: SECRET_KEY", "is missing: every Quay process then makes "
                          "its own random key and sessions break across nodes; set it, the same "
@@ -171,6 +172,13 @@ def _host_matches(pattern: str, host: str) -> bool:
     return pattern == host
 
 
+def key_secrets(pem: bytes) -> Set[str]:
+    """The lines of a private key's body: a PEM block is masked whole by its markers, but a line
+    quoted alone (an error from a TLS library) has none."""
+    lines = pem.decode("ascii", "replace").splitlines()
+    return {line.strip() for line in lines if len(line.strip()) >= 16 and "-----" not in line}
+
+
 def stack_secrets(config: Any) -> Set[str]:
     """Every secret value in a parsed config.yaml: secret-named keys anywhere, URL passwords."""
     found: Set[str] = set()
@@ -184,7 +192,8 @@ def stack_secrets(config: Any) -> Set[str]:
                 walk(item, name)
         elif isinstance(node, (str, int, float)) and not isinstance(node, bool):
             text = str(node)
-            if _SECRET_NAME.search(name):
+            # A number is a secret only when it is long enough to be one (not a port or a TTL).
+            if SECRET_NAME.search(name) and (isinstance(node, str) or len(text) >= 8):
                 found.add(text)
             if "://" in text:
                 try:

@@ -62,3 +62,76 @@ def test_sdk_loggers_stay_quiet_at_debug():
     logs.configure(logs.Redactor(), level="debug", fmt="json", stream=io.StringIO())
     assert logging.getLogger("botocore").getEffectiveLevel() == logging.WARNING
     assert logging.getLogger("quay_bootstrap").getEffectiveLevel() == logging.DEBUG
+
+
+def test_lists_sets_bytes_and_objects_are_redacted():
+    redactor = logs.Redactor()
+    redactor.add(["RegistryPw-42"])
+
+    class Opaque:
+        def __str__(self):
+            return "Opaque(password=RegistryPw-42)"
+
+    line = json.loads(render(
+        redactor,
+        items=["ok", "RegistryPw-42"], tags={"RegistryPw-42"}, raw=b"body RegistryPw-42 end",
+        thing=Opaque(), count=3, ratio=0.5, flag=True))
+    assert line["items"] == ["ok", "***"] and line["tags"] == ["***"]
+    assert line["raw"] == "body *** end" and "RegistryPw-42" not in line["thing"]
+    assert (line["count"], line["ratio"], line["flag"]) == (3, 0.5, True)
+
+
+def test_an_argv_keeps_its_shape_but_not_its_credentials():
+    argv = ["curl", "-fsS", "-H", "Authorization: Bearer eyJhbGciOi.sig", "-u", "ops:OpsPw123",
+            "--user=ops:OpsPw123", "--oauth2-bearer", "tok-123456",
+            "https://hooks.example.net/notify?token=WebhookTok9&channel=ops",
+            "https://u:UrlPw777@lb.example.net/deregister"]
+    line = json.loads(render(logs.Redactor(), command=argv))["command"]
+    text = json.dumps(line)
+    for secret in ("eyJhbGciOi", "OpsPw123", "tok-123456", "WebhookTok9", "UrlPw777"):
+        assert secret not in text
+    assert line[:3] == ["curl", "-fsS", "-H"] and "channel=ops" in line[9]
+
+
+def test_environment_secrets_are_registered_but_not_short_flags():
+    redactor = logs.Redactor()
+    redactor.add_environ({"AWS_ACCESS_KEY_ID": "AKIAIOSFODNN7EXAMPLE",
+                          "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+                          "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLETOKEN",
+                          "FEATURE_TOKEN_AUTH": "true", "HOME": "/root"})
+    text = redactor.redact_text("AKIAIOSFODNN7EXAMPLE wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY "
+                                "FwoGZXIvYXdzEXAMPLETOKEN true /root")
+    assert text == "*** *** *** true /root"
+
+
+def test_quays_secret_names_are_secret():
+    for name in ("BITTORRENT_FILENAME_PEPPER", "DATABASE_SECRET_KEY", "SECURITY_SCANNER_V4_PSK",
+                 "LDAP_ADMIN_PASSWD", "MAIL_PASSWORD", "CLIENT_SECRET", "access_key", "api_key",
+                 "Authorization", "cookie"):
+        assert logs.SECRET_NAME.search(name), name
+    for name in ("SERVER_HOSTNAME", "DB_CONNECTION_ARGS", "FEATURE_BUILD_SUPPORT", "version"):
+        assert not logs.SECRET_NAME.search(name), name
+
+
+def test_the_agents_own_messages_about_secret_keys_stay_readable():
+    assert logs.Redactor().redact_text("DATABASE_SECRET_KEY: is missing") == \
+        "DATABASE_SECRET_KEY: is missing"
+
+
+def test_the_on_unhealthy_command_gets_a_minimal_environment_and_is_logged_by_name(tmp_path):
+    from quay_bootstrap.escalation import CommandTarget
+
+    stream = io.StringIO()
+    logs.configure(logs.Redactor(), level="debug", fmt="json", stream=stream)
+    dump = tmp_path / "env"
+    target = CommandTarget(["sh", "-c", f"env > {dump}", "https://hooks.example.net/T0/SlackTok"],
+                           environ={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
+                                    "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI", "DOCKER_HOST": "x",
+                                    "HTTPS_PROXY": "http://proxy:3128"})
+    assert target.mark("health: 3 failures")
+    env = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert env["QUAY_BOOTSTRAP_REASON"] == "health: 3 failures"
+    assert env["HTTPS_PROXY"] == "http://proxy:3128" and env["LANG"] == "C.UTF-8"
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "DOCKER_HOST" not in env
+    logged = stream.getvalue()
+    assert '"program": "sh"' in logged and "SlackTok" not in logged
