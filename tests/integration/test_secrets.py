@@ -3,7 +3,6 @@ debug level, every output searched (stdout, stderr, /status, /metrics, `status -
 file, what is logged of on_unhealthy); and the same run with redaction turned off must leak."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.integration.conftest import BACKOFF, Daemon, wait_for
