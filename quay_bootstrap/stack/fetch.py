@@ -191,10 +191,11 @@ class Fetcher:
                     return attempt()
         except CorruptDownload as err:
             raise SourceError(f"refusing the whole stack: {obj.key!r} did not match the store's "
-                              f"checksum after {CHECKSUM_ATTEMPTS} downloads ({err})",
+                              f"listing or checksum after {CHECKSUM_ATTEMPTS} downloads ({err})",
                               where=self.source.url,
-                              hint="Check the object in the store (re-upload it); a proxy or "
-                                   "disk may be corrupting data") from err
+                              hint="Check the object in the store (re-upload it); a proxy, "
+                                   "disk or store may be corrupting data or sending other "
+                                   "bytes than it lists") from err
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _retrying(self, give_up_at: float, call, *args):

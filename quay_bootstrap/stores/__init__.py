@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import importlib
+import io
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-from quay_bootstrap.errors import ConfigError
+from quay_bootstrap.errors import ConfigError, CorruptDownload
 
 if TYPE_CHECKING:
     from quay_bootstrap.config import StackConfig
@@ -17,6 +18,14 @@ SCHEMES: Dict[str, str] = {
     "gs": "quay_bootstrap.stores.gcs",
     "file": "quay_bootstrap.stores.file",
 }
+
+# Bytes asked of a body at a time once an object is too big for one read: large enough that
+# a stack of small files costs one call each, small enough that a store sending more than it
+# listed is stopped within a chunk of the listed size.
+CHUNK = 1 << 20
+# What an object read by key without a listing (the image lock, a lease record) may hold: they
+# are a few lines, and a store answering with more must not be able to fill the agent's memory.
+SMALL_OBJECT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,9 @@ class ObjectInfo:
     size: int
     token: str
     checksums: Dict[str, str] = field(default_factory=dict)
+    # The provider's own: what its listing saw that its read must find again (file://: the path
+    # below the directory the key resolved to, st_dev, st_ino). Empty for the object stores.
+    origin: Tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -55,10 +67,15 @@ class StackSource(Protocol):
         """Every object under the prefix. Raises SourceError (permanent) or TransientError."""
 
     def read(self, obj: ObjectInfo) -> Download:
-        """The object's bytes, exactly the listed version where the store allows it."""
+        """The object's bytes, exactly the listed version where the store allows it.
+
+        At most `obj.size` + 1 bytes are ever held: a store sending more than it listed is a
+        CorruptDownload as soon as the extra byte arrives (plan_fetch keeps the listed sizes
+        under stack.max_bytes, so a fetch never holds more than that either)."""
 
     def get(self, key: str) -> bytes:
-        """One object by key (e.g. the cluster image lock). Raises SourceError when missing."""
+        """One object by key (e.g. the cluster image lock), at most SMALL_OBJECT bytes. Raises
+        SourceError when missing or larger."""
 
 
 class LeaseStore(Protocol):
@@ -72,7 +89,8 @@ class LeaseStore(Protocol):
     """
 
     def get(self, key: str) -> Optional[Tuple[bytes, str]]:
-        """(the bytes, their version token), or None when there is no such object."""
+        """(the bytes, their version token), or None when there is no such object; SourceError
+        when it holds more than SMALL_OBJECT bytes."""
 
     def create(self, key: str, data: bytes) -> bool:
         """Write `key` only if it does not exist; False when it does (someone else won)."""
@@ -168,3 +186,41 @@ def split_bucket_url(url: str) -> tuple:
     bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
     return bucket, (prefix + "/" if prefix else "")
+
+
+def read_at_most(read: Callable[[int], bytes], limit: int) -> bytes:
+    """What `read(n)` (a body's or a file's) gives, stopping once more than `limit` bytes came:
+    the result is at most `limit` + 1 bytes, so its length tells a body that was longer. One
+    read(limit + 1) for an object under CHUNK, then one more that finds the end."""
+    want = limit + 1
+    parts: List[bytes] = []
+    got = 0
+    while got < want:
+        part = read(min(want - got, CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def check_not_longer(data: bytes, limit: int, where: str) -> bytes:
+    """`data` from read_at_most(limit), refused when the store sent more than `limit`."""
+    if len(data) > limit:
+        raise CorruptDownload(f"{where}: the store sent more than the {limit} bytes it listed")
+    return data
+
+
+class BoundedBuffer(io.BytesIO):
+    """A file to download into that refuses to grow past `limit` bytes: the write that would
+    is a CorruptDownload, which stops the download (for SDKs that write a body to a file)."""
+
+    def __init__(self, limit: int, where: str) -> None:
+        super().__init__()
+        self.limit, self.where = limit, where
+
+    def write(self, data) -> int:  # type: ignore[override]
+        if self.tell() + len(data) > self.limit:
+            raise CorruptDownload(f"{self.where}: the store sent more than the {self.limit} "
+                                  "bytes it listed")
+        return super().write(data)

@@ -10,8 +10,8 @@ import requests
 import requests.adapters
 from google.cloud import storage
 
-from quay_bootstrap.errors import SourceError, TransientError
-from quay_bootstrap.stores import Download, ObjectInfo, split_bucket_url
+from quay_bootstrap.errors import CorruptDownload, SourceError, TransientError
+from quay_bootstrap.stores import SMALL_OBJECT, BoundedBuffer, Download, ObjectInfo, split_bucket_url
 
 if TYPE_CHECKING:
     from quay_bootstrap.config import StackConfig
@@ -83,20 +83,27 @@ class GCSSource:
         name = self.prefix + obj.key
         # Pinning the listed generation makes a concurrent overwrite a 404, never mixed content.
         blob = self._bucket.blob(name, generation=int(obj.token) if obj.token.isdigit() else None)
+        where = f"gs://{self.bucket_name}/{name}"
+        # The body streams into a buffer that refuses to grow past the listed size, so a store
+        # sending more is stopped within one chunk (8 KiB) of it. No Range: a ranged read would
+        # hide a longer object, and BlobReader reads ranges.
+        buffer = BoundedBuffer(obj.size, where)
         try:
-            data = blob.download_as_bytes(timeout=_TIMEOUT, checksum=None, retry=None)
+            blob.download_to_file(buffer, timeout=_TIMEOUT, checksum=None, retry=None)
+        except CorruptDownload:
+            raise
         except Exception as err:  # noqa: BLE001 - classified below, re-raised otherwise
-            mapped = self._classify(err, f"gs://{self.bucket_name}/{name}", reading=True)
+            mapped = self._classify(err, where, reading=True)
             if mapped is err:
                 raise
             raise mapped from err
-        return Download(data=data)
+        return Download(data=buffer.getvalue())
 
     def get(self, key: str) -> bytes:
         name = self.prefix + key
         where = f"gs://{self.bucket_name}/{name}"
         try:
-            return self._bucket.blob(name).download_as_bytes(timeout=_TIMEOUT, retry=None)
+            return _download_small(self._bucket.blob(name), where)
         except gexc.NotFound as err:
             raise SourceError("the object does not exist", where=where, hint="Check the URL") from err
         except Exception as err:  # noqa: BLE001 - classified below, re-raised otherwise
@@ -135,7 +142,7 @@ class GCSLeases:
     def get(self, key: str) -> Optional[Tuple[bytes, str]]:
         blob = self.bucket.blob(self.prefix + key)
         try:
-            data = blob.download_as_bytes(timeout=_TIMEOUT, retry=None)
+            data = _download_small(blob, f"gs://{self.bucket.name}/{self.prefix}{key}")
         except gexc.NotFound:
             return None
         return data, str(blob.generation)
@@ -163,3 +170,18 @@ class GCSLeases:
 
 # What the registry in stores/__init__.py looks up.
 Source, Leases = GCSSource, GCSLeases
+
+
+def _download_small(blob: storage.Blob, where: str) -> bytes:
+    """An object read by key (the lock, a lease), at most SMALL_OBJECT bytes; the client
+    checks its checksum."""
+    buffer = BoundedBuffer(SMALL_OBJECT, where)
+    try:
+        blob.download_to_file(buffer, timeout=_TIMEOUT, retry=None)
+    except CorruptDownload as err:
+        raise SourceError(f"the object is larger than {SMALL_OBJECT} bytes, far more than an "
+                          "image lock or a lease record holds", where=where,
+                          hint="Check the URL names the right object (and that "
+                               "STORAGE_EMULATOR_HOST or stack.endpoint_url, if set, name the "
+                               "store you meant)") from err
+    return buffer.getvalue()

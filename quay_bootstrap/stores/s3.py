@@ -12,7 +12,14 @@ import botocore.config
 import botocore.exceptions
 
 from quay_bootstrap.errors import CorruptDownload, SourceError, TransientError
-from quay_bootstrap.stores import Download, ObjectInfo, split_bucket_url
+from quay_bootstrap.stores import (
+    SMALL_OBJECT,
+    Download,
+    ObjectInfo,
+    check_not_longer,
+    read_at_most,
+    split_bucket_url,
+)
 
 if TYPE_CHECKING:
     from quay_bootstrap.config import StackConfig
@@ -105,20 +112,24 @@ class S3Source:
 
     def read(self, obj: ObjectInfo) -> Download:
         key = self.prefix + obj.key
+        where = f"s3://{self.bucket}/{key}"
         try:
+            # No Range header: a ranged GET of the listed size would hide a longer object (and
+            # S3 sends no full-object checksum for a range). The whole object is asked for and
+            # no more than one byte past the listed size is read.
             response = self.client.get_object(Bucket=self.bucket, Key=key,
                                                IfMatch=f'"{obj.token}"', ChecksumMode="ENABLED")
-            data = response["Body"].read()
+            data = _read_body(response, obj.size, where)
         except botocore.exceptions.ClientError as err:
             raise self._classify(err, "read", key) from err
         except _CONNECTION_FAULTS as err:
-            raise TransientError(f"s3://{self.bucket}/{key}: {err}") from err
+            raise TransientError(f"{where}: {err}") from err
         except botocore.exceptions.FlexibleChecksumError as err:
             raise CorruptDownload(str(err)) from err
         except _TRUNCATED as err:
             raise CorruptDownload(f"truncated download: {err}") from err
         except (botocore.exceptions.NoCredentialsError, botocore.exceptions.SSLError) as err:
-            raise _permanent(err, f"s3://{self.bucket}/{key}") from err
+            raise _permanent(err, where) from err
         checksums = {}
         sha256 = response.get("ChecksumSHA256") or ""
         if sha256 and "-" not in sha256:  # "-N" marks a composite multipart checksum
@@ -132,7 +143,8 @@ class S3Source:
     def get(self, key: str) -> bytes:
         full = self.prefix + key
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
+            return _read_small(self.client.get_object(Bucket=self.bucket, Key=full),
+                               f"s3://{self.bucket}/{full}")
         except botocore.exceptions.ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise SourceError("the object does not exist", where=f"s3://{self.bucket}/{full}",
@@ -176,7 +188,7 @@ class S3Leases:
     def get(self, key: str) -> Optional[Tuple[bytes, str]]:
         try:
             got = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
-            return got["Body"].read(), got["ETag"]
+            return _read_small(got, f"s3://{self.bucket}/{self.prefix}{key}"), got["ETag"]
         except botocore.exceptions.ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -205,6 +217,31 @@ class S3Leases:
 
 # What the registry in stores/__init__.py looks up.
 Source, Leases = S3Source, S3Leases
+
+
+def _read_body(response: Dict[str, Any], size: int, where: str) -> bytes:
+    """The body of a GetObject, refused (CorruptDownload) once more than `size` bytes arrive;
+    never more than `size` + 1 bytes are read. The connection is closed, not drained, when the
+    store sends more."""
+    body = response["Body"]
+    try:
+        length = response.get("ContentLength")
+        if length is not None and int(length) > size:
+            raise CorruptDownload(f"{where}: the store sent {length} bytes, it listed {size}")
+        return check_not_longer(read_at_most(body.read, size), size, where)
+    finally:
+        body.close()
+
+
+def _read_small(response: Dict[str, Any], where: str) -> bytes:
+    """The body of an object read by key (the lock, a lease), at most SMALL_OBJECT bytes."""
+    try:
+        return _read_body(response, SMALL_OBJECT, where)
+    except CorruptDownload as err:
+        raise SourceError(f"the object is larger than {SMALL_OBJECT} bytes, far more than an "
+                          "image lock or a lease record holds", where=where,
+                          hint="Check the URL names the right object (and that the store "
+                               "behind stack.endpoint_url is the one you meant)") from err
 
 
 def _permanent(err: Exception, where: str) -> SourceError:

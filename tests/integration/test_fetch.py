@@ -235,7 +235,7 @@ def test_a_download_that_never_matches_is_refused(agent, s3_store, with_sha256, 
     with StoreProxy(s3_store.stack_options["endpoint_url"],
                     [Fault("ssl.cert", kind, times=99)]) as proxy:
         agent.write_config(s3_store, endpoint_url=proxy.url)
-        refused(agent, code=1, says=["'ssl.cert' did not match the store's checksum after 3",
+        refused(agent, code=1, says=["'ssl.cert' did not match the store's listing or checksum after 3",
                                      "re-upload"])
 
 
@@ -244,7 +244,7 @@ def test_gcs_corruption_is_caught_by_its_md5(agent, gcs_backend, gcs_endpoint, m
     gcs_backend.put("ssl.cert", b"-----BEGIN CERTIFICATE-----\nnew\n")
     with FaultyProxy(gcs_endpoint, [Fault("ssl.cert", "corrupt", times=99)]) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
-        refused(agent, code=1, says=["'ssl.cert' did not match the store's checksum"])
+        refused(agent, code=1, says=["'ssl.cert' did not match the store's listing or checksum"])
 
 
 def test_an_overloaded_store_is_retried_with_backoff(agent, s3_store):

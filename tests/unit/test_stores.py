@@ -1,6 +1,8 @@
 """The store registry, the settings the lease client shares with the source, and directory leases."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from quay_bootstrap import stores
@@ -174,3 +176,214 @@ def test_s3_clients_share_one_session_per_aws_environment(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "second")
     s3.client("s3://bucket/conf/stack", None)
     assert len(s3._SESSIONS) == 2
+
+
+# --- file:// reads: never through a link, always the file the listing saw -------------------
+
+@pytest.fixture
+def stack_dir(tmp_path):
+    """A stack directory of two files, one in a folder; a root-only secret beside it, of the
+    same size as the folder's file (a same-size swap must be caught by more than the size)."""
+    root = tmp_path / "stack"
+    (root / "extra_ca_certs").mkdir(parents=True)
+    (root / "config.yaml").write_bytes(b"SERVER_HOSTNAME: quay.example.com\n")
+    (root / "extra_ca_certs" / "ca.crt").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root:$6$hash:19000::".ljust(27, b"x") + b"\n")
+    assert secret.stat().st_size == (root / "extra_ca_certs" / "ca.crt").stat().st_size
+    secret.chmod(0o600)
+    return root
+
+
+def _listed(source):
+    return {obj.key: obj for obj in source.list()}
+
+
+def _fetch(source, root, stack_store_dir):
+    """The real fetch into a stack folder; returns what went live (None when refused)."""
+    from quay_bootstrap.stack.fetch import Fetcher
+    from quay_bootstrap.stack.plan import Limits
+    from quay_bootstrap.stack.store import StackStore
+
+    store = StackStore(stack_store_dir, None)
+    Fetcher(source, store, Limits(100, 1 << 20), concurrency=2, deadline=1,
+            sleep=lambda s: None).fetch()
+    return store.current()
+
+
+def test_a_file_reads_back_as_listed(stack_dir):
+    from quay_bootstrap.stores.file import FileSource
+
+    source = FileSource(f"file://{stack_dir}")
+    listed = _listed(source)
+    assert sorted(listed) == ["config.yaml", "extra_ca_certs/ca.crt"]
+    assert source.read(listed["extra_ca_certs/ca.crt"]).data == b"-----BEGIN CERTIFICATE-----\n"
+
+
+def test_a_link_inside_the_directory_is_read_through_to_the_file_it_named(stack_dir):
+    from quay_bootstrap.stores.file import FileSource
+
+    (stack_dir / "ssl.cert").symlink_to("extra_ca_certs/ca.crt")
+    source = FileSource(f"file://{stack_dir}")
+    obj = _listed(source)["ssl.cert"]
+    assert source.read(obj).data == b"-----BEGIN CERTIFICATE-----\n"
+    # Re-pointed between the listing and the read: the read opens what the listing resolved,
+    # never the link, so the secret is not read even though it is the same size.
+    (stack_dir / "ssl.cert").unlink()
+    (stack_dir / "ssl.cert").symlink_to(stack_dir.parent / "shadow")
+    assert source.read(obj).data == b"-----BEGIN CERTIFICATE-----\n"
+
+
+def test_a_file_swapped_for_a_link_after_listing_is_refused_and_nothing_is_copied(
+        stack_dir, tmp_path):
+    from quay_bootstrap.errors import SourceError
+    from quay_bootstrap.stores.file import FileSource
+
+    source = FileSource(f"file://{stack_dir}")
+    listed = source.list
+    swapped = []
+
+    def list_then_swap():
+        objects = listed()
+        target = stack_dir / "extra_ca_certs" / "ca.crt"
+        target.unlink()
+        target.symlink_to(tmp_path / "shadow")  # same size as the listed file
+        swapped.append(target)
+        return objects
+
+    source.list = list_then_swap
+    with pytest.raises(SourceError) as caught:
+        _fetch(source, stack_dir, tmp_path / "live")
+    assert swapped
+    text = str(caught.value)
+    assert "'extra_ca_certs/ca.crt'" in text and "symbolic link" in text
+    assert "nothing was copied" in text and "a link may have been planted" in text
+    assert f"file://{stack_dir}/extra_ca_certs/ca.crt" in text
+    live = tmp_path / "live"
+    assert not (live / "current").exists()
+    copied = [p for p in live.rglob("*") if p.is_file() and b"root:" in p.read_bytes()]
+    assert copied == []
+
+
+@pytest.mark.parametrize("how", ["link-to-folder", "link-inside"])
+def test_a_folder_swapped_for_a_link_after_listing_is_refused(stack_dir, tmp_path, how):
+    """A symlinked folder on the path is refused even when the file behind it has the listed
+    size, and even when the link stays inside the stack directory."""
+    import shutil
+
+    from quay_bootstrap.errors import SourceError
+    from quay_bootstrap.stores.file import FileSource
+
+    source = FileSource(f"file://{stack_dir}")
+    obj = _listed(source)["extra_ca_certs/ca.crt"]
+    elsewhere = tmp_path / "elsewhere" if how == "link-to-folder" else stack_dir / "moved"
+    shutil.move(str(stack_dir / "extra_ca_certs"), str(elsewhere))
+    (stack_dir / "extra_ca_certs").symlink_to(elsewhere)
+    with pytest.raises(SourceError) as caught:
+        source.read(obj)
+    text = str(caught.value)
+    assert "'extra_ca_certs/ca.crt'" in text
+    assert "the folder 'extra_ca_certs' on its path is a symbolic link" in text
+
+
+def test_a_file_that_grew_after_listing_is_refused(stack_dir, tmp_path):
+    from quay_bootstrap.errors import SourceError
+    from quay_bootstrap.stores.file import FileSource
+
+    source = FileSource(f"file://{stack_dir}")
+    obj = _listed(source)["config.yaml"]
+    with open(stack_dir / "config.yaml", "ab") as grown:
+        grown.write(b"x" * 4096)
+    with pytest.raises(SourceError) as caught:
+        source.read(obj)
+    text = str(caught.value)
+    assert "'config.yaml'" in text and f"now holds {obj.size + 4096} bytes" in text
+    assert "listing saw " + str(obj.size) in text
+
+
+def test_a_file_replaced_by_another_of_the_same_size_is_refused(stack_dir):
+    from quay_bootstrap.errors import SourceError
+    from quay_bootstrap.stores.file import FileSource
+
+    source = FileSource(f"file://{stack_dir}")
+    obj = _listed(source)["config.yaml"]
+    replacement = stack_dir / ".config.yaml.new"
+    replacement.write_bytes(b"X" * obj.size)
+    os.replace(replacement, stack_dir / "config.yaml")
+    with pytest.raises(SourceError) as caught:
+        source.read(obj)
+    assert "another file than the one listed" in str(caught.value)
+
+
+def test_a_fifo_planted_after_listing_is_refused_without_hanging(stack_dir):
+    from quay_bootstrap.errors import SourceError
+    from quay_bootstrap.stores.file import FileSource
+
+    source = FileSource(f"file://{stack_dir}")
+    obj = _listed(source)["config.yaml"]
+    (stack_dir / "config.yaml").unlink()
+    os.mkfifo(stack_dir / "config.yaml")
+    with pytest.raises(SourceError) as caught:
+        source.read(obj)
+    assert "no longer a regular file" in str(caught.value)
+
+
+def test_get_refuses_a_link_and_an_oversized_file(tmp_path):
+    from quay_bootstrap.errors import SourceError
+    from quay_bootstrap.stores import SMALL_OBJECT
+    from quay_bootstrap.stores.file import FileSource
+
+    (tmp_path / "quay-lock.yaml").write_bytes(b"reference: x\n")
+    source = FileSource(f"file://{tmp_path}")
+    assert source.get("quay-lock.yaml") == b"reference: x\n"
+    (tmp_path / "linked.yaml").symlink_to(tmp_path / "quay-lock.yaml")
+    with pytest.raises(SourceError, match="symbolic link"):
+        source.get("linked.yaml")
+    (tmp_path / "big.yaml").write_bytes(b"x" * (SMALL_OBJECT + 1))
+    with pytest.raises(SourceError, match="larger than"):
+        source.get("big.yaml")
+
+
+# --- bounded reads, as every store uses them -------------------------------------------------
+
+class _Body:
+    """A body of `size` bytes made as it is read, counting what was asked for."""
+
+    def __init__(self, size):
+        self.left, self.calls, self.given = size, [], 0
+
+    def read(self, n):
+        self.calls.append(n)
+        part = b"x" * min(n, self.left)
+        self.left -= len(part)
+        self.given += len(part)
+        return part
+
+
+def test_a_small_body_is_one_read_of_its_size_plus_one_then_the_end():
+    body = _Body(300)
+    assert stores.read_at_most(body.read, 300) == b"x" * 300
+    assert body.calls == [301, 1]
+
+
+def test_a_longer_body_stops_one_byte_past_the_limit_however_long_it_is():
+    body = _Body(200 << 20)
+    data = stores.read_at_most(body.read, 3 << 20)
+    assert len(data) == (3 << 20) + 1 and body.given == (3 << 20) + 1
+    assert max(body.calls) == stores.CHUNK
+    from quay_bootstrap.errors import CorruptDownload
+
+    with pytest.raises(CorruptDownload, match="more than the 3145728 bytes it listed"):
+        stores.check_not_longer(data, 3 << 20, "s3://b/k")
+
+
+def test_the_bounded_buffer_refuses_the_write_that_would_pass_the_limit():
+    """What GCS downloads write into: the SDK's chunked writes stop at the listed size."""
+    from quay_bootstrap.errors import CorruptDownload
+
+    buffer = stores.BoundedBuffer(10, "gs://b/conf/stack/k")
+    buffer.write(b"12345")
+    buffer.write(b"67890")
+    with pytest.raises(CorruptDownload, match="gs://b/conf/stack/k: the store sent more than the 10"):
+        buffer.write(b"!")
+    assert buffer.getvalue() == b"1234567890"
