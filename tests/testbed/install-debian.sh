@@ -5,8 +5,9 @@ set -euo pipefail
 
 # postgresql-15 and redis-server: the real database and Redis the stand-in Quay runs on (the bed
 # starts private ones; policy-rc.d below keeps the packages from starting system-wide ones).
+# systemd: systemd-analyze, which checks the unit's sandbox (a slim container may lack it).
 pkgs=(docker.io docker-registry busybox-static libsystemd-dev pkg-config gcc python3-dev iproute2 python3-venv
-      debootstrap postgresql-15 redis-server openssl)
+      debootstrap postgresql-15 redis-server openssl systemd)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
