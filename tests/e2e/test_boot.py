@@ -8,6 +8,7 @@ The tests run in file order on one booted machine: each step starts where the la
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import uuid
@@ -55,6 +56,14 @@ def world(moto_endpoint, fake_images, docker_client, tmp_path_factory):
     s3.create_bucket(Bucket=bucket)
     for key, data in sample_stack().items():
         s3.put_object(Bucket=bucket, Key=f"conf/stack/{key}", Body=data)
+    # The secrets the example's boot script reads from SSM Parameter Store, held by moto: the
+    # store's keys are moto's, the registry password is not used (the test registry is open).
+    ssm = boto3.client("ssm", endpoint_url=moto_endpoint, region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    secrets = {name: f"e2e-{name.rsplit('/', 1)[-1]}" for name in ssm_parameters()}
+    secrets.update({name: "testing" for name in secrets if "access-key" in name})
+    for name, value in secrets.items():
+        ssm.put_parameter(Name=name, Value=value, Type="SecureString", Overwrite=True)
     # The stack folder must have the same path on the host and in the machine: the machine's
     # agent names it to the host's dockerd when it mounts it into Quay.
     shared = Path("/var/lib/quay-bootstrap") / f"e2e-{uuid.uuid4().hex[:8]}"
@@ -62,6 +71,7 @@ def world(moto_endpoint, fake_images, docker_client, tmp_path_factory):
     control = tmp_path_factory.mktemp("e2e-control")
     control.chmod(0o777)
     yield {"bucket": bucket, "moto": moto_endpoint, "shared": shared, "control": control,
+           "secrets": secrets,
            "image": fake_images["v3.9.0"], "port": free_port(), "listen": free_port(),
            "name": f"quay-e2e-{uuid.uuid4().hex[:6]}"}
     shutil.rmtree(shared, ignore_errors=True)
@@ -71,12 +81,30 @@ def world(moto_endpoint, fake_images, docker_client, tmp_path_factory):
         pass
 
 
+SECRETS_SCRIPT = "/usr/local/sbin/quay-bootstrap-secrets"
+
+
+def example() -> dict:
+    return yaml.safe_load((REPO / "cloud-config/s3-compatible.yaml").read_text())
+
+
+def ssm_parameters() -> list:
+    """The SSM parameters the example's boot script reads."""
+    script = next(f for f in example()["write_files"] if f["path"] == SECRETS_SCRIPT)
+    return re.findall(r'"ssm:([^"]+)"', script["content"])
+
+
 def user_data(world) -> str:
     """cloud-config/s3-compatible.yaml, pointed at the test bed."""
-    doc = yaml.safe_load((REPO / "cloud-config/s3-compatible.yaml").read_text())
+    doc = example()
     files = {f["path"]: f for f in doc["write_files"]}
-    files["/etc/quay-bootstrap/environment"]["content"] = (
-        "AWS_ACCESS_KEY_ID=testing\nAWS_SECRET_ACCESS_KEY=testing\n")
+    # The boot script as written, reading SSM at moto: the machine has no instance profile,
+    # so moto's test credentials stand in for it in the script's environment only.
+    fetch = [n for n, cmd in enumerate(doc["runcmd"]) if SECRETS_SCRIPT in str(cmd)]
+    assert len(fetch) == 1, doc["runcmd"]
+    doc["runcmd"][fetch[0]] = doc["runcmd"][fetch[0]].replace(
+        SECRETS_SCRIPT, f"env AWS_ENDPOINT_URL_SSM={world['moto']} AWS_ACCESS_KEY_ID=testing "
+                        f"AWS_SECRET_ACCESS_KEY=testing {SECRETS_SCRIPT}")
     config = yaml.safe_load(files["/etc/quay-bootstrap/config.yaml"]["content"])
     config["stack"].update(source=f"s3://{world['bucket']}/conf/stack",
                            endpoint_url=world["moto"], dir=str(world["shared"] / "stack"))
@@ -144,6 +172,29 @@ def test_boot_ends_with_a_healthy_quay(booted, world, docker_client):
     assert "healthy" in wait_for(lambda: booted.show("StatusText"), 30, "a status text")
     version = booted.sh(f"readlink {world['shared']}/stack/current").strip()
     assert version.startswith("versions/")
+
+
+def test_the_secrets_were_read_at_boot_into_root_only_files(booted, world):
+    for path in ("/etc/quay-bootstrap/environment", "/etc/quay-bootstrap/registry-password"):
+        assert booted.sh(f"stat -c '%a %U' {path}").split() == ["600", "root"], path
+    environment = booted.sh("cat /etc/quay-bootstrap/environment").split()
+    assert environment == ["AWS_ACCESS_KEY_ID=testing", "AWS_SECRET_ACCESS_KEY=testing"]
+    password = next(v for k, v in world["secrets"].items() if "registry" in k)
+    assert booted.sh("cat /etc/quay-bootstrap/registry-password").strip() == password
+
+
+def test_the_agent_runs_in_the_units_sandbox(booted, world):
+    # Proof that the boot test ran the agent hardened, not under a unit whose directives the
+    # container made systemd drop: seccomp on, capabilities cut to CAP_CHOWN|CAP_DAC_OVERRIDE.
+    pid = booted.show("MainPID")
+    status = dict(line.split(":", 1) for line in booted.sh(f"cat /proc/{pid}/status").splitlines())
+    assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
+    assert int(status["CapBnd"], 16) == int(status["CapEff"], 16) == 0b11
+    assert status["Umask"].strip() == "0077"
+    # ... and Quay can still read the stack the agent wrote under that umask.
+    live = f"{world['shared']}/stack/current"
+    assert booted.sh(f"stat -L -c '%a %u' {live} {live}/config.yaml").split() == \
+        ["750", "1001", "640", "1001"]
 
 
 def test_stopping_the_agent_leaves_quay_running(booted, world, docker_client):

@@ -1,5 +1,6 @@
-"""The systemd unit's sandbox: exposure 4.0 or less by `systemd-analyze security`, and still
-everything the agent needs (the Docker socket, its folders, chown to Quay's user, the network)."""
+"""What ships beside the package, for security: the systemd unit's sandbox (exposure 4.0 or less
+by `systemd-analyze security`, and still everything the agent needs), and user-data examples
+that carry no secret."""
 from __future__ import annotations
 
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Set
 
 import pytest
+import yaml
 
 from quay_bootstrap.config import ReportConfig, StackConfig
 
@@ -159,3 +161,74 @@ def test_the_system_call_filter_keeps_what_the_agent_calls():
                  "reboot", "swapon", "setrlimit", "sched_setscheduler", "bpf", "ptrace",
                  "kexec_load", "acct"}
     assert not forbidden & allowed, sorted(forbidden & allowed)
+
+
+# --- user-data without secrets -------------------------------------------------------------
+# The metadata service serves user-data to any process on the machine that asks (containers
+# included) for the instance's whole life: an example must name where a secret lives, never
+# hold one.
+SECRET_WORD = r"(?:secret|passw(?:or)?d|token|access[_-]?key|private[_-]?key|api[_-]?key|credential)"
+ASSIGNMENT = re.compile(rf"(?i)(?P<key>[A-Za-z0-9_.-]*{SECRET_WORD}[A-Za-z0-9_.-]*)[\"']?[ \t]*"
+                        rf"[:=][ \t]*[\"']?(?P<value>[^\s\"',}}\]]*)")
+# Where a secret lives: a file, a shell variable, a parameter or a secret manager's name.
+REFERENCE = re.compile(r"^(/|\$\{?[A-Za-z_]|ssm:|gcp:|projects/|arn:aws:secretsmanager:)")
+NOT_A_SECRET = {"", "null", "none", "~", "true", "false", "|", ">"}
+INLINE = [(re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
+          (re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), "an AWS access key id"),
+          (re.compile(r"://[^/\s:@]+:[^/\s@]+@"), "a password in a URL")]
+SECRET_FILE = re.compile(rf"(?i){SECRET_WORD}|\.key$|\.pem$")
+
+
+def inline_secrets(text: str) -> List[str]:
+    """Each secret `text` (a cloud-config) carries itself, as "line N: what"."""
+    found = []
+    for number, line in enumerate(text.splitlines(), 1):
+        found += [f"line {number}: {what}" for pattern, what in INLINE if pattern.search(line)]
+        for match in ASSIGNMENT.finditer(line):
+            value = match.group("value")
+            if value.lower() not in NOT_A_SECRET and not REFERENCE.match(value):
+                found.append(f"line {number}: {match.group('key')} set inline")
+    doc = yaml.safe_load(text) or {}
+    for item in doc.get("write_files", []):
+        program = int(str(item.get("permissions", "0644")), 8) & 0o111  # fetches, holds none
+        if SECRET_FILE.search(item["path"]) and not program and str(item.get("content", "")).strip():
+            found.append(f"{item['path']} written with its content")
+    return found
+
+
+CLOUD_CONFIGS = sorted((REPO / "cloud-config").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CLOUD_CONFIGS, ids=lambda p: p.name)
+def test_no_cloud_config_example_carries_a_secret(path):
+    found = inline_secrets(path.read_text())
+    assert not found, (f"{path.name}: {'; '.join(found)}. Fetch the secret at boot with the "
+                       "machine's identity into a root-only file, as s3-compatible.yaml does")
+
+
+INLINE_CASES = {
+    "write_files:\n  - path: /etc/quay-bootstrap/environment\n    content: |\n"
+    "      AWS_ACCESS_KEY_ID=quay-bootstrap\n      AWS_SECRET_ACCESS_KEY=change-me\n":
+        ["line 4: AWS_ACCESS_KEY_ID set inline", "line 5: AWS_SECRET_ACCESS_KEY set inline"],
+    "write_files:\n  - path: /etc/quay-bootstrap/registry-password\n    content: |\n"
+    "      change-me\n": ["/etc/quay-bootstrap/registry-password written with its content"],
+    "write_files:\n  - path: /etc/quay/tls.key\n    permissions: '0600'\n    content: x\n":
+        ["/etc/quay/tls.key written with its content"],
+    "users:\n  - {name: ops, plain_text_passwd: hunter2}\n": ["line 2: plain_text_passwd set inline"],
+    "x: |\n  [default]\n  aws_secret_access_key = abc\n": ["line 3: aws_secret_access_key set inline"],
+    "x: \"auth: {username: robot, password: hunter2}\"\n": ["line 1: password set inline"],
+    "x: |\n  -----BEGIN OPENSSH PRIVATE KEY-----\n": ["line 2: a private key"],
+    "x: AKIAIOSFODNN7EXAMPLE\n": ["line 1: an AWS access key id"],
+    "x: [pip, install, --index-url, 'https://ci:s3cret@pypi.example.com/simple']\n":
+        ["line 1: a password in a URL"],
+    # References to where the secret lives are the way to do it:
+    "x: {password_file: /etc/quay-bootstrap/registry-password, ecr: true}\n": [],
+    "x: |\n  ENV = {\"AWS_SECRET_ACCESS_KEY\": \"ssm:/quay/rgw/secret-access-key\"}\n"
+    "  token: $TOKEN\n": [],
+    "x: \"api_key: gcp:projects/p/secrets/s/versions/latest\"\n": [],
+}
+
+
+@pytest.mark.parametrize("text", list(INLINE_CASES), ids=range(len(INLINE_CASES)))
+def test_the_scan_finds_inline_secrets_and_lets_references_pass(text):
+    assert inline_secrets(text) == INLINE_CASES[text]
