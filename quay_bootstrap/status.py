@@ -113,6 +113,8 @@ class Endpoint:
 
     def __init__(self, board: Board, listen: str, *, max_connections: int = MAX_CONNECTIONS,
                  head_timeout: float = HEAD_TIMEOUT, write_timeout: float = WRITE_TIMEOUT) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         host, _, port = listen.rpartition(":")
         sock = socket.socket(socket.AF_INET6 if host.startswith("[") else socket.AF_INET,
                              socket.SOCK_STREAM)

@@ -212,6 +212,12 @@ def test_the_address_names_the_port_picked_and_stop_closes_it(board):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
+
+def test_a_cap_below_one_is_refused(board):
+    with pytest.raises(ValueError, match="max_connections"):
+        Endpoint(board, "127.0.0.1:0", max_connections=0)
+
+
 # --- slow clients ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("max_connections", [status.MAX_CONNECTIONS, 600],
