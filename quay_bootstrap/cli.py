@@ -166,7 +166,7 @@ def _daemon(args: argparse.Namespace, cfg, redactor) -> int:
     stop = threading.Event()
     cache: dict = {}  # clients shared by every pass of this daemon
     daemon = Daemon(cfg, lambda c, sleep: Pass(c, redactor.add, sleep=sleep, cache=cache),
-                    stop, reload_config=lambda: _load(args, redactor))
+                    stop, reload_config=lambda: _load(args, redactor), redact=redactor.redact)
     # Handlers only set flags; the loop does the work. SIGTERM leaves Quay running.
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
@@ -205,6 +205,7 @@ def cmd_status(args: argparse.Namespace, redactor) -> int:
                   file=sys.stderr)
             return EXIT_FAILURE
         source = f"{cfg.report.state_file} (the agent's endpoint did not answer)"
+    status = redactor.redact(status)  # a state file left by an older agent, or a stray endpoint
     if args.json:
         print(json.dumps(status, indent=1, default=str))
         return EXIT_OK

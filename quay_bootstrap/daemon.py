@@ -27,13 +27,15 @@ _TERMINATE = object()
 
 class Daemon:
     """Args: the agent config; `make_pass(cfg, sleep)` for a pipeline Pass; the stop event the
-    signal handlers set; how to re-read the config on SIGHUP; a clock. The collaborators
+    signal handlers set; how to re-read the config on SIGHUP; a clock; the log redactor's
+    `redact`, which the board applies to what /status and the state file show. The collaborators
     (board, systemd, escalation, roll, spawn) default to the real ones; tests replace them."""
 
     def __init__(self, cfg: Config, make_pass: Callable[..., Pass], stop: threading.Event, *,
                  reload_config: Optional[Callable[[], Config]] = None,
                  clock: Callable[[], float] = time.monotonic, board=None, systemd=None,
-                 escalation=None, roll=None, spawn: Optional[Callable] = None) -> None:
+                 escalation=None, roll=None, spawn: Optional[Callable] = None,
+                 redact: Optional[Callable] = None) -> None:
         from quay_bootstrap import health, stores
         from quay_bootstrap.aws import node_id
         from quay_bootstrap.escalation import Escalation, targets_from_config
@@ -43,7 +45,7 @@ class Daemon:
         self.reload_config = reload_config
         self.events: "queue.SimpleQueue" = queue.SimpleQueue()  # put() is signal-safe
         self.systemd = systemd or status.Systemd()
-        self.board = board or status.Board(cfg.report.state_file)
+        self.board = board or status.Board(cfg.report.state_file, redact)
         self.escalation = escalation or Escalation(lambda: targets_from_config(self.cfg),
                                                    self.board.update)
         self.prober = health.Prober(lambda: (self.cfg, self.live.health_url), self.events.put, stop,

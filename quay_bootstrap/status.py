@@ -13,22 +13,35 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import structlog
 
 log = structlog.get_logger(__name__)
 
+# Root reads it (`quay-bootstrap status`); a monitoring group may be given read access.
+STATE_MODE = 0o640
+
+
 class Board:
     """What the agent knows, shared by the loop (writer) and the endpoint (reader)."""
 
-    def __init__(self, state_file: Optional[Path] = None) -> None:
+    def __init__(self, state_file: Optional[Path] = None,
+                 redact: Optional[Callable[[Any, str], Any]] = None) -> None:
+        """Args:
+            state_file: where every change is persisted (0640), for `status` when the agent is
+                down.
+            redact: masks secrets in a field's value (the log Redactor's `redact`): what the
+                board holds reaches /status, /metrics and the state file, so it is masked once,
+                on the way in, like a log line.
+        """
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self._lock = threading.Lock()
         self._status: Dict[str, Any] = {"state": "starting", "since": time.time(),
                                         "marked_unhealthy": False}
         self.state_file = state_file
+        self._redact = redact
         self.registry = CollectorRegistry()
         self.m_state = Gauge("quay_bootstrap_state", "1 for the current state", ["state"],
                              registry=self.registry)
@@ -47,6 +60,8 @@ class Board:
                             ["stack_version", "image_digest"], registry=self.registry)
 
     def update(self, **fields: Any) -> None:
+        if self._redact:
+            fields = {key: self._redact(value, key) for key, value in fields.items()}
         with self._lock:
             if "state" in fields and fields["state"] != self._status.get("state"):
                 fields.setdefault("since", time.time())
@@ -75,7 +90,10 @@ class Board:
         try:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(snapshot, default=str))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, STATE_MODE)
+            os.fchmod(fd, STATE_MODE)  # whatever the umask, and over an older 0644 file
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(snapshot, default=str))
             os.replace(tmp, self.state_file)
         except OSError as err:
             log.warning("status.persist_failed", path=str(self.state_file), error=str(err))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from quay_bootstrap import status
 from quay_bootstrap.status import Board, Endpoint
@@ -316,3 +317,27 @@ def test_the_cap_sits_well_below_the_units_descriptor_limit():
     limit = re.search(r"^LimitNOFILE=(\d+)", unit, re.MULTILINE)
     soft = int(limit.group(1)) if limit else 1024
     assert status.MAX_CONNECTIONS <= soft // 3
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077])
+def test_the_board_masks_secrets_and_writes_its_state_file_0640(tmp_path, umask):
+    from quay_bootstrap.logs import Redactor
+
+    redactor = Redactor()
+    redactor.add(["StackSecret-123"])
+    state = tmp_path / "status.json"
+    state.write_text("{}")
+    state.chmod(0o644)  # left by an older agent
+    saved = os.umask(umask)
+    try:
+        board = Board(state, redactor.redact)
+        board.update(state="failing", last_change={
+            "error": "login to https://ops:UrlPw-456@registry.example.net failed: StackSecret-123",
+            "argv": ["curl", "-u", "ops:CurlPw-789"]})
+    finally:
+        os.umask(saved)
+    for text in (json.dumps(board.snapshot()), state.read_text(),
+                 generate_latest(board.registry).decode()):
+        assert "StackSecret-123" not in text and "UrlPw-456" not in text and "CurlPw-789" not in text
+    assert board.snapshot()["last_change"]["error"].startswith("login to https://ops:***@")
+    assert oct(state.stat().st_mode & 0o777) == "0o640"
