@@ -86,7 +86,13 @@ class Fetcher:
         give_up_at = started + self.deadline
         with self.store:
             previous = self.store.current()
-            objects = self._retrying(give_up_at, self.source.list)
+            objects = self._retrying(give_up_at, self.source.list, self.limits.max_files)
+            if len(objects) > self.limits.max_files:
+                raise SourceError(f"the stack has more than stack.max_files "
+                                  f"({self.limits.max_files}) files; the listing stopped there",
+                                  where=self.source.url,
+                                  hint="Check that stack.source names the conf/stack prefix, "
+                                       "not a larger one, or raise stack.max_files")
             rejected = self.store.rejected_listing({o.key: o.token for o in objects})
             if rejected and previous:
                 log.info("stack.still_rejected", version=rejected[:12], live=previous[:12],

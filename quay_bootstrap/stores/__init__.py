@@ -63,8 +63,11 @@ class StackSource(Protocol):
 
     url: str
 
-    def list(self) -> List[ObjectInfo]:
-        """Every object under the prefix. Raises SourceError (permanent) or TransientError."""
+    def list(self, limit: Optional[int] = None) -> List[ObjectInfo]:
+        """Every object under the prefix, or the first `limit` + 1 when there are more (the
+        caller refuses such a stack anyway: a prefix naming a bucket of millions of objects
+        then costs a page or two, not the agent's memory). Raises SourceError (permanent) or
+        TransientError."""
 
     def read(self, obj: ObjectInfo) -> Download:
         """The object's bytes, exactly the listed version where the store allows it.

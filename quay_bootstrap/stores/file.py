@@ -45,13 +45,15 @@ class FileSource:
         self.url = url
         self.root = directory(url)
 
-    def list(self) -> List[ObjectInfo]:
+    def list(self, limit: Optional[int] = None) -> List[ObjectInfo]:
         if not self.root.is_dir():
             raise SourceError("the stack directory does not exist or is not a directory",
                               where=self.url, hint="Check stack.source (file:///DIR)")
-        objects = []
+        objects: List[ObjectInfo] = []
         try:
             for folder, dirs, files in os.walk(self.root, onerror=_raise):
+                if limit is not None and len(objects) > limit:
+                    break
                 dirs.sort()
                 for name in sorted(files):
                     found = self._listed(Path(folder, name))

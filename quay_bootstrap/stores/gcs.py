@@ -56,12 +56,14 @@ class GCSSource:
         self.client = client
         self._bucket = client.bucket(self.bucket_name)
 
-    def list(self) -> List[ObjectInfo]:
-        objects = []
+    def list(self, limit: Optional[int] = None) -> List[ObjectInfo]:
+        objects: List[ObjectInfo] = []
         try:
             # retry=None: the fetch retries with its own deadline.
             for blob in self.client.list_blobs(self.bucket_name, prefix=self.prefix or None,
                                                 timeout=_TIMEOUT, retry=None):
+                if limit is not None and len(objects) > limit:
+                    break  # pages are asked for as the loop goes: no further one is
                 key = blob.name[len(self.prefix):]
                 if not key or key.endswith("/"):
                     continue

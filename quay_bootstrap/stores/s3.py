@@ -88,8 +88,8 @@ class S3Source:
         self.bucket, self.prefix = split_bucket_url(url)
         self.client = client
 
-    def list(self) -> List[ObjectInfo]:
-        objects = []
+    def list(self, limit: Optional[int] = None) -> List[ObjectInfo]:
+        objects: List[ObjectInfo] = []
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=self.prefix)
@@ -102,6 +102,8 @@ class S3Source:
                     checksums = {"md5": etag} if _MD5_ETAG.match(etag) else {}
                     objects.append(ObjectInfo(key=key, size=int(item["Size"]), token=etag,
                                               checksums=checksums))
+                if limit is not None and len(objects) > limit:
+                    break  # before the paginator asks for the next page
         except botocore.exceptions.ClientError as err:
             raise self._classify(err, "list") from err
         except _CONNECTION_FAULTS as err:

@@ -6,7 +6,8 @@ except for keys told to lie: "longer" sends a Content-Length of `extra` bytes an
 "longer-chunked" streams them with chunked transfer-encoding (no length to check up front),
 "shorter" sends only `short` bytes with an honest Content-Length. The long bodies come from a
 generator, never materialised; `sent` counts what each key's bodies actually got onto the socket
-before the client hung up.
+before the client hung up. With `endless` set, every listing page holds 1,000 more made-up keys
+and promises another page, forever; `pages` counts the pages asked for.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class LyingStore:
         self.lies: Dict[str, str] = {}
         self.sent: Dict[str, int] = {}
         self.gets: List[str] = []
+        self.endless = False
+        self.pages = 0
         self._generation = 0
         self._lock = threading.Lock()
         store = self
@@ -90,40 +93,54 @@ class LyingStore:
         path = unquote(url.path)
         gcs_list = f"/storage/v1/b/{self.bucket}/o"
         if path == gcs_list:
-            return self._gcs_list(handler, query.get("prefix", ""))
+            return self._gcs_list(handler, query.get("prefix", ""), query.get("pageToken", ""))
         for media in (f"/download/storage/v1/b/{self.bucket}/o/", gcs_list + "/"):
             if path.startswith(media) and query.get("alt") == "media":
                 return self._object(handler, path[len(media):], gcs=True)
         if path.rstrip("/") == f"/{self.bucket}" and query.get("list-type") == "2":
-            return self._s3_list(handler, query.get("prefix", ""))
+            return self._s3_list(handler, query.get("prefix", ""),
+                                 query.get("continuation-token", ""))
         if path.startswith(f"/{self.bucket}/"):
             return self._object(handler, path[len(self.bucket) + 2:], gcs=False)
         self._reply(handler, 404, b"no such thing", "text/plain")
 
-    def _listing(self, prefix: str) -> List[Tuple[str, bytes, int]]:
+    def _listing(self, prefix: str, page: str = "") -> List[Tuple[str, bytes, int]]:
         with self._lock:
+            self.pages += 1
+            if self.endless:
+                start = int(page or 0) * 1000
+                return [(f"{prefix}extra_ca_certs/more-{i:09d}.crt", b"x", 1)
+                        for i in range(start, start + 1000)]
             return sorted((k, d, g) for k, (d, g) in self.objects.items() if k.startswith(prefix))
 
-    def _s3_list(self, handler, prefix: str) -> None:
+    def _next(self, page: str) -> str:
+        return str(int(page or 0) + 1) if self.endless else ""
+
+    def _s3_list(self, handler, prefix: str, page: str) -> None:
+        after = self._next(page)
+        more = (f"<IsTruncated>true</IsTruncated><NextContinuationToken>{after}"
+                "</NextContinuationToken>") if after else "<IsTruncated>false</IsTruncated>"
         rows = "".join(
             f"<Contents><Key>{escape(key)}</Key><LastModified>2026-01-01T00:00:00.000Z"
             f"</LastModified><ETag>&quot;{hashlib.md5(data).hexdigest()}&quot;</ETag>"
             f"<Size>{len(data)}</Size><StorageClass>STANDARD</StorageClass></Contents>"
-            for key, data, _ in self._listing(prefix))
+            for key, data, _ in self._listing(prefix, page))
         body = ('<?xml version="1.0" encoding="UTF-8"?>'
                 '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
                 f"<Name>{self.bucket}</Name><Prefix>{escape(prefix)}</Prefix>"
                 f"<KeyCount>{rows.count('<Contents>')}</KeyCount><MaxKeys>1000</MaxKeys>"
-                f"<IsTruncated>false</IsTruncated>{rows}</ListBucketResult>").encode()
+                f"{more}{rows}</ListBucketResult>").encode()
         self._reply(handler, 200, body, "application/xml")
 
-    def _gcs_list(self, handler, prefix: str) -> None:
+    def _gcs_list(self, handler, prefix: str, page: str) -> None:
         items = [{"kind": "storage#object", "bucket": self.bucket, "name": key,
                   "size": str(len(data)), "generation": str(generation), "metageneration": "1",
                   "md5Hash": base64.b64encode(hashlib.md5(data).digest()).decode()}
-                 for key, data, generation in self._listing(prefix)]
-        self._reply(handler, 200, json.dumps({"kind": "storage#objects", "items": items}).encode(),
-                    "application/json")
+                 for key, data, generation in self._listing(prefix, page)]
+        answer = {"kind": "storage#objects", "items": items}
+        if self._next(page):
+            answer["nextPageToken"] = self._next(page)
+        self._reply(handler, 200, json.dumps(answer).encode(), "application/json")
 
     def _object(self, handler, key: str, gcs: bool) -> None:
         with self._lock:

@@ -203,7 +203,7 @@ def test_unknown_keys_are_access_denied_on_seaweedfs(agent, seaweedfs_backend, m
 
 
 @pytest.mark.parametrize("limit,says", [
-    ({"max_files": 21}, "22 files, more than stack.max_files (21)"),
+    ({"max_files": 21}, "more than stack.max_files (21) files"),
     ({"max_bytes": "2KiB"}, "more than stack.max_bytes (2048)"),
 ])
 def test_over_the_limits(agent, backend, limit, says):

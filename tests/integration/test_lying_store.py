@@ -147,6 +147,21 @@ def test_a_store_sending_less_than_it_listed_is_refused(agent, lying_backend, ly
     assert_untouched(agent, live, link)
 
 
+def test_an_endless_listing_stops_past_max_files(agent, lying_backend, lying_store):
+    """A store whose listing never ends (or a prefix naming a bucket of millions of objects):
+    the agent asks for pages only until it holds more than stack.max_files keys."""
+    live, link, _ = applied_measured(agent, lying_backend)
+    lying_store.endless = True
+    lying_store.pages = 0
+    agent.write_config(lying_backend, max_files=2500)
+    code, _, err, peak = measured(agent, "fetch", timeout=60)
+    assert code == SourceError.exit_code, err
+    assert "the stack has more than stack.max_files (2500) files; the listing stopped there" in err
+    assert lying_store.pages == 3  # 3,000 keys > 2,500
+    assert peak < PEAK_LIMIT_MIB
+    assert_untouched(agent, live, link)
+
+
 def test_the_store_telling_the_truth_again_is_applied(agent, lying_s3, lying_store):
     """The refusal holds nothing back: once the object is what the store lists, it goes live."""
     applied_measured(agent, lying_s3)

@@ -243,8 +243,8 @@ def test_a_file_swapped_for_a_link_after_listing_is_refused_and_nothing_is_copie
     listed = source.list
     swapped = []
 
-    def list_then_swap():
-        objects = listed()
+    def list_then_swap(limit=None):
+        objects = listed(limit)
         target = stack_dir / "extra_ca_certs" / "ca.crt"
         target.unlink()
         target.symlink_to(tmp_path / "shadow")  # same size as the listed file
@@ -387,3 +387,17 @@ def test_the_bounded_buffer_refuses_the_write_that_would_pass_the_limit():
     with pytest.raises(CorruptDownload, match="gs://b/conf/stack/k: the store sent more than the 10"):
         buffer.write(b"!")
     assert buffer.getvalue() == b"1234567890"
+
+
+def test_a_listing_stops_once_past_the_limit(tmp_path):
+    """What stack.max_files allows, plus one, tells the fetch to refuse; no more is listed."""
+    from quay_bootstrap.stores.file import FileSource
+
+    for folder in range(5):
+        (tmp_path / f"d{folder}").mkdir()
+        for i in range(10):
+            (tmp_path / f"d{folder}" / f"f{i}").write_bytes(b"x")
+    source = FileSource(f"file://{tmp_path}")
+    assert len(source.list()) == 50
+    assert 12 <= len(source.list(limit=11)) <= 20  # stops after the folder that passed it
+    assert len(source.list(limit=50)) == 50
