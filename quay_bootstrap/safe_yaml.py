@@ -3,15 +3,17 @@ types only, bounded nesting and alias expansion, and errors that never quote the
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
 # Quay's config.yaml nests about 5 levels; anything near these limits is a mistake or an attack.
+# Both count what the document becomes with every alias expanded: a "billion laughs" of 330
+# bytes expands to 10^9 values, one 1 MB string aliased 20,000 times to 20 GB, and every walk of
+# the result (the secrets scan, JSON for /status) pays for all of it.
 MAX_DEPTH = 64
-# Nodes counted with every alias expanded: a "billion laughs" document of 330 bytes expands to
-# 10^9 nodes, and each walk of it (the secrets scan, JSON for /status) pays for all of them.
 MAX_NODES = 100_000
+MAX_CHARS = 16 * 1024 * 1024
 
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -40,50 +42,94 @@ def load(text: Union[str, bytes]) -> Any:
 
 def _check_shape(text: str) -> None:
     # Walks the event stream, which needs no recursion, so deep nesting cannot overflow the
-    # stack before it is refused. Each open collection sums its size; an alias adds the size of
-    # the node it names, so expansion is counted without being done.
-    sizes: Dict[str, int] = {}
-    open_: List[List[Any]] = []  # [size, anchor]
-    total = 0
+    # stack before it is refused. Each open node sums its size; an alias adds the size (values,
+    # characters, depth) of the node it names, so expansion is counted without being done.
+    sizes: Dict[str, Tuple[int, int, int]] = {}  # anchor -> (values, characters, depth)
+    open_: List[List[Any]] = []  # [values, characters, depth below, anchor]
+    done = [0, 0]
     for event in yaml.parse(text, Loader=_Loader):
-        size: Optional[int] = None
+        size: Optional[Tuple[int, int, int]] = None
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            if len(open_) >= MAX_DEPTH:
-                raise LimitError(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
-            open_.append([1, event.anchor])
+            open_.append([1, 0, 0, event.anchor])
+            _limit(len(open_) > MAX_DEPTH, f"nested more than {MAX_DEPTH} levels deep", event)
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            size, anchor = open_.pop()
+            values, chars, below, anchor = open_.pop()
+            size = (values, chars, below + 1)
             if anchor:
                 sizes[anchor] = size
         elif isinstance(event, yaml.ScalarEvent):
-            size = 1
+            size = (1, len(event.value), 0)
             if event.anchor:
-                sizes[event.anchor] = 1
+                sizes[event.anchor] = size
         elif isinstance(event, yaml.AliasEvent):
-            size = sizes.get(event.anchor, 1)  # an unknown alias fails in the loader, quietly
+            # An alias to a node still open would make the document contain itself.
+            _limit(any(entry[3] == event.anchor for entry in open_),
+                   "an alias refers to a node that contains it", event)
+            _limit(event.anchor not in sizes, "an alias names no anchor before it", event)
+            size = sizes[event.anchor]
         if size is None:
             continue
         if open_:
-            open_[-1][0] += size
+            parent = open_[-1]
+            parent[0] += size[0]
+            parent[1] += size[1]
+            parent[2] = max(parent[2], size[2])
         else:
-            total += size
-        if total + sum(entry[0] for entry in open_) > MAX_NODES:
-            raise LimitError(f"expands to more than {MAX_NODES} values (YAML aliases)",
-                             event.start_mark)
+            done[0] += size[0]
+            done[1] += size[1]
+        _limit(len(open_) + size[2] > MAX_DEPTH, f"nested more than {MAX_DEPTH} levels deep "
+               "(with aliases expanded)", event)
+        _limit(done[0] + sum(e[0] for e in open_) > MAX_NODES,
+               f"holds more than {MAX_NODES} values, aliases expanded", event)
+        _limit(done[1] + sum(e[1] for e in open_) > MAX_CHARS,
+               f"holds more than {MAX_CHARS // 2**20} MiB of text, aliases expanded", event)
+
+
+def _limit(broken: bool, problem: str, event: Any) -> None:
+    if broken:
+        raise LimitError(problem, event.start_mark)
 
 
 def where(err: Exception, text: Union[str, bytes]) -> str:
     """Where a YAML error is, as "line N, column M (key KEY)", never its text: YAML's own
     message quotes the document ("found undefined alias 'R0tSuperSecret99'"), and a document
-    that does not parse has had no secret registered for redaction yet."""
+    that does not parse has had no secret registered for redaction yet. KEY is the last mapping
+    key the parser read before the error (a name, not a value)."""
     mark = getattr(err, "problem_mark", None)
     if mark is None:
         return "(no position)"
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    lines = text.splitlines()
-    line = lines[mark.line] if mark.line < len(lines) else ""
-    key = re.match(r"\s*-?\s*([A-Za-z0-9_.-]+)\s*:", line)
+    key = _last_key_before(text, mark.index)
     what = f" ({err.problem})" if isinstance(err, LimitError) else ""
     return f"line {mark.line + 1}, column {mark.column + 1}" + (
-        f" (key {key.group(1)})" if key else "") + what
+        f" (key {key})" if key else "") + what
+
+
+def _last_key_before(text: str, index: int) -> Optional[str]:
+    # Replays the events up to the error: in a mapping, every other scalar is a key.
+    stack: List[List[Any]] = []  # [is a mapping, scalars and nodes seen]
+    key = None
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if event.start_mark.index >= index:
+                break
+            if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                stack.pop()
+                continue
+            is_key = bool(stack) and stack[-1][0] and stack[-1][1] % 2 == 0
+            if is_key and isinstance(event, yaml.ScalarEvent):
+                key = event.value
+            if stack and isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent,
+                                            yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                stack[-1][1] += 1
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                stack.append([isinstance(event, yaml.MappingStartEvent), 0])
+    except yaml.YAMLError:
+        pass
+    if key is None or not _KEY.fullmatch(key):
+        return None
+    return key
+
+
+_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -23,6 +23,19 @@ def laughs(levels: int = 9, secret: str = "R0tSuperSecret99") -> str:
     return "\n".join(lines) + "\n"
 
 
+def chained_depth(links: int = 30, depth: int = 60) -> str:
+    """Each anchor nests 60 levels and holds the previous one: 1,800 levels in 4 KB."""
+    lines = ["l0: &l0 x"]
+    for n in range(1, links):
+        lines.append(f"l{n}: &l{n} " + "[" * depth + f"*l{n - 1}" + "]" * depth)
+    return "\n".join(lines) + "\n"
+
+
+def big_scalar_aliased(count: int = 20_000) -> str:
+    """One 1 MB string aliased 20,000 times: a 1 MB file that is 20 GB of text."""
+    return f"S: &s {'x' * 2**20}\nL: [" + ", ".join(["*s"] * count) + "]\n"
+
+
 def nested(depth: int = 900) -> str:
     return "SECRET_KEY: " + "[" * depth + "]" * depth + "\n"
 
@@ -32,7 +45,11 @@ def test_a_small_alias_bomb_is_small():
 
 
 @pytest.mark.parametrize("text,says", [
-    (laughs(), "expands to more than"),
+    (laughs(), "holds more than 100000 values"),
+    ("A: &a [*a]\n", "an alias refers to a node that contains it"),
+    ("A: &a {k: {<<: *a}}\n", "an alias refers to a node that contains it"),
+    (chained_depth(), "levels deep (with aliases expanded)"),
+    (big_scalar_aliased(), "MiB of text"),
     (nested(), "nested more than"),
     (nested(10_000), "line 1"),  # libyaml's own limit (1,000) comes first here
 ])
@@ -54,9 +71,26 @@ def test_ordinary_anchors_and_nesting_still_load():
 
 
 def test_only_safe_types_are_built():
-    with pytest.raises(Exception) as caught:
-        safe_yaml.load("!!python/object/apply:os.system ['true']\n")
-    assert "os.system" not in safe_yaml.where(caught.value, "")
+    text = "run: !!python/object/apply:os.system ['true']\n"
+    with pytest.raises(yaml.constructor.ConstructorError) as caught:
+        safe_yaml.load(text)
+    where = safe_yaml.where(caught.value, text)
+    assert where.startswith("line 1, column 6") and "os.system" not in where
+
+
+def test_the_key_named_is_the_last_key_read_never_a_wrapped_value():
+    text = "DB_USER: quay\nDB_PASSWORD: Tr0ub4dor\n  Wr4pped-S3cret-Half: and more\n"
+    with pytest.raises(yaml.YAMLError) as caught:
+        safe_yaml.load(text)
+    where = safe_yaml.where(caught.value, text)
+    assert "(key DB_PASSWORD)" in where and "Wr4pped" not in where
+
+
+def test_a_long_key_is_not_named():
+    text = "k" * 5000 + ": [\n"
+    with pytest.raises(yaml.YAMLError) as caught:
+        safe_yaml.load(text)
+    assert "kkk" not in safe_yaml.where(caught.value, text)
 
 
 @pytest.mark.parametrize("text", [laughs(), nested()])
@@ -69,7 +103,8 @@ def test_the_agent_config_refuses_them_with_78(text):
     assert "R0tSuperSecret99" not in str(caught.value) + str(caught.value.where)
 
 
-@pytest.mark.parametrize("text", [laughs(), nested()])
+@pytest.mark.parametrize("text", [laughs(), nested(), "A: &a [*a]\n", chained_depth(),
+                                  big_scalar_aliased()])
 def test_a_stacks_config_yaml_refuses_them(text):
     started = time.monotonic()
     check = check_stack(["config.yaml"], text.encode())
@@ -88,7 +123,7 @@ def test_the_cluster_lock_refuses_them(text):
     assert caught.value.exit_code == EXIT_LOCK and "line " in str(caught.value.where)
 
 
-@pytest.mark.parametrize("text", [laughs(), nested()])
+@pytest.mark.parametrize("text", [laughs(), nested(), "stack: &a [*a]\n", chained_depth()])
 def test_validate_exits_78_within_a_second(tmp_path, text):
     config = tmp_path / "config.yaml"
     config.write_text(text)
