@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from typing import List, Optional
 
 from quay_bootstrap import __version__
@@ -85,6 +86,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     redactor.add_environ(os.environ)
     logs.configure(redactor, level=getattr(args, "log_level", "info"),
                    fmt=getattr(args, "log_format", "auto"))
+    # What a command prints and what a thread dies of pass the redactor too, like a log line.
+    saved = sys.stdout, threading.excepthook
+    sys.stdout = logs.RedactedStream(sys.stdout, redactor)
+    threading.excepthook = logs.log_thread_crash
     try:
         return args.func(args, redactor)
     except QuayBootstrapError as err:
@@ -103,14 +108,15 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{redactor.redact_text(str(err))}; this is a bug, please report it with the "
               "log above", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        sys.stdout, threading.excepthook = saved
 
 
 def _load(args: argparse.Namespace, redactor):
     from quay_bootstrap import config, logs
 
     path = config.config_path(getattr(args, "config", None), os.environ)
-    cfg = config.load_config(path)
-    redactor.add(cfg.secrets())
+    cfg = config.load_config(path, redactor.add)
     if not hasattr(args, "log_level") or not hasattr(args, "log_format"):
         logs.configure(redactor, level=getattr(args, "log_level", cfg.logging.level),
                        fmt=getattr(args, "log_format", cfg.logging.format))

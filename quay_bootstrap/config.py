@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
+from typing import Annotated, Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -274,12 +274,19 @@ class Config(_Section):
 
     def secrets(self) -> List[str]:
         """Values in this config to mask in every output: secret-named container.env values, and
-        the arguments of report.on_unhealthy (a webhook URL or a header is its own credential)."""
+        the arguments of report.on_unhealthy that may be a credential: a URL (a webhook's path
+        is often its token), `user:password`, `name=value`, or a token-like word. Plain words
+        ("quay-bootstrap", "/usr/bin/logger") are left readable."""
         from quay_bootstrap.logs import SECRET_NAME
 
         found = [v for k, v in self.container.env.items() if SECRET_NAME.search(k)]
         argv = self.report.on_unhealthy or []
-        return found + [a for a in argv[1:] if not a.startswith("-") and len(a) >= 8]
+        return found + [a for a in argv[1:] if not a.startswith("-") and len(a) >= 8
+                        and (any(c in a for c in ":=@") or _TOKEN_LIKE.search(a))]
+
+
+# Letters and digits mixed, 12 or more: what an API token or a webhook's path secret looks like.
+_TOKEN_LIKE = re.compile(r"(?=[\w.~+/-]*\d)(?=[\w.~+/-]*[A-Za-z])[\w.~+/-]{12,}")
 
 
 def config_path(cli_value: Optional[str], environ: Mapping[str, str]) -> str:
@@ -287,7 +294,7 @@ def config_path(cli_value: Optional[str], environ: Mapping[str, str]) -> str:
     return cli_value or environ.get(ENV_PATH) or DEFAULT_PATH
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, add_secrets: Optional[Callable[[Iterable[str]], None]] = None) -> Config:
     """Read and validate the agent config at `path`.
 
     Raises:
@@ -301,11 +308,14 @@ def load_config(path: str) -> Config:
                           hint=f"Write it, or point --config or ${ENV_PATH} at it") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read the agent config: {err}", where=path) from err
-    return parse_config(text, path)
+    return parse_config(text, path, add_secrets)
 
 
-def parse_config(text: str, where: str = "<config>") -> Config:
-    """Validate YAML text as an agent config; see load_config."""
+def parse_config(text: str, where: str = "<config>",
+                 add_secrets: Optional[Callable[[Iterable[str]], None]] = None) -> Config:
+    """Validate YAML text as an agent config; see load_config. `add_secrets` (the redactor's
+    `add`) is given the config's secret values as soon as it parses, before it is validated:
+    a problem found then must not show one."""
     try:
         data = safe_yaml.load(text)
     except yaml.YAMLError as err:
@@ -316,12 +326,20 @@ def parse_config(text: str, where: str = "<config>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError("the agent config must be a YAML mapping with at least "
                           "`stack` and `image` sections", where=where)
+    if add_secrets:
+        from quay_bootstrap.stack.validate import stack_secrets
+
+        add_secrets(stack_secrets(data))
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as err:
+        # from None: pydantic's own text quotes every input value, secrets too.
         raise ConfigError(f"the agent config has {err.error_count()} problem(s)", where=where,
                           hint="Fix every key listed below",
-                          problems=_problems(err)) from err
+                          problems=_problems(err)) from None
+    if add_secrets:
+        add_secrets(config.secrets())
+    return config
 
 
 def _problems(err: ValidationError) -> List[Tuple[str, str]]:

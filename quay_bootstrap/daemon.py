@@ -44,9 +44,9 @@ class Daemon:
         self.first_cfg, self.make_pass, self.stop, self.clock = cfg, make_pass, stop, clock
         self.reload_config = reload_config
         self.events: "queue.SimpleQueue" = queue.SimpleQueue()  # put() is signal-safe
-        self.systemd = systemd or status.Systemd()
+        self.systemd = systemd or status.Systemd(redact=redact)
         self.board = board or status.Board(cfg.report.state_file, redact)
-        self.escalation = escalation or Escalation(lambda: targets_from_config(self.cfg),
+        self.escalation = escalation or Escalation(lambda: targets_from_config(self.cfg, redact),
                                                    self.board.update)
         self.prober = health.Prober(lambda: (self.cfg, self.live.health_url), self.events.put, stop,
                                     observe=self.board.m_probe.observe, clock=clock)

@@ -69,11 +69,12 @@ class CommandTarget:
 
     name = "on_unhealthy"
 
-    def __init__(self, argv: Sequence[str], timeout: float = 120,
-                 environ=os.environ) -> None:
+    def __init__(self, argv: Sequence[str], timeout: float = 120, environ=os.environ,
+                 redact: Optional[Callable[[str], str]] = None) -> None:
         self.argv = list(argv)
         self.timeout = timeout
         self.environ = environ
+        self.redact = redact or (lambda text: text)
 
     def mark(self, reason: str) -> bool:
         env = child_environ(self.environ, reason)
@@ -89,20 +90,23 @@ class CommandTarget:
                       error=error)
             return False
         log.warning("on_unhealthy.ran", program=program, arguments=len(self.argv) - 1,
-                    exit_code=done.returncode, output=(done.stdout + done.stderr)[-2000:])
+                    exit_code=done.returncode,
+                    # Masked whole, then cut: a secret cut in two would match no more.
+                    output=self.redact(done.stdout + done.stderr)[-2000:])
         return done.returncode == 0
 
     def clear(self) -> None:
         pass
 
 
-def targets_from_config(cfg) -> List[Target]:
-    """Every target the config names, in the order they are told."""
+def targets_from_config(cfg, redact: Optional[Callable[[str], str]] = None) -> List[Target]:
+    """Every target the config names, in the order they are told; `redact` masks secrets in
+    what the on_unhealthy command printed."""
     targets: List[Target] = []
     if cfg.report.autoscaling is not False:
         targets.append(AutoScalingTarget(cfg.report.autoscaling, cfg.stack.region or None))
     if cfg.report.on_unhealthy:
-        targets.append(CommandTarget(cfg.report.on_unhealthy))
+        targets.append(CommandTarget(cfg.report.on_unhealthy, redact=redact))
     return targets
 
 

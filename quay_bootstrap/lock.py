@@ -111,7 +111,7 @@ def resolve(local: str, allowed_tags: str, lock_text: Optional[bytes] = None,
         raise LockViolation("the cluster image lock is not valid YAML",
                             where=f"{lock_url} {safe_yaml.where(err, lock_text)}",
                             hint=f"Write it as `reference: {_EXAMPLE}` and optionally "
-                                 "`digest: sha256:...`") from err
+                                 "`digest: sha256:...`") from None
     if not isinstance(data, dict) or not isinstance(data.get("reference"), str) or \
             set(data) - {"reference", "digest"}:
         raise LockViolation("the cluster image lock must be a mapping with `reference:` and "

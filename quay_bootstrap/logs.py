@@ -17,7 +17,13 @@ SECRET_NAME = re.compile(
     r"(pass(word|wd)?|secret|token|psk|credential|authorization|cookie|pepper|private|"
     r"api_?key|access_?key|_key$|^key$)", re.I)
 # user:password@ in any URL (DB_URI, redis://, registry URLs).
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s]*)@")
+# Greedy up to the last @ before the path: a password may hold an unescaped @.
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/\s]*)@")
+# AWS access key ids by their shape, however they arrived (an SDK error, a command's output).
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA)[A-Z0-9]{16}\b")
+# A token alone as a URL's user (https://ghp_xxx@github.com/...): 16 characters or more, so
+# ssh://git@host keeps its user.
+_URL_TOKEN_USER = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^:/@\s]{16,}@")
 # Presigned URL signatures (S3 SigV2/SigV4, GCS V2/V4): the whole query string goes.
 _PRESIGNED = re.compile(
     r"(https?://[^\s?\"']+)\?[^\s\"']*(X-Amz-Signature|X-Amz-Credential|X-Goog-Signature|"
@@ -38,6 +44,9 @@ _QUERY = re.compile(
 _NAMED = re.compile(
     r"(\b[\w.-]*(?:password|passwd|secret|token|pepper|credential|api_?key|access_?key)[\w.-]*"
     r"(?:=|\"\s*:\s*\"))([^\s\"',;}&]+)", re.I)
+_NAMED_QUOTED = re.compile(
+    r"(\b[\w.-]*(?:password|passwd|secret|token|pepper|credential|api_?key|access_?key)[\w.-]*"
+    r"\s*=\s*)([\"'])(.*?)\2", re.I)
 # Command-line options whose next argument is a credential (curl -u user:pw, --token T).
 _SECRET_OPTIONS = {"-u", "--user", "--proxy-user", "--password", "--passwd", "--pass", "--token",
                    "--oauth2-bearer", "--api-key", "--secret", "--auth", "--header-secret"}
@@ -79,10 +88,13 @@ class Redactor:
             if value in text:
                 text = text.replace(value, MASK)
         text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+        text = _URL_TOKEN_USER.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+        text = _AWS_KEY_ID.sub(MASK, text)
         text = _PRESIGNED.sub(lambda m: f"{m.group(1)}?{MASK}", text)
         text = _HEADER.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
         text = _SCHEME_CREDENTIAL.sub(lambda m: f"{m.group(1)} {MASK}", text)
         text = _QUERY.sub(lambda m: f"{m.group(1)}{MASK}", text)
+        text = _NAMED_QUOTED.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}{m.group(2)}", text)
         text = _NAMED.sub(lambda m: f"{m.group(1)}{MASK}", text)
         return _PEM_PRIVATE.sub(MASK, text)
 
@@ -96,7 +108,8 @@ class Redactor:
         if isinstance(value, (bytes, bytearray, memoryview)):
             return self.redact_text(bytes(value).decode("utf-8", "replace"))
         if isinstance(value, dict):
-            return {k: self.redact(v, str(k)) for k, v in value.items()}
+            return {self.redact_text(k) if isinstance(k, str) else k: self.redact(v, str(k))
+                    for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return self._redact_args(value)
         if isinstance(value, (set, frozenset)):
@@ -112,6 +125,8 @@ class Redactor:
                 out.append(MASK)
             elif isinstance(item, str) and "=" in item and item.split("=", 1)[0] in _SECRET_OPTIONS:
                 out.append(item.split("=", 1)[0] + "=" + MASK)
+            elif isinstance(item, str) and item.startswith("-u") and len(item) > 2:
+                out.append("-u" + MASK)  # curl -uuser:password
             else:
                 out.append(self.redact(item))
             masked_next = isinstance(item, str) and item in _SECRET_OPTIONS
@@ -121,6 +136,28 @@ class Redactor:
         for key in list(event):
             event[key] = self.redact(event[key], "" if key == "event" else key)
         return event
+
+
+class RedactedStream:
+    """A text stream whose writes are redacted first: what the commands print (stdout)."""
+
+    def __init__(self, stream: TextIO, redactor: Redactor) -> None:
+        self._stream, self._redactor = stream, redactor
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._redactor.redact_text(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def log_thread_crash(args: Any) -> None:
+    """threading.excepthook: a thread's uncaught exception as a redacted log line, not as the
+    raw traceback Python prints to stderr."""
+    structlog.get_logger("quay_bootstrap").error(
+        "thread.crashed", thread=getattr(args.thread, "name", None),
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
 def _text_exception(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:

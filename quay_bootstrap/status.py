@@ -330,9 +330,11 @@ def _answers(board: Board):
 
 
 class Systemd:
-    """sd_notify; a silent no-op outside systemd (no NOTIFY_SOCKET)."""
+    """sd_notify; a silent no-op outside systemd (no NOTIFY_SOCKET). STATUS= lines (shown by
+    `systemctl status`) go through `redact`, like a log line."""
 
-    def __init__(self, environ=os.environ) -> None:
+    def __init__(self, environ=os.environ, redact: Optional[Callable[[str], str]] = None) -> None:
+        self.redact = redact or (lambda text: text)
         self.enabled = bool(environ.get("NOTIFY_SOCKET"))
         usec = environ.get("WATCHDOG_USEC", "")
         self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
@@ -342,7 +344,7 @@ class Systemd:
             return
         from systemd import daemon
 
-        daemon.notify("\n".join(lines))
+        daemon.notify("\n".join(self.redact(line) for line in lines))
 
     @contextlib.contextmanager
     def keepalive(self) -> Iterator[None]:

@@ -80,3 +80,19 @@ def test_validate_refuses_a_floating_tag_like_run_does(tmp_path):
     path.write_text("stack: {source: s3://b/p}\nimage: {reference: quay.io/projectquay/quay:latest}\n")
     proc = run("--config", str(path), "validate")
     assert proc.returncode == 65 and "'latest'" in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_config_problem_never_shows_the_secret_it_is_about(tmp_path, fmt):
+    """pydantic's own text quotes every input value: at debug level the whole chain is logged."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "stack": {"source": "file:///srv/stack"},
+        "image": {"reference": "quay.io/projectquay/quay:v3.9.0",
+                  "auth": {"username": "u", "password": "InlineRegPw-7777"}},
+        "container": {"env": {"DB_PASSWORD": {"v": "EnvNestedPw-8888"}}}}))
+    proc = run("--config", str(config), "validate", "--log-level", "debug", "--log-format", fmt)
+    assert proc.returncode == EXIT_CONFIG
+    assert "image.auth.password" in proc.stdout + proc.stderr
+    for secret in ("InlineRegPw-7777", "EnvNestedPw-8888"):
+        assert secret not in proc.stdout + proc.stderr

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import structlog
 
@@ -135,3 +136,62 @@ def test_the_on_unhealthy_command_gets_a_minimal_environment_and_is_logged_by_na
     assert "AWS_SECRET_ACCESS_KEY" not in env and "DOCKER_HOST" not in env
     logged = stream.getvalue()
     assert '"program": "sh"' in logged and "SlackTok" not in logged
+
+
+def test_more_shapes_of_credentials():
+    redactor = logs.Redactor()
+    redactor.add(["KeyAsSecret-99"])
+    assert redactor.redact({"KeyAsSecret-99": 1}) == {"***": 1}
+    assert redactor.redact(["curl", "-uops:OpsPw"]) == ["curl", "-u***"]
+    text = redactor.redact_text(
+        'password="two words" https://ghp_abcdefghijklmnop1234@github.com/x ssh://git@host/x '
+        "AKIAIOSFODNN7EXAMPLE postgresql://quay:p@ss@word@db:5432/quay")
+    for secret in ("two words", "ghp_", "AKIAIOSFODNN7EXAMPLE", "ss@word"):
+        assert secret not in text
+    assert "ssh://git@host/x" in text and "@db:5432/quay" in text
+
+
+def test_on_unhealthy_output_is_masked_before_it_is_cut(tmp_path):
+    """A secret that straddles the 2,000-character cut would match no more after it."""
+    from quay_bootstrap.escalation import CommandTarget
+
+    stream = io.StringIO()
+    redactor = logs.Redactor()
+    secret = "WebhookTok-ABCDEFGH-0123456789"
+    redactor.add([secret])
+    logs.configure(redactor, level="debug", fmt="json", stream=stream)
+    script = f"print('{secret}' + 'x' * 1990)"
+    assert CommandTarget([sys.executable, "-c", script], redact=redactor.redact_text).mark("why")
+    output = json.loads(stream.getvalue().splitlines()[-1])["output"]
+    assert "123456789" not in output and output.startswith("***x") and len(output) <= 2000
+
+
+def test_what_a_command_prints_is_redacted(capsys, tmp_path):
+    from quay_bootstrap.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text("stack: {source: 'file:///srv/stack', dir: /tmp/x}\n"
+                      "image: {reference: 'quay.io/projectquay/quay:v3.9.0'}\n"
+                      "container: {env: {QUAY_DB_PASSWORD: PrintedPw-5678}}\n")
+    assert main(["--config", str(config), "validate"]) == 0
+    # `validate` prints the config's source; the secret is registered, so nothing may show it,
+    # and sys.stdout is given back afterwards.
+    out = capsys.readouterr().out
+    assert "config ok" in out and "PrintedPw-5678" not in out
+    assert not isinstance(sys.stdout, logs.RedactedStream)
+
+
+def test_systemd_status_lines_are_redacted(monkeypatch):
+    from quay_bootstrap.status import Systemd
+
+    sent = []
+    fake = type(sys)("systemd.daemon")
+    fake.notify = sent.append
+    monkeypatch.setitem(sys.modules, "systemd.daemon", fake)
+    monkeypatch.setitem(sys.modules, "systemd", type(sys)("systemd"))
+    sys.modules["systemd"].daemon = fake
+    redactor = logs.Redactor()
+    redactor.add(["ProbeSecret-42"])
+    Systemd({"NOTIFY_SOCKET": "/run/x"}, redact=redactor.redact_text).notify(
+        "STATUS=failing: ProbeSecret-42", "WATCHDOG=1")
+    assert sent == ["STATUS=failing: ***\nWATCHDOG=1"]
