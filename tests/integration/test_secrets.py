@@ -48,6 +48,7 @@ CATALOGUE = {
     # Documents that do not parse: YAML would quote them in its error.
     "malformed stack config.yaml alias": "R0tSuperSecret99",
     "malformed agent config alias": "AgentConfAlias77",
+    "agent config that fails validation": "InlineRegPw-7777",
     "malformed lock alias": "LockAliasSecret55",
 }
 
@@ -169,6 +170,10 @@ def exercise(node, tmp_path, extra_env) -> Outputs:
     bad_config = tmp_path / "bad-agent.yaml"
     bad_config.write_text(agent.config_path.read_text().replace(
         "retry_deadline:", f"token: *{CATALOGUE['malformed agent config alias']}\n  retry_deadline:"))
+    out.run("validate", expect=78, config=bad_config)
+    invalid = yaml.safe_load(agent.config_path.read_text())
+    invalid["image"]["auth"]["password"] = CATALOGUE["agent config that fails validation"]
+    bad_config.write_text(yaml.safe_dump(invalid))  # pydantic's own text quotes the value
     out.run("validate", expect=78, config=bad_config)
     node.backend.upload(hostile_stack())
     node.backend.put("quay-lock.yaml", f"reference: *{CATALOGUE['malformed lock alias']}\n".encode())
