@@ -182,7 +182,8 @@ class HealthConfig(_Section):
 
         try:
             parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises on a port out of range
+            if parts.port == 0:
+                raise ValueError("port 0")
         except ValueError as err:
             raise ValueError(f"{value!r} is not a valid URL: {err}") from None
         if not parts.hostname:
@@ -222,7 +223,7 @@ class ReportConfig(_Section):
         # An explicit host: ":9101" or "0:9101" would silently listen on every address.
         match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|\d{1,3}(?:\.\d{1,3}){3}|[A-Za-z][A-Za-z0-9.-]*)"
                              r":(\d{1,5})", value)
-        if not match or not 0 < int(match.group(2)) < 65536:
+        if not match or not 0 < int(match.group(2)) < 65536 or not _address(match.group(1)):
             raise ValueError("expected HOST:PORT with an explicit host, such as 127.0.0.1:9101, "
                              "[::1]:9101, or 0.0.0.0:9101 for a load balancer")
         return value
@@ -283,6 +284,24 @@ class Config(_Section):
         argv = self.report.on_unhealthy or []
         return found + [a for a in argv[1:] if not a.startswith("-") and len(a) >= 8
                         and (any(c in a for c in ":=@") or _TOKEN_LIKE.search(a))]
+
+
+def _address(host: str) -> bool:
+    """A valid IP address (IPv6 in brackets) or a host name."""
+    import ipaddress
+
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+            return True
+        except ValueError:
+            return False
+    if host[0].isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+    return True
 
 
 # Letters and digits mixed, 12 or more: what an API token or a webhook's path secret looks like.

@@ -5,6 +5,9 @@ import math
 import re
 from typing import Any
 
+# Longer than any sensible timeout or interval, and short enough for every clock and socket API
+# (socket.settimeout and Event.wait overflow near 9.2e9 s).
+MAX_DURATION = 366 * 86400
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _SIZE = re.compile(r"(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?", re.IGNORECASE)
@@ -39,6 +42,8 @@ def parse_duration(value: Any) -> float:
         raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"{value!r} is longer than a year; write a shorter duration")
     return seconds
 
 

@@ -150,6 +150,15 @@ def test_durations_must_be_finite(text):
         parse_duration(text)
 
 
+@pytest.mark.parametrize("text", ["10000000000", "367d", 1e10])
+def test_durations_longer_than_a_year_are_refused(text):
+    """socket.settimeout and Event.wait overflow near 9.2e9 s: every probe would fail."""
+    with pytest.raises(ValueError, match="longer than a year"):
+        parse_duration(text)
+    with pytest.raises(ConfigError, match="health.timeout"):
+        parse_config(MINIMAL + f"health: {{timeout: {text}}}\n")
+
+
 @pytest.mark.parametrize("rollout, ok", [
     ("{lease_ttl: 10m}", True),
     ("{lease_ttl: 0}", False),
@@ -189,7 +198,7 @@ def test_a_yaml_error_names_the_line_and_key_never_the_text():
 @pytest.mark.parametrize("listen, ok", [
     ("127.0.0.1:9101", True), ("0.0.0.0:9101", True), ("[::1]:9101", True),
     ("localhost:9101", True), (":9101", False), ("0:9101", False), ("127.0.0.1:99999", False),
-    ("9101", False),
+    ("9101", False), ("999.1.1.1:9101", False), ("[:]:9101", False), ("[::]:9101", True),
 ])
 def test_listen_takes_an_explicit_host_and_port(listen, ok):
     text = MINIMAL + f'report: {{listen: "{listen}"}}\n'
@@ -201,7 +210,7 @@ def test_listen_takes_an_explicit_host_and_port(listen, ok):
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999/health/instance", "http://[::1",
-                                 "http:///health/instance"])
+                                 "http:///health/instance", "http://127.0.0.1:0/health/instance"])
 def test_a_health_url_that_could_not_be_probed_is_refused_when_loaded(url):
     with pytest.raises(ConfigError, match="health.url"):
         parse_config(MINIMAL + f'health: {{url: "{url}"}}\n')
