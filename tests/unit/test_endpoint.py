@@ -328,8 +328,10 @@ def test_the_board_masks_secrets_and_writes_its_state_file_0640(tmp_path, umask)
     state = tmp_path / "status.json"
     state.write_text("{}")
     state.chmod(0o644)  # left by an older agent
+    fresh = tmp_path / "new" / "run" / "status.json"  # folders the board makes
     saved = os.umask(umask)
     try:
+        Board(fresh).update(state="starting")
         board = Board(state, redactor.redact)
         board.update(state="failing", last_change={
             "error": "login to https://ops:UrlPw-456@registry.example.net failed: StackSecret-123",
@@ -340,4 +342,5 @@ def test_the_board_masks_secrets_and_writes_its_state_file_0640(tmp_path, umask)
                  generate_latest(board.registry).decode()):
         assert "StackSecret-123" not in text and "UrlPw-456" not in text and "CurlPw-789" not in text
     assert board.snapshot()["last_change"]["error"].startswith("login to https://ops:***@")
-    assert oct(state.stat().st_mode & 0o777) == "0o640"
+    assert oct(state.stat().st_mode & 0o777) == oct(fresh.stat().st_mode & 0o777) == "0o640"
+    assert {oct(d.stat().st_mode & 0o777) for d in (fresh.parent, fresh.parent.parent)} == {"0o750"}
