@@ -67,12 +67,13 @@ def test_botocores_bound_is_the_first_with_conditional_puts(wheels):
 
 
 def test_google_cloud_storages_bound_has_generation_preconditions(wheels):
+    """The keywords stores/gcs.py passes, in each method it calls."""
     wheel = wheels("google-cloud-storage", lower_bound("google-cloud-storage"))
     blob, bucket = "google/cloud/storage/blob.py", "google/cloud/storage/bucket.py"
+    client = "google/cloud/storage/client.py"
     assert {"if_generation_match", "timeout", "retry"} <= keyword_args(
         wheel, blob, "Blob", "upload_from_string")
-    assert {"checksum", "timeout", "retry"} <= keyword_args(
-        wheel, blob, "Blob", "download_as_bytes")
-    assert {"if_generation_match", "timeout", "retry"} <= keyword_args(wheel, blob, "Blob", "delete")
-    assert {"prefix", "timeout", "retry"} <= keyword_args(wheel, bucket, "Bucket", "list_blobs")
+    assert {"checksum", "timeout", "retry"} <= keyword_args(wheel, blob, "Blob", "download_to_file")
+    assert {"timeout", "retry"} <= keyword_args(wheel, blob, "Blob", "delete")
+    assert {"prefix", "timeout", "retry"} <= keyword_args(wheel, client, "Client", "list_blobs")
     assert "generation" in keyword_args(wheel, bucket, "Bucket", "blob")
