@@ -265,15 +265,15 @@ def test_slow_and_idle_connections_are_closed_after_the_deadline(serve, sockets)
             closed_at = time.monotonic() - start
             break
         time.sleep(0.1)
-        if time.monotonic() - start > deadline + 1:
+        if time.monotonic() - start > deadline + 3:
             break
     waited = closed_by_server(trickle, 0.1) if closed_at is None else 0
     assert waited is not None, "the trickling client was still open past the deadline"
     closed_at = closed_at or time.monotonic() - start
-    assert deadline - 0.2 <= closed_at <= deadline + 1.0
+    assert deadline - 0.2 <= closed_at <= deadline + 3.0
     for sock in (idle, partial):
-        waited = closed_by_server(sock, deadline + 1.0)
-        assert waited is not None and time.monotonic() - start <= deadline + 1.0
+        waited = closed_by_server(sock, deadline + 3.0)
+        assert waited is not None and time.monotonic() - start <= deadline + 3.0
     wait_for(lambda: endpoint.connections == 0)
 
 
@@ -282,7 +282,7 @@ def test_a_partial_request_is_answered_408_at_the_deadline(serve, sockets):
     start = time.monotonic()
     code, headers, _ = ask(port, PARTIAL)
     assert (code, headers["connection"]) == (408, "close")
-    assert 0.4 <= time.monotonic() - start <= 1.5
+    assert 0.4 <= time.monotonic() - start <= 3.5
 
 
 def test_the_connection_cap_holds_and_sheds_the_oldest_slow_client(serve, sockets):
