@@ -17,21 +17,9 @@ from typing import Any, Callable, Dict, Iterator, Optional
 
 import structlog
 
+from quay_bootstrap.paths import make_dirs
+
 log = structlog.get_logger(__name__)
-
-def _private_dirs(folder: Path) -> None:
-    """mkdir -p, each new folder 0750 whatever the umask (folders that exist are left alone)."""
-    missing = []
-    while not folder.is_dir():
-        missing.append(folder)
-        folder = folder.parent
-    for item in reversed(missing):
-        try:
-            item.mkdir(mode=0o750)
-        except FileExistsError:
-            continue
-        os.chmod(item, 0o750)
-
 
 # Root reads it (`quay-bootstrap status`); a monitoring group may be given read access.
 STATE_MODE = 0o640
@@ -102,7 +90,7 @@ class Board:
         if not self.state_file:
             return
         try:
-            _private_dirs(self.state_file.parent)
+            make_dirs(self.state_file.parent)
             tmp = self.state_file.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, STATE_MODE)
             os.fchmod(fd, STATE_MODE)  # whatever the umask, and over an older 0644 file

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from quay_bootstrap.errors import QuayBootstrapError
+from quay_bootstrap.paths import make_dirs
 from quay_bootstrap.stack.plan import ManifestEntry, prune
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -46,7 +47,7 @@ class StackStore:
     # --- locking and crash recovery -------------------------------------------------------
     def __enter__(self) -> "StackStore":
         for folder in (self.root, self.versions, self.manifests):
-            folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            make_dirs(folder, DIR_MODE)
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

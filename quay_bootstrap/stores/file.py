@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from quay_bootstrap.errors import SourceError, TransientError
+from quay_bootstrap.paths import make_dirs
 from quay_bootstrap.stores import SMALL_OBJECT, Download, ObjectInfo, read_at_most
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class FileSource:
                     found = self._listed(Path(folder, name))
                     if found is not None:
                         objects.append(found)
+                    if limit is not None and len(objects) > limit:
+                        break  # one folder of a million files costs no more than max_files
         except OSError as err:
             raise _classify(err, self.url) from err
         return objects
@@ -171,7 +174,7 @@ class FileLeases:
         return data, f"{st.st_ino}:{st.st_mtime_ns}:{digest}"
 
     def create(self, key: str, data: bytes) -> bool:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._make_root()
         tmp = self._write_aside(key, data)
         try:
             # link() fails when the name exists, like O_EXCL, but publishes the file whole:
@@ -184,10 +187,12 @@ class FileLeases:
         return True
 
     def replace(self, key: str, data: bytes, token: str) -> bool:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._make_root()
         # Compare and rename under one lock, so two nodes taking over the same expired lease
         # cannot both see the old token and both win.
-        with open(self.root / ".lock", "a") as lock:
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "r+b") as lock:
+            os.fchmod(fd, 0o600)
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             got = self.get(key)
             if got is None or got[1] != token:
@@ -197,6 +202,10 @@ class FileLeases:
 
     def delete(self, key: str) -> None:
         (self.root / key).unlink(missing_ok=True)
+
+    def _make_root(self) -> None:
+        # A folder others could write would let any local user take or block the rollout slots.
+        make_dirs(self.root)
 
     def _write_aside(self, key: str, data: bytes) -> Path:
         # A random name: nodes sharing the directory over NFS may well share a PID.

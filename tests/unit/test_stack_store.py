@@ -110,6 +110,7 @@ def test_modes_do_not_depend_on_the_umask(tmp_path, umask):
     files = [tmp_path / "current" / "config.yaml", tmp_path / "current" / "extra" / "ca.crt",
              tmp_path / "manifests" / "v1.json", tmp_path / "rejected.json"]
     assert {oct(f.stat().st_mode & 0o777) for f in files} == {"0o640"}
-    folders = [tmp_path / "versions" / "v1", tmp_path / "current" / "extra"]
+    folders = [tmp_path / "versions" / "v1", tmp_path / "current" / "extra", tmp_path / "versions",
+               tmp_path / "manifests"]
     assert {oct(f.stat().st_mode & 0o777) for f in folders} == {"0o750"}
     assert oct((tmp_path / ".lock").stat().st_mode & 0o777) == "0o600"

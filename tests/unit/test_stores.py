@@ -401,3 +401,29 @@ def test_a_listing_stops_once_past_the_limit(tmp_path):
     assert len(source.list()) == 50
     assert 12 <= len(source.list(limit=11)) <= 20  # stops after the folder that passed it
     assert len(source.list(limit=50)) == 50
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o077])
+def test_file_lease_folders_and_lock_are_private_whatever_the_umask(tmp_path, umask):
+    """A lease folder others could write would let any local user take or block the slots."""
+    from quay_bootstrap.stores.file import FileLeases
+
+    saved = os.umask(umask)
+    try:
+        leases = FileLeases(f"file://{tmp_path}/srv/stack.rollout")
+        assert leases.create("slot-0", b"me")
+        assert leases.replace("slot-0", b"me again", leases.get("slot-0")[1])
+    finally:
+        os.umask(saved)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in
+             (tmp_path / "srv", tmp_path / "srv" / "stack.rollout",
+              tmp_path / "srv" / "stack.rollout" / ".lock", tmp_path / "srv" / "stack.rollout" / "slot-0")}
+    assert modes == {"srv": "0o750", "stack.rollout": "0o750", ".lock": "0o600", "slot-0": "0o600"}
+
+
+def test_a_file_listing_stops_inside_one_big_folder(tmp_path):
+    from quay_bootstrap.stores.file import FileSource
+
+    for n in range(50):
+        (tmp_path / f"f{n:02d}").write_bytes(b"x")
+    assert len(FileSource(f"file://{tmp_path}").list(limit=10)) == 11
