@@ -112,7 +112,7 @@ class StackStore:
     def write_file(self, staging: Path, key: str, data: bytes) -> None:
         """Write one file into staging, folders 0750 and files 0640, owned by the owner."""
         target = staging / key
-        self._make_dirs(staging, target.parent)
+        make_dirs(target.parent, DIR_MODE, self.owner)
         fd = _create(target, os.O_EXCL)
         try:
             view = memoryview(data)
@@ -122,20 +122,6 @@ class StackStore:
                 os.fchown(fd, *self.owner)
         finally:
             os.close(fd)
-
-    def _make_dirs(self, staging: Path, folder: Path) -> None:
-        missing = []
-        while folder != staging and not folder.is_dir():
-            missing.append(folder)
-            folder = folder.parent
-        for item in reversed(missing):
-            try:
-                item.mkdir(mode=DIR_MODE)
-            except FileExistsError:
-                continue  # another download thread made it
-            os.chmod(item, DIR_MODE)  # mkdir's mode is masked by the umask
-            if self.owner:
-                os.chown(item, *self.owner)
 
     def commit(self, staging: Path, version: str, manifest: Dict[str, ManifestEntry],
                source: str) -> None:
