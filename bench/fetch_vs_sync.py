@@ -58,7 +58,7 @@ def body(args, bed) -> dict:
         """A full fetch into a new folder, then again with nothing changed; both checked."""
         run = bed.work / f"{side}{n}"
         if side == "agent":
-            config = bed.node_config(bed.work, "unused", 0, {"dir": str(run)})
+            config = bed.node_config(bed.work, "unused", 8080, {"dir": str(run)})  # never probed
             argv, tree = [qb, "--config", str(config), "fetch", "--log-format", "json"], run / "current"
         else:
             run.mkdir()
