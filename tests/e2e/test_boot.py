@@ -210,9 +210,14 @@ def test_stopping_the_agent_leaves_quay_running(booted, world, docker_client):
 
 def test_a_killed_agent_is_restarted_by_systemd_and_adopts_quay(booted, world, docker_client):
     before = quay_started_at(docker_client, world)
-    restarts = int(booted.show("NRestarts"))
+    # systemctl may answer nothing while the unit changes state: read the count until it does.
+    def restarts() -> int:
+        value = booted.show("NRestarts")
+        return int(value) if value.isdigit() else -1
+
+    before_kill = wait_for(lambda: restarts() + 1, 30, "systemd's restart count") - 1
     booted.sh(f"systemctl kill -s KILL {UNIT}")
-    wait_for(lambda: int(booted.show("NRestarts")) > restarts, 30, "systemd restarting it")
+    wait_for(lambda: restarts() > before_kill, 30, "systemd restarting it")
     wait_for(lambda: booted.show("ActiveState") == "active", 60, "the unit active again")
     assert quay_started_at(docker_client, world) == before
 
