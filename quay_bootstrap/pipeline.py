@@ -220,6 +220,8 @@ def fetcher(cfg: Config, store: StackStore, add_secrets: Callable, cache: Option
            stack.concurrency)
     if key not in cache:
         cache[key] = open_source(stack.source, stack, concurrency=stack.concurrency)
+    # Every fetch: an instance profile's keys change as they are refreshed.
+    add_secrets(cache[key].secrets())
     return Fetcher(source=cache[key], store=store, limits=Limits(stack.max_files, stack.max_bytes),
                    concurrency=stack.concurrency, deadline=stack.retry_deadline,
                    keep_versions=stack.keep_versions, add_secrets=add_secrets, sleep=sleep,

@@ -80,6 +80,9 @@ class StackSource(Protocol):
         """One object by key (e.g. the cluster image lock), at most SMALL_OBJECT bytes. Raises
         SourceError when missing or larger."""
 
+    def secrets(self) -> List[str]:
+        """The credentials this source signs with, as they are now, for the log redactor."""
+
 
 class LeaseStore(Protocol):
     """Small objects under one prefix, written only conditionally, so that nodes racing for the

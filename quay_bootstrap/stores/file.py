@@ -135,6 +135,9 @@ class FileSource:
                                               f"{obj.size} bytes)")
         return Download(data=data)
 
+    def secrets(self) -> List[str]:
+        return []
+
     def get(self, key: str) -> bytes:
         where = f"{self.url}/{key}"
         try:

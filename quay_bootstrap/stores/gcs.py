@@ -101,6 +101,11 @@ class GCSSource:
             raise mapped from err
         return Download(data=buffer.getvalue())
 
+    def secrets(self) -> List[str]:
+        # google-auth's access tokens live an hour and are never logged at warning; the
+        # service account's key file, if any, is never read into the agent's log.
+        return []
+
     def get(self, key: str) -> bytes:
         name = self.prefix + key
         where = f"gs://{self.bucket_name}/{name}"

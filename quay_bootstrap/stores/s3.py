@@ -80,8 +80,25 @@ def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> A
                                              verify=ca_bundle, config=config)
 
 
+def credential_secrets() -> List[str]:
+    """The keys every session signs with now, however boto3 found them (environment, shared
+    credentials file, instance profile): a refreshed instance-profile key is new each time."""
+    found: List[str] = []
+    with _SESSION_LOCK:
+        sessions = list(_SESSIONS.values())
+    for session in sessions:
+        credentials = session.get_credentials()
+        if credentials is not None:
+            frozen = credentials.get_frozen_credentials()
+            found += [v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v]
+    return found
+
+
 class S3Source:
     """A prefix in an S3 bucket holding conf/stack."""
+
+    def secrets(self) -> List[str]:
+        return credential_secrets()
 
     def __init__(self, url: str, client: Any) -> None:
         self.url = url

@@ -427,3 +427,19 @@ def test_a_file_listing_stops_inside_one_big_folder(tmp_path):
     for n in range(50):
         (tmp_path / f"f{n:02d}").write_bytes(b"x")
     assert len(FileSource(f"file://{tmp_path}").list(limit=10)) == 11
+
+
+def test_s3_keys_from_a_shared_credentials_file_are_handed_to_the_redactor(tmp_path, monkeypatch):
+    """AWS keys however they arrive: here not in the environment but in a credentials file."""
+    from quay_bootstrap.stores import s3
+
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    shared = tmp_path / "credentials"
+    shared.write_text("[default]\naws_access_key_id = AKIAFILEKEY000000000\n"
+                      "aws_secret_access_key = FileSecretKey-0123456789abcdef\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(shared))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask an instance profile here
+    source = s3.S3Source("s3://bucket/conf/stack", s3.client("s3://bucket/conf/stack", None))
+    assert {"AKIAFILEKEY000000000", "FileSecretKey-0123456789abcdef"} <= set(source.secrets())
