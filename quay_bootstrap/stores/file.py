@@ -208,7 +208,19 @@ class FileLeases:
 
     def _make_root(self) -> None:
         # A folder others could write would let any local user take or block the rollout slots.
-        make_dirs(self.root)
+        try:
+            make_dirs(self.root)
+            writable = os.access(self.root, os.W_OK)
+        except OSError as err:
+            if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            writable = False
+        if not writable:
+            # Beside a file:// stack is outside what the unit may write (ProtectSystem=strict).
+            raise SourceError("cannot write the rollout leases: the folder is read-only to the "
+                              "agent", where=str(self.root),
+                              hint=f"Add a drop-in to quay-bootstrap.service with "
+                                   f"ReadWritePaths={self.root} (see the README)")
 
     def _write_aside(self, key: str, data: bytes) -> Path:
         # A random name: nodes sharing the directory over NFS may well share a PID.

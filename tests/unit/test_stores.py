@@ -443,3 +443,22 @@ def test_s3_keys_from_a_shared_credentials_file_are_handed_to_the_redactor(tmp_p
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask an instance profile here
     source = s3.S3Source("s3://bucket/conf/stack", s3.client("s3://bucket/conf/stack", None))
     assert {"AKIAFILEKEY000000000", "FileSecretKey-0123456789abcdef"} <= set(source.secrets())
+
+
+def test_a_read_only_lease_folder_says_how_to_allow_it(tmp_path, monkeypatch):
+    """Under the unit's ProtectSystem=strict, a lease folder beside a file:// stack is read-only
+    until a drop-in allows it: the error says so, instead of a bare EROFS at every poll."""
+    import errno
+
+    from quay_bootstrap.errors import SourceError
+    from quay_bootstrap.stores import file
+
+    def read_only(folder, *args):
+        raise OSError(errno.EROFS, "Read-only file system", str(folder))
+
+    monkeypatch.setattr(file, "make_dirs", read_only)
+    leases = file.FileLeases(f"file://{tmp_path}/stack.rollout")
+    with pytest.raises(SourceError) as caught:
+        leases.create("slot-0", b"me")
+    assert f"ReadWritePaths={tmp_path}/stack.rollout" in str(caught.value)
+    assert not (tmp_path / "stack.rollout").exists()
