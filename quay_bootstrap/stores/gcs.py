@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import os
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import google.api_core.exceptions as gexc
@@ -33,6 +34,10 @@ def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> s
     """
     endpoint_url = stack.endpoint_url if stack else None
     options = {"api_endpoint": endpoint_url} if endpoint_url else None
+    # google-cloud-storage 3.x fetches each bucket's metadata in a thread of its own, only to
+    # label trace spans (tracing is off): an extra request and thread, and storage.buckets.get,
+    # which the node's role need not have.
+    os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
     try:
         made = storage.Client(client_options=options)
     except google.auth.exceptions.DefaultCredentialsError as err:

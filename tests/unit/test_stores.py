@@ -462,3 +462,18 @@ def test_a_read_only_lease_folder_says_how_to_allow_it(tmp_path, monkeypatch):
         leases.create("slot-0", b"me")
     assert f"ReadWritePaths={tmp_path}/stack.rollout" in str(caught.value)
     assert not (tmp_path / "stack.rollout").exists()
+
+
+def test_the_gcs_client_starts_no_bucket_metadata_thread(monkeypatch):
+    """google-cloud-storage 3.x would GET each bucket's metadata from a thread of its own, only
+    to label trace spans: a request the node's role need not allow, on every agent start."""
+    from quay_bootstrap.stores import gcs
+
+    tracing = pytest.importorskip("google.cloud.storage._opentelemetry_tracing")
+    if not hasattr(tracing, "_is_bucket_metadata_disabled"):
+        pytest.skip("this google-cloud-storage has no bucket metadata thread")
+
+    monkeypatch.delenv("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", raising=False)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9")  # no credentials needed
+    gcs.client("gs://bucket/conf/stack", None)
+    assert tracing._is_bucket_metadata_disabled()
