@@ -42,47 +42,45 @@ def load(text: Union[str, bytes]) -> Any:
 
 def _check_shape(text: str) -> None:
     # Walks the event stream, which needs no recursion, so deep nesting cannot overflow the
-    # stack before it is refused. Each open node sums its size; an alias adds the size (values,
-    # characters, depth) of the node it names, so expansion is counted without being done.
+    # stack before it is refused. Running totals count the document with aliases expanded: an
+    # alias adds the size (values, characters, depth) of the node it names.
     sizes: Dict[str, Tuple[int, int, int]] = {}  # anchor -> (values, characters, depth)
-    open_: List[List[Any]] = []  # [values, characters, depth below, anchor]
-    done = [0, 0]
+    open_: List[List[Any]] = []  # [values at its start, characters at its start, depth below, anchor]
+    values = chars = 0
     for event in yaml.parse(text, Loader=_Loader):
-        size: Optional[Tuple[int, int, int]] = None
+        depth = 0
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            open_.append([1, 0, 0, event.anchor])
+            open_.append([values, chars, 0, event.anchor])
+            values += 1
             _limit(len(open_) > MAX_DEPTH, f"nested more than {MAX_DEPTH} levels deep", event)
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            values, chars, below, anchor = open_.pop()
-            size = (values, chars, below + 1)
+            continue
+        if isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            start_values, start_chars, below, anchor = open_.pop()
+            depth = below + 1
             if anchor:
-                sizes[anchor] = size
+                sizes[anchor] = (values - start_values, chars - start_chars, depth)
         elif isinstance(event, yaml.ScalarEvent):
-            size = (1, len(event.value), 0)
+            values += 1
+            chars += len(event.value)
             if event.anchor:
-                sizes[event.anchor] = size
+                sizes[event.anchor] = (1, len(event.value), 0)
         elif isinstance(event, yaml.AliasEvent):
             # An alias to a node still open would make the document contain itself.
             _limit(any(entry[3] == event.anchor for entry in open_),
                    "an alias refers to a node that contains it", event)
             _limit(event.anchor not in sizes, "an alias names no anchor before it", event)
-            size = sizes[event.anchor]
-        if size is None:
+            more_values, more_chars, depth = sizes[event.anchor]
+            values += more_values
+            chars += more_chars
+        else:
             continue
         if open_:
-            parent = open_[-1]
-            parent[0] += size[0]
-            parent[1] += size[1]
-            parent[2] = max(parent[2], size[2])
-        else:
-            done[0] += size[0]
-            done[1] += size[1]
-        _limit(len(open_) + size[2] > MAX_DEPTH, f"nested more than {MAX_DEPTH} levels deep "
+            open_[-1][2] = max(open_[-1][2], depth)
+        _limit(len(open_) + depth > MAX_DEPTH, f"nested more than {MAX_DEPTH} levels deep "
                "(with aliases expanded)", event)
-        _limit(done[0] + sum(e[0] for e in open_) > MAX_NODES,
-               f"holds more than {MAX_NODES} values, aliases expanded", event)
-        _limit(done[1] + sum(e[1] for e in open_) > MAX_CHARS,
-               f"holds more than {MAX_CHARS // 2**20} MiB of text, aliases expanded", event)
+        _limit(values > MAX_NODES, f"holds more than {MAX_NODES} values, aliases expanded", event)
+        _limit(chars > MAX_CHARS, f"holds more than {MAX_CHARS // 2**20} MiB of text, aliases "
+               "expanded", event)
 
 
 def _limit(broken: bool, problem: str, event: Any) -> None:
