@@ -94,3 +94,19 @@ class AsgStandIn:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def make_group(moto_endpoint: str, size: int):
+    """An Auto Scaling group "quay" of SIZE InService instances on moto: (its client, their
+    ids)."""
+    import boto3
+
+    asg = boto3.client("autoscaling", region_name="us-east-1", endpoint_url=moto_endpoint,
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    asg.create_launch_configuration(LaunchConfigurationName="quay", ImageId="ami-12c6146b",
+                                    InstanceType="t3.medium")
+    asg.create_auto_scaling_group(AutoScalingGroupName="quay", LaunchConfigurationName="quay",
+                                  MinSize=size, MaxSize=size, DesiredCapacity=size,
+                                  AvailabilityZones=["us-east-1a"])
+    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["quay"])["AutoScalingGroups"][0]
+    return asg, [instance["InstanceId"] for instance in group["Instances"]]

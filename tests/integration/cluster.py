@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from docker import errors as docker_errors
 
-from tests.integration.conftest import Agent, Daemon, StandinNode
+from tests.integration.conftest import Agent, Daemon, StandinNode, wait_for
 
 # The agents' settings: probes every second, the probe timeout left at the agent's default
 # (it must allow for Quay's own worst case), short start period and backoff.
@@ -209,9 +209,9 @@ class Sampler:
 
 
 def wait_all(check, nodes, timeout: float, what: str):
-    return until(lambda: all(check(n) for n in nodes), timeout,
-                 lambda: what + "; containers: " + str([n.containers() for n in nodes])
-                 + "\nlogs:\n" + "\n".join(n.log()[-2500:] for n in nodes))
+    return wait_for(lambda: all(check(n) for n in nodes), timeout,
+                    lambda: what + "; containers: " + str([n.containers() for n in nodes])
+                    + "\nlogs:\n" + "\n".join(n.log()[-2500:] for n in nodes), every=0.02)
 
 
 def start_agents(nodes: List[ClusterNode], timeout: float = 60) -> None:
@@ -297,17 +297,6 @@ def passed(record: Optional[dict]) -> bool:
 
 def failed(record: Optional[dict]) -> bool:
     return "fail" in verdict(record)
-
-
-def until(check, timeout: float, what) -> object:
-    """wait_for with a message made when it times out (WHAT() sees the logs of that moment)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what()}")
 
 
 def trouble(node: ClusterNode) -> List[dict]:

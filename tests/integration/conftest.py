@@ -372,14 +372,16 @@ def node(request, agent, s3_backend, docker_client, testbed, tmp_path, monkeypat
     made.cleanup()
 
 
-def wait_for(check, timeout, what):
+def wait_for(check, timeout, what, every: float = 0.05):
+    """CHECK's first true value within TIMEOUT seconds; WHAT says what was awaited (a callable is
+    called when it times out, so its message sees the logs of that moment)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
 
 
 class Daemon:
@@ -442,19 +444,10 @@ def daemon(node):
 def asg_group(s3, moto_endpoint):
     """An Auto Scaling group on moto with one InService instance, behind AsgStandIn (IMDSv2
     naming that instance, and the lifecycle calls moto lacks); `.asg` is a client on moto."""
-    import boto3
+    from tests.integration.asg_standin import AsgStandIn, make_group
 
-    from tests.integration.asg_standin import AsgStandIn
-
-    asg = boto3.client("autoscaling", region_name="us-east-1", endpoint_url=moto_endpoint,
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
-    asg.create_launch_configuration(LaunchConfigurationName="quay", ImageId="ami-12c6146b",
-                                    InstanceType="t3.medium")
-    asg.create_auto_scaling_group(AutoScalingGroupName="quay", LaunchConfigurationName="quay",
-                                  MinSize=1, MaxSize=1, DesiredCapacity=1,
-                                  AvailabilityZones=["us-east-1a"])
-    found = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["quay"])
-    standin = AsgStandIn(moto_endpoint, found["AutoScalingGroups"][0]["Instances"][0]["InstanceId"])
+    asg, (instance,) = make_group(moto_endpoint, 1)
+    standin = AsgStandIn(moto_endpoint, instance)
     standin.asg = asg
     yield standin
     standin.close()

@@ -17,11 +17,10 @@ import os
 import signal
 import time
 
-import boto3
 import pytest
 
 from quay_bootstrap.config import HealthConfig
-from tests.integration.asg_standin import AsgStandIn
+from tests.integration.asg_standin import AsgStandIn, make_group
 from tests.integration.cluster import (
     CANARY_CONTROL,
     HEALTH,
@@ -34,7 +33,6 @@ from tests.integration.cluster import (
     sighup,
     start_agents,
     trouble,
-    until,
     wait_all,
 )
 from tests.integration.conftest import wait_for
@@ -63,15 +61,8 @@ def cluster(s3, s3_bucket, s3_backend, docker_client, testbed, standin_images, q
             quay_bucket, tmp_path, monkeypatch, moto_endpoint):
     proxy = faults.SlowProxy(("127.0.0.1", testbed["postgres_port"]), 0.0).__enter__()
     dsn = quay_db.replace(f":{testbed['postgres_port']}/", f":{proxy.port}/")
-    asg = boto3.client("autoscaling", region_name="us-east-1", endpoint_url=moto_endpoint,
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
-    asg.create_launch_configuration(LaunchConfigurationName="quay", ImageId="ami-12c6146b",
-                                    InstanceType="t3.medium")
-    asg.create_auto_scaling_group(AutoScalingGroupName="quay", LaunchConfigurationName="quay",
-                                  MinSize=4, MaxSize=4, DesiredCapacity=4,
-                                  AvailabilityZones=["us-east-1a"])
-    group = asg.describe_auto_scaling_groups(AutoScalingGroupNames=["quay"])["AutoScalingGroups"][0]
-    imds = [AsgStandIn(moto_endpoint, i["InstanceId"]) for i in group["Instances"]]
+    asg, instances = make_group(moto_endpoint, 4)
+    imds = [AsgStandIn(moto_endpoint, instance) for instance in instances]
     spare = dict(backend=s3_backend, docker_client=docker_client, testbed=testbed,
                  images=standin_images, tmp_path=tmp_path, monkeypatch=monkeypatch,
                  database=quay_db, dsn=dsn, bucket=quay_bucket, moto=moto_endpoint, imds=imds)
@@ -243,8 +234,8 @@ def test_a_hung_quay_is_restarted_within_the_bound_and_the_others_untouched(clus
     began = time.time()
     quay_standin.set_local(hung.control, "web_gunicorn", "hang")
     try:
-        starts = until(lambda: started_since(hung, began), bound + 30,
-                       lambda: "the hung node restarted; log:\n" + hung.log()[-3000:])
+        starts = wait_for(lambda: started_since(hung, began), bound + 30,
+                          lambda: "the hung node restarted; log:\n" + hung.log()[-3000:])
     finally:
         quay_standin.set_local(hung.control, "web_gunicorn", None)
     took = starts[0][0] - began
@@ -340,14 +331,14 @@ def test_a_canary_failing_in_validation_goes_back_and_the_others_never_start_it(
     for node in nodes:
         node.setup(image_tag="v3.11.0", env={"QUAY_OVERRIDE_CONFIG": json.dumps({"DB_URI": bad})})
     sighup_all(nodes)
-    record = until(lambda: failed(cluster.upgrade()) and cluster.upgrade(), 60,
-                   lambda: "the canary's verdict; logs:\n" + "\n".join(n.log()[-2000:] for n in nodes))
+    record = wait_for(lambda: failed(cluster.upgrade()) and cluster.upgrade(), 60,
+                      lambda: "the canary's verdict; logs:\n" + "\n".join(n.log()[-2000:] for n in nodes))
     canary = canary_of(cluster, record)
     others = [n for n in nodes if n is not canary]
     wait_all(lambda n: n.events("rollout.stopped", began), others, 30, "the others stopped")
-    until(lambda: on_image(canary, "v3.10.0")
-          and canary.agent_run.status().get("state") == "healthy", 40,
-          lambda: "the canary back on v3.10.0; log:\n" + canary.log()[-3000:])
+    wait_for(lambda: on_image(canary, "v3.10.0")
+             and canary.agent_run.status().get("state") == "healthy", 40,
+             lambda: "the canary back on v3.10.0; log:\n" + canary.log()[-3000:])
     time.sleep(3)  # refreshes: the failed version is not tried again
     assert len(canary.events("rollout.replacing", began)) == 1
     new = canary.image_id("v3.11.0")
@@ -378,8 +369,8 @@ def test_a_canary_failing_after_migrating_is_held_out_of_service(cluster):
     sighup_all(nodes)
     wait_for(lambda: quay_standin.db_revision(nodes[0].database) == HEADS["v3.11.0"], 40,
              "the canary's migration")
-    record = until(lambda: failed(cluster.upgrade()) and cluster.upgrade(), 40,
-                   lambda: "the canary's verdict; logs:\n" + "\n".join(n.log()[-2000:] for n in nodes))
+    record = wait_for(lambda: failed(cluster.upgrade()) and cluster.upgrade(), 40,
+                      lambda: "the canary's verdict; logs:\n" + "\n".join(n.log()[-2000:] for n in nodes))
     canary = canary_of(cluster, record)
     others = [n for n in nodes if n is not canary]
     time.sleep(8)  # a rollback, or a restart of anyone, would have happened by now
@@ -476,8 +467,8 @@ def test_kill_9_at_any_point_of_a_roll_leaves_a_running_quay(cluster):
     hits = []
     for step, delay in enumerate(delays, start=1):
         at = roll(step)
-        acquired = until(lambda at=at: lease_after_sighup(at), 30,
-                         lambda: "the lease; log:\n" + node.log()[-3000:])[0]["at"]
+        acquired = wait_for(lambda at=at: lease_after_sighup(at), 30,
+                            lambda: "the lease; log:\n" + node.log()[-3000:])[0]["at"]
         time.sleep(max(0.0, acquired + delay - time.time()))
         node.kill_agent()
         killed = time.time()
@@ -486,7 +477,7 @@ def test_kill_9_at_any_point_of_a_roll_leaves_a_running_quay(cluster):
         at_kill = node.containers()
         node.start_agent()
         when = f"a kill at +{killed - acquired:.2f}s (containers then: {at_kill}"
-        until(lambda step=step: carries(step) and node.serving()
+        wait_for(lambda step=step: carries(step) and node.serving()
               and node.agent_run.status().get("state") == "healthy", 60,
               lambda when=when: f"a running Quay with the change after {when}, now: "
               f"{node.containers()}); log:\n" + node.agent_run.log[-3000:])
