@@ -11,6 +11,7 @@ import structlog
 
 from quay_bootstrap import status, watchdog
 from quay_bootstrap.config import Config
+from quay_bootstrap.endpoint import Endpoint
 from quay_bootstrap.errors import Interrupted
 from quay_bootstrap.node import Node, RollOutcome
 from quay_bootstrap.periodic import Periodic
@@ -90,7 +91,7 @@ class Daemon:
         except Interrupted:
             log.info("agent.stopped", during="the first pass")
             return 0
-        endpoint = status.Endpoint(self.board, self.cfg.report.listen).start()
+        endpoint = Endpoint(self.board, self.cfg.report.listen).start()
         log.info("agent.listening", address=endpoint.address)
         _thread("probe", self.prober.run)
         _thread("docker-events", self._watch_docker)

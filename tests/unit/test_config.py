@@ -219,7 +219,8 @@ def test_a_health_url_that_could_not_be_probed_is_refused_when_loaded(url):
 def test_the_endpoint_listens_on_ipv6_loopback():
     import urllib.request
 
-    from quay_bootstrap.status import Board, Endpoint
+    from quay_bootstrap.endpoint import Endpoint
+    from quay_bootstrap.status import Board
 
     endpoint = Endpoint(Board(), "[::1]:0").start()
     try:

@@ -15,8 +15,8 @@ from typing import Iterator, List, Optional, Tuple
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from quay_bootstrap import status
-from quay_bootstrap.status import Board, Endpoint
+from quay_bootstrap.endpoint import MAX_CONNECTIONS, Endpoint
+from quay_bootstrap.status import Board
 
 PARTIAL = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"  # a request whose blank line never comes
 
@@ -221,7 +221,7 @@ def test_a_cap_below_one_is_refused(board):
 
 # --- slow clients ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("max_connections", [status.MAX_CONNECTIONS, 600],
+@pytest.mark.parametrize("max_connections", [MAX_CONNECTIONS, 600],
                          ids=["shedding-at-the-default-cap", "all-500-held"])
 def test_healthz_answers_within_100ms_while_500_slow_clients_are_connected(
         serve, sockets, enough_descriptors, max_connections):
@@ -316,7 +316,7 @@ def test_the_cap_sits_well_below_the_units_descriptor_limit():
     unit = (Path(__file__).parents[2] / "systemd" / "quay-bootstrap.service").read_text()
     limit = re.search(r"^LimitNOFILE=(\d+)", unit, re.MULTILINE)
     soft = int(limit.group(1)) if limit else 1024
-    assert status.MAX_CONNECTIONS <= soft // 3
+    assert MAX_CONNECTIONS <= soft // 3
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o077])
