@@ -130,6 +130,10 @@ class ImageConfig(_Section):
         return value
 
 
+# The supervisord programs /health/instance needs (Quay's conf/init/supervisord_conf_create.py).
+HEALTH_SERVICES = ("nginx", "gunicorn-web", "gunicorn-registry")
+
+
 class ContainerConfig(_Section):
     name: str = "quay"
     ports: List[PortMapping] = Field(default_factory=lambda: ["443:8443", "80:8080"])
@@ -150,6 +154,25 @@ class ContainerConfig(_Section):
         if isinstance(value, dict):
             return {k: (str(v).lower() if isinstance(v, bool) else str(v))
                     if isinstance(v, (int, float, bool)) else v for k, v in value.items()}
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _quay_env(cls, value: Dict[str, str]) -> Dict[str, str]:
+        # quay-entrypoint.sh reads QUAYENTRY before its argument: the agent's registry-nomigrate
+        # (an image older than the database) would be silently ignored, and alembic would fail.
+        if "QUAYENTRY" in value:
+            raise ValueError("QUAYENTRY overrides the entry point the agent picks (registry, or "
+                             "registry-nomigrate for an image older than the database): remove it")
+        services = value.get("QUAY_SERVICES")
+        if services and services.strip():
+            # supervisord_conf_create.py: a comma list; only the services named there start.
+            named = {s.strip() for s in services.split(",") if s.strip()}
+            missing = [s for s in HEALTH_SERVICES if s not in named]
+            if missing:
+                raise ValueError(f"QUAY_SERVICES leaves out {', '.join(missing)}: without them "
+                                 "/health/instance answers 502 or 503 forever; add them or remove "
+                                 "QUAY_SERVICES")
         return value
 
 

@@ -80,6 +80,18 @@ def check_stack(names: Collection[str], config_yaml: Optional[bytes],
             key_pem = read("ssl.key")
             secrets |= key_secrets(key_pem)
             errors += _tls_problems(read("ssl.cert"), key_pem, str(config.get("SERVER_HOSTNAME", "")))
+    if "ssl.key" in names and (scheme == "http" or (scheme == "https" and
+                               config.get("EXTERNAL_TLS_TERMINATION") is True)):
+        # nginx_conf_create.py turns TLS on when ssl.key exists, whatever the config says; 8080
+        # then answers only 301s, and Quay's own gunicorn self-checks (plain http to localhost)
+        # follow them to port 443: /health/instance answers 503 forever.
+        why = ("PREFERRED_URL_SCHEME is http" if scheme == "http"
+               else "EXTERNAL_TLS_TERMINATION is true")
+        errors.append(("ssl.key", f"is present but {why}: Quay serves TLS whenever ssl.key "
+                       "exists and its health checks then fail forever (503); remove ssl.key "
+                       "and ssl.cert, or set PREFERRED_URL_SCHEME: https without "
+                       "EXTERNAL_TLS_TERMINATION"))
+    errors += _storage_preference(config, environ)
     if not config.get("SECRET_KEY"):
         warnings.append(("config.yaml: SECRET_KEY", "is missing: every Quay process then makes "
                          "its own random key and sessions break across nodes; set it, the same "
@@ -90,6 +102,31 @@ def check_stack(names: Collection[str], config_yaml: Optional[bytes],
                          "container.env has no QUAY_DISTRIBUTED_STORAGE_PREFERENCE)"))
     return StackCheck(errors=tuple(errors), warnings=tuple(warnings), secrets=frozenset(secrets),
                       settings=config)
+
+
+def _storage_preference(config: dict, environ: Mapping[str, str]) -> List[Tuple[str, str]]:
+    """Every storage location Quay will prefer must be configured: Quay starts without one, but
+    writes each upload to the first (data/registry_model/blobuploader.py). It splits
+    QUAY_DISTRIBUTED_STORAGE_PREFERENCE on whitespace (app.py), so "a,b" is one unknown name."""
+    locations = config.get("DISTRIBUTED_STORAGE_CONFIG")
+    if not isinstance(locations, dict) or not locations:
+        return []
+    env = environ.get("QUAY_DISTRIBUTED_STORAGE_PREFERENCE", "").split()
+    if env:
+        where, preferred = "container.env: QUAY_DISTRIBUTED_STORAGE_PREFERENCE", env
+    else:
+        where, preferred = "config.yaml: DISTRIBUTED_STORAGE_PREFERENCE", \
+            config.get("DISTRIBUTED_STORAGE_PREFERENCE")
+    if not isinstance(preferred, list):
+        return [] if preferred is None else [(where, "must be a list of storage location names")]
+    unknown = [str(name) for name in preferred if name not in locations]
+    if not unknown:
+        return []
+    hint = (" (Quay splits this variable on spaces, not commas: write them space-separated)"
+            if env and any("," in name for name in unknown) else "")
+    return [(where, f"names {', '.join(repr(n) for n in unknown)}, not in "
+                    f"DISTRIBUTED_STORAGE_CONFIG ({', '.join(map(str, locations))}): Quay writes "
+                    f"every upload to the first preferred location, so pushes would fail{hint}")]
 
 
 def _quay_refuses(config: dict) -> List[Tuple[str, str]]:

@@ -229,3 +229,28 @@ def test_the_endpoint_listens_on_ipv6_loopback():
             assert answer.status == 200
     finally:
         endpoint.stop()
+
+
+def test_quayentry_in_the_container_env_is_refused_naming_the_key():
+    # quay-entrypoint.sh: QUAYENTRY wins over the command, so registry-nomigrate would be lost.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + "container: {env: {QUAYENTRY: registry}}\n")
+    assert "container.env" in str(caught.value) and "QUAYENTRY" in str(caught.value)
+    assert "registry-nomigrate" in str(caught.value)
+
+
+@pytest.mark.parametrize("services, ok", [
+    ("nginx,gunicorn-web,gunicorn-registry", True),
+    (" gunicorn-registry , nginx,gunicorn-web,servicekey,gcworker", True),
+    ("", True),  # empty: every default service (supervisord_conf_create.py)
+    ("nginx,gunicorn-web", False),
+    ("gcworker", False),
+])
+def test_quay_services_must_keep_what_health_instance_needs(services, ok):
+    text = MINIMAL + f"container: {{env: {{QUAY_SERVICES: '{services}'}}}}\n"
+    if ok:
+        assert parse_config(text).container.env["QUAY_SERVICES"] == services
+        return
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert "QUAY_SERVICES leaves out" in str(caught.value) and "gunicorn-registry" in str(caught.value)

@@ -159,3 +159,42 @@ def test_a_stack_yaml_error_names_the_line_and_key_never_the_text():
     assert "R0tSuperSecret99" not in where + what
     assert where == ("config.yaml line 2, column 13 (key SECRET_KEY) (an alias names no anchor "
                      "before it)") and what == "is not valid YAML"
+
+
+# Quay turns TLS on whenever ssl.key exists (nginx_conf_create.py); with an http scheme or TLS
+# ended at the load balancer its own self-checks then follow 301s to port 443: 503 forever.
+@pytest.mark.parametrize("change, why", [
+    ({"PREFERRED_URL_SCHEME": "http"}, "PREFERRED_URL_SCHEME is http"),
+    ({"EXTERNAL_TLS_TERMINATION": True}, "EXTERNAL_TLS_TERMINATION is true"),
+])
+def test_a_tls_key_that_quay_would_serve_beside_an_http_config_is_refused(change, why):
+    checked = check_stack(FILES, dump({**GOOD, **change}), _read({}))
+    assert [w for w, _ in checked.errors] == ["ssl.key"]
+    what = checked.errors[0][1]
+    assert why in what and "503" in what and "remove ssl.key" in what
+    assert check_stack(["config.yaml"], dump({**GOOD, **change})).ok
+
+
+HTTP = {**GOOD, "PREFERRED_URL_SCHEME": "http"}
+
+
+@pytest.mark.parametrize("config, environ, where, says", [
+    ({"DISTRIBUTED_STORAGE_PREFERENCE": ["local_us"]}, {},
+     "config.yaml: DISTRIBUTED_STORAGE_PREFERENCE", "'local_us', not in DISTRIBUTED_STORAGE_CONFIG (default): Quay writes every upload"),
+    ({}, {"QUAY_DISTRIBUTED_STORAGE_PREFERENCE": "default,other"},
+     "container.env: QUAY_DISTRIBUTED_STORAGE_PREFERENCE", "on spaces, not commas"),
+    ({"DISTRIBUTED_STORAGE_PREFERENCE": "default"}, {},
+     "config.yaml: DISTRIBUTED_STORAGE_PREFERENCE", "must be a list"),
+])
+def test_a_preferred_storage_location_that_is_not_configured_is_refused(config, environ, where, says):
+    checked = check_stack(["config.yaml"], dump({**HTTP, **config}), environ=environ)
+    assert [w for w, _ in checked.errors] == [where]
+    assert says in checked.errors[0][1]
+
+
+def test_the_environment_s_preference_is_split_on_whitespace_as_quay_does():
+    both = {**GOOD, "DISTRIBUTED_STORAGE_CONFIG": {**GOOD["DISTRIBUTED_STORAGE_CONFIG"],
+                                                   "other": ["LocalStorage", {}]}}
+    checked = check_stack(["config.yaml"], dump({**both, "PREFERRED_URL_SCHEME": "http"}),
+                          environ={"QUAY_DISTRIBUTED_STORAGE_PREFERENCE": " other  default\n"})
+    assert checked.ok, checked.errors
