@@ -27,9 +27,11 @@ FAILED = (FAILED_BEFORE, FAILED_AFTER, "failed")  # "failed": an older agent's r
 # A node's first start failed: no verdict on the version (the node may be at fault); the next
 # node to start it is the canary.
 OPEN = "open"
-# Quay's init script for the migration (conf/init/runmigration.sh): once it has run, the
-# database may be migrated, even when the start failed later.
-MIGRATION_MARK = "runmigration.sh"
+# Quay's init scripts that run before its migration, in quay-entrypoint.sh's order (a glob of
+# conf/init/*.sh, each `"$f" || exit`): a start that ended in one of them left the database alone.
+BEFORE_MIGRATION = ("certs_install.sh", "client_certs.sh", "copy_config_files.sh",
+                    "d_validate_config_bundle.sh", "nginx_conf_create.sh")
+_INIT_SCRIPT = re.compile(r"Running init script '(?:[^']*/)?([^/']+)'")
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)")
 
 
@@ -50,9 +52,19 @@ def entry_point(image: str, tag: str, migrated: Optional[dict]) -> str:
     return NOMIGRATE
 
 
-def migrated_in(logs: str) -> bool:
-    """Whether Quay's start reached its migration step, by its own log lines."""
-    return MIGRATION_MARK in logs
+def migrated_in(logs: str, exited: bool) -> bool:
+    """Whether a failed start may have migrated the shared database.
+
+    Only a container that has exited, whose last init-script line (Quay's own, seen on real
+    Quay) names a script before runmigration.sh, certainly did not: it ended there. Anything
+    else counts as migrated: still running (it may be migrating now), logs cut or lost, no
+    init-script line at all. Rolling a migrated database's node back to the older image would
+    leave it with no Quay; holding a node that did not migrate only costs one slot.
+    """
+    if not exited:
+        return True
+    scripts = _INIT_SCRIPT.findall(logs)
+    return not scripts or scripts[-1] not in BEFORE_MIGRATION
 
 
 class Verdicts:

@@ -156,7 +156,9 @@ class Roll:
                                {"why": why, "version": key[0], "image": key[1]}))
             one.store.reject(*key)
             if canary == "canary":
-                after = canary_mod.migrated_in(one.docker.logs(container_id))
+                # registry-nomigrate never migrates; otherwise in doubt it did (canary.py).
+                after = not spec.command and canary_mod.migrated_in(
+                    one.docker.logs(container_id), exited=not one.docker.running(container_id))
                 verdicts.finish(image, tag, canary_mod.FAILED_AFTER if after
                                 else canary_mod.FAILED_BEFORE)
                 if after:

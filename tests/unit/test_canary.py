@@ -34,10 +34,27 @@ def test_versions_order_numerically():
     assert version_of("latest") is None
 
 
-def test_a_start_that_reached_quay_s_migration_step_says_so_in_its_logs():
-    assert migrated_in("Running init script '/quay-registry/conf/init/runmigration.sh'\n")
-    assert not migrated_in("Running init script '/quay-registry/conf/init/d_validate_config_bundle.sh'\n"
-                           "Validating Configuration\nlevel=fatal msg=\"...\"\n")
+INIT = "Running init script '/quay-registry/conf/init/{}'\n"
+# Quay's own lines, as real Quay v3.18.0 printed them (tests/integration/test_real_quay.py).
+VALIDATION_FAILED = INIT.format("certs_install.sh") + INIT.format("d_validate_config_bundle.sh") + \
+    "Validating Configuration\ntime=\"...\" level=fatal msg=\"...\"\n"
+MIGRATION_FAILED = INIT.format("nginx_conf_create.sh") + INIT.format("runmigration.sh") + \
+    "INFO  [alembic.runtime.migration] Running upgrade 3f8e3657bb67 -> 9fa37f66a9b6\n"
+
+
+@pytest.mark.parametrize("logs, exited, migrated", [
+    (VALIDATION_FAILED, True, False),  # ended in validation: the database was not touched
+    (INIT.format("nginx_conf_create.sh"), True, False),
+    (MIGRATION_FAILED, True, True),
+    (MIGRATION_FAILED + INIT.format("supervisord_conf_create.sh") + INIT.format("zz_boot.sh"),
+     True, True),  # crashed right after migrating: the verdict must not hang on one line
+    (INIT.format("zz_boot.sh"), True, True),  # the migration's lines cut off by the log tail
+    ("", True, True),  # no log at all: in doubt, migrated
+    ("some unknown line\n", True, True),
+    (VALIDATION_FAILED, False, True),  # still running: it may be migrating right now
+])
+def test_only_a_start_that_certainly_ended_before_quay_s_migration_did_not_migrate(logs, exited, migrated):
+    assert migrated_in(logs, exited=exited) is migrated
 
 
 def test_the_database_record_only_moves_to_newer_versions():

@@ -153,7 +153,7 @@ def test_not_healthy_rolls_back_to_the_old_stack_and_image_and_rejects_the_chang
     node = Node()
     old_id = node.live.container_id
     with captured_logs() as logs:
-        rolled = node.apply(V3, verdicts=[False, True])
+        rolled = node.apply(V3, verdicts=[_ended_in_validation(node), True])
 
     assert rolled.result == "rolled back"
     # The old spec runs again, in a new container (the failed one was replaced).
@@ -381,6 +381,17 @@ def _migrated_then_failed(node):
     return verdict
 
 
+def _ended_in_validation(node):
+    """Quay's start ended in config-tool's validation (exit 1): it never reached its migration."""
+    def verdict(container_id):
+        found = node.docker.containers[container_id]
+        found.logs = ("Running init script '/quay-registry/conf/init/d_validate_config_bundle.sh'\n"
+                      "Validating Configuration\n")
+        found.status = "exited"
+        return False
+    return verdict
+
+
 def test_a_canary_that_failed_after_migrating_is_held_not_rolled_back():
     import json
 
@@ -401,9 +412,17 @@ def test_a_canary_that_failed_after_migrating_is_held_not_rolled_back():
     assert other.quay() == (V1.version, V1.digest, "running")
 
 
+def test_a_canary_that_failed_with_no_sign_of_where_is_held_as_if_it_migrated():
+    node = Node()
+    rolled = node.apply(V3, verdicts=[False])  # still running, nothing in its logs
+    assert rolled.result == "held"
+    assert node.leases.record()["state"] == "failed-after-migrating"
+    assert node.quay() == (V3.version, V3.digest, "running")
+
+
 def test_a_canary_that_failed_before_migrating_goes_back_to_the_old_image():
     node = Node()
-    rolled = node.apply(V3, verdicts=[False, True])  # no migration step in its logs
+    rolled = node.apply(V3, verdicts=[_ended_in_validation(node), True])
     assert rolled.result == "rolled back"
     assert node.quay() == (V1.version, V1.digest, "running")
     assert node.leases.record()["state"] == "failed-before-migrating"
