@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 from docker import errors as docker_errors
 
-from tests.integration.conftest import Agent, Daemon, StandinNode, wait_for
+from tests.integration.conftest import Agent, Daemon, RealQuay, StandinNode, wait_for
 
 # The agents' settings: probes every second, the probe timeout left at the agent's default
 # (it must allow for Quay's own worst case), short start period and backoff.
@@ -119,6 +119,10 @@ class ClusterNode(StandinNode):
 
     def serving(self, timeout: float = 1.0) -> bool:
         return probe(self.port, timeout)
+
+
+class RealClusterNode(RealQuay, ClusterNode):
+    """A cluster node whose Quay is real Quay (tests/testbed/real_quay.py)."""
 
 
 def parse_events(text: str, name: str) -> List[dict]:
@@ -232,12 +236,15 @@ def mixed(nodes) -> Dict[str, object]:
 
 
 def make_node(index: int, *, backend, docker_client, testbed, images, tmp_path, monkeypatch,
-              database: str, dsn: str, bucket: str, imds, moto: str, tag: str) -> ClusterNode:
+              database: str, dsn: str, bucket: str, imds, moto: str, tag: str,
+              kind: type = None) -> ClusterNode:
+    """A node of the cluster; KIND: ClusterNode (the stand-in) or RealClusterNode."""
     folder = tmp_path / f"node{index}"
     folder.mkdir()
     agent = Agent(folder / "agent.yaml", folder / "stack", None, {})
-    return ClusterNode(agent, backend, docker_client, testbed, images, folder, monkeypatch,
-                       database=database, bucket=bucket, tag=tag, dsn=dsn, imds=imds, moto=moto)
+    return (kind or ClusterNode)(agent, backend, docker_client, testbed, images, folder, monkeypatch,
+                                 database=database, bucket=bucket, tag=tag, dsn=dsn, imds=imds,
+                                 moto=moto)
 
 
 @dataclass
@@ -278,7 +285,7 @@ class Cluster:
 
     def add_node(self, tag: str) -> ClusterNode:
         index = len(self.nodes) + len(self.extra)
-        made = make_node(index, imds=self.spare["imds"][index], tag=tag,
+        made = make_node(index, imds=self.spare["imds"][index], tag=tag, kind=type(self.nodes[0]),
                          **{k: v for k, v in self.spare.items() if k != "imds"})
         self.extra.append(made)
         return made

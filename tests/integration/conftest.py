@@ -178,7 +178,7 @@ class Node:
         self.control.mkdir()
         os.chmod(self.control, 0o777)  # the fake Quay runs as 1001, like Quay
         monkeypatch.setenv("DOCKER_HOST", testbed["docker_host"])
-        self.image = {"reference": images["v3.9.0"]}
+        self.image = {"reference": images.get("v3.9.0") or next(iter(images.values()))}
         self.container = {}
         self.health = {}
         self.listen = f"127.0.0.1:{free_port()}"
@@ -320,6 +320,72 @@ class StandinNode(Node):
                 self.docker.volumes.get(name).remove(force=True)
             except Exception:  # noqa: BLE001 - docker.errors.NotFound: never created
                 pass
+
+
+# Real Quay on this 2-core machine (tests/testbed/real_quay.py): no Go config-tool in the image,
+# so no online validation (the stand-in keeps it); only the programs /health/instance needs
+# (the ~30 background workers are each a Python process importing Quay: too heavy for three
+# nodes here), one worker per gunicorn (upstream's default on 2 cores is 4 web + 8 registry).
+REAL_QUAY_ENV = {"IGNORE_VALIDATION": "true", "QUAY_SERVICES": "nginx,gunicorn-web,gunicorn-registry",
+                 "WORKER_COUNT_UNSUPPORTED_MINIMUM": "1", "WORKER_COUNT_WEB": "1",
+                 "WORKER_COUNT_REGISTRY": "1"}
+
+
+def real_quay_env(port: int) -> Dict[str, str]:
+    """The container env of a real Quay node serving HTTP on PORT of this host's network: nginx
+    moved there (the image's test-bed patch), and SERVER_HOSTNAME localhost:PORT for this node
+    alone, so Quay's gunicorn self-checks call its own nginx (health/services.py takes the port
+    from SERVER_HOSTNAME only when the host is literally localhost, else 8080)."""
+    return {"QB_HTTP_PORT": str(port), **REAL_QUAY_ENV,
+            "QUAY_OVERRIDE_CONFIG": json.dumps({"SERVER_HOSTNAME": f"localhost:{port}"})}
+
+
+class RealQuay:
+    """Mixin: the node's Quay is real Quay, built from ../shared/quay (tests/testbed/real_quay.py),
+    on the same database, Redis and SeaweedFS bucket as the stand-in's nodes."""
+
+    def container_defaults(self) -> dict:
+        made = super().container_defaults()
+        made["env"] = real_quay_env(self.port)
+        return made
+
+    def revision(self):
+        return quay_standin.db_revision(self.database)
+
+
+class RealQuayNode(RealQuay, StandinNode):
+    """A StandinNode whose Quay is real (v3.18.0 unless `tag`)."""
+
+
+@pytest.fixture(scope="session")
+def real_images(docker_client, registry):
+    """{tag: reference} of real Quay v3.17.4 and v3.18.0 in the bed's registry. Built once per
+    machine (cached by the archives' sha256), imported and pushed once per bed."""
+    from tests.testbed import real_quay
+
+    try:
+        return real_quay.build(docker_client, registry)
+    except real_quay.Unavailable as err:
+        if os.environ.get("CI"):
+            raise  # CI always has ../shared/quay: a real-Quay test is never skipped there
+        pytest.skip(str(err))
+
+
+@pytest.fixture
+def real_db(testbed):
+    """A new database with pg_trgm (migration e2894a3a3c19 needs it), dropped afterwards."""
+    import psycopg2
+
+    dsn = quay_standin.create_database(testbed)
+    conn = psycopg2.connect(dsn, connect_timeout=5)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+    finally:
+        conn.close()
+    yield dsn
+    quay_standin.drop_database(testbed, dsn)
 
 
 @pytest.fixture(scope="session")

@@ -203,22 +203,22 @@ def config(state: dict[str, Any], *, database: str, bucket: str, **overrides: An
     """A Quay config.yaml (as a dict) on the bed's PostgreSQL DATABASE (a DSN), Redis and a
     SeaweedFS BUCKET; plain HTTP unless overridden."""
     redis = {"host": "127.0.0.1", "port": state["redis_port"]}
-    seaweed = state["seaweedfs_endpoint"].split("://", 1)[1]
-    host, port = seaweed.split(":")
     conf = {
         "SERVER_HOSTNAME": "quay.example.com",
         "PREFERRED_URL_SCHEME": "http",
         "DB_URI": database,
         "BUILDLOGS_REDIS": dict(redis),
         "USER_EVENTS_REDIS": dict(redis),
+        # S3Storage takes no is_secure (real Quay: a TypeError at import): a full endpoint_url.
         "DISTRIBUTED_STORAGE_CONFIG": {"default": ["S3Storage", {
-            "host": host, "port": int(port), "is_secure": False, "s3_bucket": bucket,
+            "endpoint_url": state["seaweedfs_endpoint"], "s3_bucket": bucket,
             "storage_path": "/datastorage/registry", "s3_region": "us-east-1",
             "s3_access_key": state["seaweedfs_access_key"],
             "s3_secret_key": state["seaweedfs_secret_key"]}]},
         "DISTRIBUTED_STORAGE_PREFERENCE": ["default"],
         "AUTHENTICATION_TYPE": "Database",
         "SETUP_COMPLETE": True,
+        "TESTING": False,
         "SECRET_KEY": "standin-secret-key",
         "DATABASE_SECRET_KEY": "standin-database-secret-key",
         "DEFAULT_TAG_EXPIRATION": "2w",

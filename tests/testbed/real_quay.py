@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         reference = image(client, args.tag, args.push)
         digest = bed.push_image(client, *reference.rsplit(":", 1))
     except bed.TestbedError as err:
-        print(f"quay-image: {err}", file=__import__("sys").stderr)
+        print(f"quay-image: {err}", file=sys.stderr)
         return 1
     print(digest)
     return 0

@@ -163,13 +163,13 @@ def test_durations_longer_than_a_year_are_refused(text):
     ("{lease_ttl: 10m}", True),
     ("{lease_ttl: 0}", False),
     ("{lease_ttl: inf}", False),
-    ("{lease_ttl: 5m}", False),  # not above stop_timeout 30s + start_period 300s
-    ("{lease_ttl: 331s}", True),
+    ("{lease_ttl: 5m}", False),  # not above stop_timeout 90s + start_period 300s
+    ("{lease_ttl: 391s}", True),
 ])
 def test_lease_ttl_outlives_a_replacement(rollout, ok):
     text = MINIMAL + f"rollout: {rollout}\n"
     if ok:
-        assert parse_config(text).rollout.lease_ttl > 330
+        assert parse_config(text).rollout.lease_ttl > 390
     else:
         with pytest.raises(ConfigError) as caught:
             parse_config(text)

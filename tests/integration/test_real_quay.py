@@ -1,0 +1,209 @@
+"""The agent on REAL Quay (v3.17.4 and v3.18.0 built from ../shared/quay by tests/testbed/real_quay.py)
+with the bed's PostgreSQL 15, Redis and SeaweedFS: a node's first boot, Quay's own answers (boot
+shape, an older image on a migrated database, SIGTERM), and what the agent decides from them.
+
+Each node runs nginx and both gunicorns, one worker each, without the online validation (no Go
+config-tool here): see REAL_QUAY_ENV in conftest.py.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import uuid
+
+import pytest
+
+from quay_bootstrap.config import ContainerConfig, HealthConfig
+from tests.integration.conftest import RealQuayNode, real_quay_env, wait_for
+from tests.testbed import quay_standin, real_quay
+
+INSTANCE_OK = {"data": {"services": {"auth": True, "database": True, "disk_space": True,
+                                     "registry_gunicorn": True, "service_key": True,
+                                     "web_gunicorn": True}},
+               "status_code": 200}
+
+
+def get(port: int, path: str = "/health/instance", timeout: float = 20):
+    """(HTTP status, parsed JSON body or None); (None, error name) when nothing answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        body = answer.read()
+        try:
+            return answer.status, json.loads(body)
+        except ValueError:
+            return answer.status, None
+    except OSError as err:
+        return None, type(err).__name__
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def real_node(agent, s3_backend, docker_client, testbed, tmp_path, monkeypatch, real_images,
+              real_db, quay_bucket):
+    made = RealQuayNode(agent, s3_backend, docker_client, testbed, real_images, tmp_path,
+                        monkeypatch, database=real_db, bucket=quay_bucket, tag="v3.18.0")
+    made.configure(health={"start_period": "240s", "timeout": None})
+    yield made
+    made.cleanup()
+
+
+class Boot:
+    """Quay started by hand (no agent), its /health/instance answers recorded until 200."""
+
+    def __init__(self, docker_client, image: str, stack, *, command: str = "registry"):
+        self.port = quay_standin.free_port()
+        self.began = time.monotonic()
+        self.container = docker_client.containers.run(
+            image, [command], name=f"real-quay-{uuid.uuid4().hex[:8]}", network_mode="host",
+            detach=True, environment=real_quay_env(self.port),
+            volumes={str(stack): {"bind": "/conf/stack", "mode": "ro"}})
+        self.shape = []  # (seconds since start, status or error name), on each change
+
+    def until_200(self, timeout: float = 180) -> float:
+        """Seconds from the container's start to the first 200 (AssertionError if it exits)."""
+        while time.monotonic() - self.began < timeout:
+            status, body = get(self.port, timeout=10)
+            seen = status if status is not None else body
+            if not self.shape or self.shape[-1][1] != seen:
+                self.shape.append((round(time.monotonic() - self.began, 2), seen))
+            if status == 200:
+                return time.monotonic() - self.began
+            self.container.reload()
+            assert self.container.status != "exited", self.logs()[-4000:]
+            time.sleep(0.1)
+        raise AssertionError(f"no 200 after {timeout} s: {self.shape}\n{self.logs()[-4000:]}")
+
+    def logs(self) -> str:
+        return self.container.logs().decode(errors="replace")
+
+    def remove(self) -> None:
+        from docker.errors import NotFound
+
+        try:
+            self.container.remove(force=True, v=True)
+        except NotFound:
+            pass  # removed by the test already
+
+
+@pytest.fixture
+def boots(docker_client, real_images):
+    made = []
+
+    def start(tag: str, stack, **kwargs) -> Boot:
+        boot = Boot(docker_client, real_images[tag], stack, **kwargs)
+        made.append(boot)
+        return boot
+
+    yield start
+    for boot in made:
+        boot.remove()
+
+
+@pytest.fixture
+def real_stack(testbed, tmp_path, real_db, quay_bucket):
+    return quay_standin.write_stack(tmp_path / "stack", quay_standin.config(
+        testbed, database=real_db, bucket=quay_bucket))
+
+
+# ------------------------------------------------------------------ Quay's own answers
+
+
+def test_boot_shape_on_a_fresh_and_a_migrated_database_within_the_default_start_period(
+        boots, real_stack, real_db):
+    """Refused, then nginx's 502 ("Quay Loading") until the web gunicorn's socket exists, then
+    200 (a 503 with registry_gunicorn false may show between): none of it is a failure inside
+    health.start_period, whose default must cover a cold start with every migration."""
+    head, count = real_quay.heads("v3.18.0")
+    fresh = boots("v3.18.0", real_stack)
+    cold = fresh.until_200()
+    assert fresh.logs().count("Running upgrade") == count == 124
+    assert quay_standin.db_revision(real_db) == head
+    fresh.remove()
+    again = boots("v3.18.0", real_stack)
+    warm = again.until_200()
+    assert "Running upgrade" not in again.logs()
+    print(json.dumps({"cold_boot_s": round(cold, 1), "cold_shape": fresh.shape,
+                      "migrated_boot_s": round(warm, 1), "migrated_shape": again.shape}))
+    for shape in (fresh.shape, again.shape):
+        assert shape[0][1] in ("ConnectionRefusedError", 502), shape
+        assert {seen for _, seen in shape} <= {"ConnectionRefusedError", 502, 503, 200}, shape
+        assert shape[-1][1] == 200
+    assert 502 in {seen for _, seen in fresh.shape}  # nginx is up well before the gunicorns
+    # Our 2-core figures with one worker each; upstream's own probes allow 150 s and more.
+    assert HealthConfig().start_period >= 4 * cold, (HealthConfig().start_period, cold)
+
+
+def test_an_older_image_with_registry_on_a_migrated_database_fails_as_quay_does(
+        boots, real_stack, real_db):
+    """v3.17.4's `registry` on a database v3.18.0 migrated: alembic cannot locate the newer
+    revision and the start ends (exit 255); `registry-nomigrate` of the same image serves."""
+    head, _ = real_quay.heads("v3.18.0")
+    boots("v3.18.0", real_stack).until_200()
+    older = boots("v3.17.4", real_stack)
+    code = older.container.wait(timeout=120)["StatusCode"]
+    assert code == 255, older.logs()[-3000:]
+    assert f"Can't locate revision identified by '{head}'" in older.logs()
+    assert quay_standin.db_revision(real_db) == head
+    nomigrate = boots("v3.17.4", real_stack, command="registry-nomigrate")
+    nomigrate.until_200()
+    assert "runmigration.sh" not in nomigrate.logs()
+
+
+def test_sigterm_stops_real_quay_within_the_default_stop_timeout(boots, real_stack):
+    """supervisord stops its programs on SIGTERM (dumb-init passes it on); the agent's default
+    container.stop_timeout must leave it the time, or Docker kills Quay mid-request."""
+    boot = boots("v3.18.0", real_stack)
+    boot.until_200()
+    began = time.monotonic()
+    boot.container.stop(timeout=300)
+    took = time.monotonic() - began
+    state = boot.container.attrs["State"] if boot.container.reload() is None else {}
+    print(json.dumps({"sigterm_to_exit_s": round(took, 1), "exit_code": state.get("ExitCode")}))
+    assert state.get("ExitCode") == 0, (state, boot.logs()[-2000:])  # not SIGKILLed (137)
+    assert ContainerConfig().stop_timeout >= 1.5 * took, (ContainerConfig().stop_timeout, took)
+
+
+# ------------------------------------------------------------------ the agent on real Quay
+
+
+def test_a_node_s_first_boot_through_run_once_on_real_quay(real_node):
+    code, out, err = real_node.agent.run("run", "--once")
+    assert code == 0, err[-3000:]
+    assert get(real_node.port) == (200, INSTANCE_OK)
+    head, count = real_quay.heads("v3.18.0")
+    assert real_node.logs().count("Running upgrade") == count
+    assert real_node.revision() == head
+    live, files = real_node.agent.live()
+    found = real_node.found()
+    assert found.labels["io.quay-bootstrap.stack-version"] == live and files["config.yaml"]
+    assert found.image.id == real_node.image_id("v3.18.0")
+
+
+def test_a_node_s_first_boot_through_the_daemon_on_real_quay(real_node, daemon):
+    run = daemon(health={"start_period": "240s", "timeout": None})
+    status = run.wait_state("healthy", timeout=240)
+    assert status["state"] == "healthy"
+    assert get(real_node.port) == (200, INSTANCE_OK)
+    assert real_node.revision() == real_quay.heads("v3.18.0")[0]
+    assert '"container.restarting"' not in run.log and '"instance.marking_unhealthy"' not in run.log
+
+
+def test_the_agent_starts_an_older_image_without_migrating_once_a_newer_one_migrated(
+        real_node, daemon):
+    """The database record moved by the v3.18.0 start makes the agent start v3.17.4 with
+    `registry-nomigrate`: never the "Can't locate revision" start."""
+    code, _, err = real_node.agent.run("run", "--once")
+    assert code == 0, err[-3000:]
+    real_node.configure(image={"reference": real_node.images["v3.17.4"]})
+    code, _, err = real_node.agent.run("run", "--once")
+    assert code == 0, err[-3000:]
+    wait_for(lambda: get(real_node.port)[0] == 200, 120, "v3.17.4 serving")
+    found = real_node.found()
+    assert found.image.id == real_node.image_id("v3.17.4")
+    assert found.attrs["Config"]["Cmd"] == ["registry-nomigrate"]
+    assert "Can't locate revision" not in real_node.logs()
+    assert real_node.revision() == real_quay.heads("v3.18.0")[0]
