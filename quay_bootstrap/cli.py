@@ -147,9 +147,15 @@ def cmd_run(args: argparse.Namespace, redactor) -> int:
     cfg = _load(args, redactor)
     if not args.once:
         return _daemon(args, cfg, redactor)
+    import time
+
+    from quay_bootstrap import stores
+    from quay_bootstrap.aws import node_id
+    from quay_bootstrap.rollout import Roll
+
     one = Pass(cfg, redactor.add)
     try:
-        outcome = one.run()
+        outcome = Roll(stores.open_leases, node_id(cfg), time.sleep).once(one)
     finally:
         _print_steps(one.outcome.steps)
     if outcome.healthy:

@@ -88,13 +88,19 @@ class Pass:
         return Live(self.cfg, self.spec, self.outcome.stack_version, self.outcome.container_id,
                     self.health_url)
 
-    def run(self, wait_for_health: bool = True) -> Outcome:
+    def run(self, wait_for_health: bool = True,
+            entry: Callable[[Spec], Spec] = lambda spec: spec,
+            before_start: Callable[[Spec], None] = lambda spec: None) -> Outcome:
         """The pass. Without `wait_for_health` it stops once the container runs (the daemon's
-        watchdog takes over from there)."""
+        watchdog takes over from there). `entry` sets the entry point the shared database
+        allows; `before_start` is called before a container is created or replaced."""
         outcome = self.outcome
-        spec = self.prepare()
+        spec = entry(self.prepare())
+        decided = self.decide(spec)
+        if decided[1].kind in ("create", "replace"):
+            before_start(spec)
         _, container_id = self._timed(outcome, "container",
-                                      lambda: self.reconcile(self.docker, spec))
+                                      lambda: self.reconcile(self.docker, spec, decided))
         outcome.container_id = container_id
         if not wait_for_health:
             return outcome

@@ -217,6 +217,19 @@ class Roll:
         return one.live(), False, Rolled(
             "started", canary=(verdicts, image, tag) if canary == "canary" else None)
 
+    def once(self, one: Pass):
+        """`run --once`: one pass, but with the entry point the shared database allows and its
+        record moved before a migrating start, as every start by the daemon: an image older
+        than the database's starts with `registry-nomigrate`, never into alembic's
+        "Can't locate revision" (seen on real Quay: exit 255, no Quay on the node)."""
+        verdicts = self.verdicts(one.cfg.stack)
+
+        def before_start(spec) -> None:
+            if not spec.command:
+                verdicts.migrating(spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, ""))
+
+        return one.run(entry=lambda spec: self.entry(spec, verdicts), before_start=before_start)
+
     def _hold(self, new: Live, why: str, probe) -> Rolled:
         """The canary failed after its migration: the old image cannot start against the
         migrated database, so the node is held out of service as it is, for `docker logs`."""

@@ -411,6 +411,7 @@ class FakePass(_Loud):
     live = Pass.live
     adopt_running = Pass.adopt_running
     _timed = Pass._timed
+    run = Pass.run
 
     def __init__(self, cfg: Config, docker: FakeDocker, store: FakeStackStore, release: Release,
                  verdicts=(), prepare_error: Optional[BaseException] = None) -> None:
@@ -441,16 +442,6 @@ class FakePass(_Loud):
         if callable(verdict):
             verdict = verdict(container_id)
         return verdict if isinstance(verdict, health.Probe) else probe(bool(verdict))
-
-    def run(self, wait_for_health: bool = True) -> Outcome:
-        spec = self.prepare()
-        _, self.outcome.container_id = self.reconcile(self.docker, spec)
-        if wait_for_health:
-            result = self.wait_healthy(self.outcome.container_id)
-            self.outcome.probe, self.outcome.healthy = result, result.ok
-            if result.ok:
-                self.store.mark_known_good(self.release.version)
-        return self.outcome
 
 
 # --- what the agent tells the world ---------------------------------------------------------

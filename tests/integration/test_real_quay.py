@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from quay_bootstrap.config import ContainerConfig, HealthConfig
-from tests.integration.conftest import RealQuayNode, real_quay_env, wait_for
+from tests.integration.conftest import Daemon, RealQuayNode, real_quay_env, wait_for
 from tests.testbed import quay_standin, real_quay
 
 INSTANCE_OK = {"data": {"services": {"auth": True, "database": True, "disk_space": True,
@@ -49,6 +49,21 @@ def real_node(agent, s3_backend, docker_client, testbed, tmp_path, monkeypatch, 
     made.configure(health={"start_period": "240s", "timeout": None})
     yield made
     made.cleanup()
+
+
+@pytest.fixture
+def real_daemon(real_node):
+    started = []
+
+    def start(**config):
+        real_node.configure(**config)
+        made = Daemon(real_node)
+        started.append(made)
+        return made
+
+    yield start
+    for made in started:
+        made.stop()
 
 
 class Boot:
@@ -183,8 +198,8 @@ def test_a_node_s_first_boot_through_run_once_on_real_quay(real_node):
     assert found.image.id == real_node.image_id("v3.18.0")
 
 
-def test_a_node_s_first_boot_through_the_daemon_on_real_quay(real_node, daemon):
-    run = daemon(health={"start_period": "240s", "timeout": None})
+def test_a_node_s_first_boot_through_the_daemon_on_real_quay(real_node, real_daemon):
+    run = real_daemon(health={"interval": "1s"})
     status = run.wait_state("healthy", timeout=240)
     assert status["state"] == "healthy"
     assert get(real_node.port) == (200, INSTANCE_OK)
@@ -192,8 +207,7 @@ def test_a_node_s_first_boot_through_the_daemon_on_real_quay(real_node, daemon):
     assert '"container.restarting"' not in run.log and '"instance.marking_unhealthy"' not in run.log
 
 
-def test_the_agent_starts_an_older_image_without_migrating_once_a_newer_one_migrated(
-        real_node, daemon):
+def test_the_agent_starts_an_older_image_without_migrating_once_a_newer_one_migrated(real_node):
     """The database record moved by the v3.18.0 start makes the agent start v3.17.4 with
     `registry-nomigrate`: never the "Can't locate revision" start."""
     code, _, err = real_node.agent.run("run", "--once")

@@ -7,6 +7,8 @@ import types
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import json
+
 import pytest
 import tenacity
 
@@ -437,6 +439,30 @@ def test_a_restart_after_another_node_migrated_the_database_uses_registry_nomigr
     spec = node.roll.restart_spec(node.live)
     assert spec.command == ("registry-nomigrate",)
     assert spec.labels[IMAGE_DIGEST] == V1.digest  # the same image, started without migrating
+
+
+def test_run_once_starts_an_image_older_than_the_database_without_migrating():
+    """Seen on real Quay: v3.17.4's `registry` on a database v3.18.0 migrated exits 255."""
+    node = Node()
+    node.leases.put("database", {"image": V3.digest, "tag": V3.tag, "at": 0})
+    one = FakePass(node.cfg, node.docker, node.store, V2)
+    outcome = node.roll.once(one)
+    assert outcome.healthy
+    assert node.quay() == (V2.version, V2.digest, "running")
+    assert node.docker.named("quay").spec.command == ("registry-nomigrate",)
+    assert json.loads(node.leases.objects["database"][0])["image"] == V3.digest  # never back
+
+
+def test_run_once_moves_the_database_record_before_a_migrating_start():
+    node = Node()
+    one = FakePass(node.cfg, node.docker, node.store, V3)
+    assert node.roll.once(one).healthy
+    assert not node.docker.named("quay").spec.command  # Quay's own: registry
+    assert json.loads(node.leases.objects["database"][0])["image"] == V3.digest
+    # Nothing to start: the record is left as it is.
+    node.leases.objects.pop("database")
+    assert node.roll.once(FakePass(node.cfg, node.docker, node.store, V3)).healthy
+    assert "database" not in node.leases.objects
 
 
 def test_a_rollback_onto_a_database_a_newer_image_migrated_starts_without_migrating():
