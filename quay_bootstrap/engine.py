@@ -180,10 +180,14 @@ class Docker:
             return ""
 
     def running(self, container_id: str) -> bool:
+        """Running, and still on the run it was started for: a Quay that exited and that Docker's
+        restart policy started again counts as exited (real Quay's failed migration, exit 255,
+        then looks like a slow start: "connection refused" until start_period ran out)."""
         try:
-            return self.client.api.inspect_container(container_id)["State"]["Running"]
+            found = self.client.api.inspect_container(container_id)
         except self._errors.NotFound:
             return False
+        return bool(found["State"]["Running"]) and not found.get("RestartCount")
 
 
 def _start_error(err: Exception, spec: Spec) -> ContainerError:

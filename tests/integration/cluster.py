@@ -11,7 +11,9 @@ answer 200 on /health/instance.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -23,7 +25,9 @@ from typing import Dict, List, Optional, Tuple
 
 from docker import errors as docker_errors
 
+from tests.integration.asg_standin import AsgStandIn, make_group
 from tests.integration.conftest import Agent, Daemon, RealQuay, StandinNode, wait_for
+from tests.testbed import faults
 
 # The agents' settings: probes every second, the probe timeout left at the agent's default
 # (it must allow for Quay's own worst case), short start period and backoff.
@@ -59,16 +63,17 @@ class ClusterNode(StandinNode):
         return super().config_yaml(**{"DB_URI": self.dsn, **overrides})
 
     def setup(self, *, image_tag: Optional[str] = None, env: Optional[dict] = None,
-              health: Optional[dict] = None) -> None:
+              health: Optional[dict] = None, rollout: Optional[dict] = None) -> None:
         """Write the agent config: the cluster's settings, IMAGE_TAG, extra container ENV,
-        HEALTH settings over the cluster's."""
+        HEALTH and ROLLOUT settings over the cluster's."""
         if image_tag:
             self.image = {"reference": self.images[image_tag]}
         container = {"env": dict(env or {})}
         self.container = {}
         self.health = {}
-        self.configure(health={**HEALTH, **(health or {})}, restart=dict(RESTART), rollout=dict(ROLLOUT),
-                       container=container, refresh_interval=REFRESH)
+        self.configure(health={**HEALTH, **(health or {})}, restart=dict(RESTART),
+                       rollout={**ROLLOUT, **(rollout or {})}, container=container,
+                       refresh_interval=REFRESH)
 
     @property
     def agent_run(self) -> Daemon:
@@ -122,7 +127,15 @@ class ClusterNode(StandinNode):
 
 
 class RealClusterNode(RealQuay, ClusterNode):
-    """A cluster node whose Quay is real Quay (tests/testbed/real_quay.py)."""
+    """A cluster node whose Quay is real Quay (tests/testbed/real_quay.py): its boot takes
+    seconds to minutes on this 2-core machine (three nodes importing Quay at once), so a
+    longer start period than the stand-in's."""
+
+    def setup(self, *, health: Optional[dict] = None, rollout: Optional[dict] = None,
+              **kwargs) -> None:
+        # The lease outlives a replacement: stop_timeout (5 s here) + start_period.
+        super().setup(health={"start_period": "180s", **(health or {})},
+                      rollout={"lease_ttl": "200s", **(rollout or {})}, **kwargs)
 
 
 def parse_events(text: str, name: str) -> List[dict]:
@@ -212,6 +225,64 @@ class Sampler:
         return best
 
 
+@contextlib.contextmanager
+def running_cluster(*, s3, s3_bucket, s3_backend, docker_client, testbed, images, database: str,
+                    bucket: str, tmp_path, monkeypatch, moto_endpoint: str, tag: str,
+                    kind: type = None, boot: float = 60, sampling: Optional[dict] = None,
+                    health: Optional[dict] = None, together: bool = False):
+    """Three healthy nodes on TAG (KIND: ClusterNode, the stand-in, or RealClusterNode), their
+    agents started within BOOT seconds (the first alone creates the schema, unless TOGETHER:
+    then the canary gate decides), HEALTH over the cluster's settings, the sampler running
+    (SAMPLING: its period and timeout); every agent stopped and container removed after."""
+    proxy = faults.SlowProxy(("127.0.0.1", testbed["postgres_port"]), 0.0).__enter__()
+    dsn = database.replace(f":{testbed['postgres_port']}/", f":{proxy.port}/")
+    asg, instances = make_group(moto_endpoint, 4)
+    imds = [AsgStandIn(moto_endpoint, instance) for instance in instances]
+    spare = dict(backend=s3_backend, docker_client=docker_client, testbed=testbed,
+                 images=images, tmp_path=tmp_path, monkeypatch=monkeypatch,
+                 database=database, dsn=dsn, bucket=bucket, moto=moto_endpoint, imds=imds,
+                 kind=kind)
+    nodes = [make_node(i, imds=imds[i], tag=tag,
+                       **{k: v for k, v in spare.items() if k != "imds"}) for i in range(3)]
+    sampler = Sampler(nodes, **(sampling or {}))
+    made = Cluster(nodes, sampler, proxy, testbed, s3, s3_bucket, asg, spare)
+    try:
+        for node in nodes:
+            node.setup(health=health)
+        if together:
+            start_agents(nodes, boot)
+        else:  # the first node alone creates the schema; then the other two
+            start_agents(nodes[:1], boot)
+            start_agents(nodes[1:], boot)
+        wait_all(lambda n: n.serving(), nodes, 20, "every node serving")
+        assert len({n.holder for n in nodes}) == 3
+        sampler.start()
+        wait_for(lambda: sampler.worst()[0] == 0 and sampler.down_at(time.time() - 0.1) == [],
+                 10, "the sampler seeing every node up")
+        made.began = time.time()
+        yield made
+    finally:
+        sampler.stop()
+        if os.environ.get("CLUSTER_LOGS"):  # every agent's log, for a look after a failure
+            for node in nodes + made.extra:
+                with open(os.path.join(os.environ["CLUSTER_LOGS"], node.name + ".log"), "w") as out:
+                    out.write(node.log())
+        for node in nodes + made.extra:
+            for run in node.runs:
+                if run.proc.poll() is None:
+                    run.proc.send_signal(signal.SIGTERM)
+        for node in nodes + made.extra:
+            for run in node.runs:
+                try:
+                    run.proc.wait(timeout=15)
+                except Exception:  # noqa: BLE001 - a wedged agent: end it
+                    run.proc.kill()
+            node.cleanup()
+        for each in imds:
+            each.close()
+        proxy.__exit__(None, None, None)
+
+
 def wait_all(check, nodes, timeout: float, what: str):
     return wait_for(lambda: all(check(n) for n in nodes), timeout,
                     lambda: what + "; containers: " + str([n.containers() for n in nodes])
@@ -221,8 +292,13 @@ def wait_all(check, nodes, timeout: float, what: str):
 def start_agents(nodes: List[ClusterNode], timeout: float = 60) -> None:
     for node in nodes:
         node.start_agent()
-    wait_all(lambda n: n.agent_run.status().get("state") == "healthy", nodes, timeout,
-             "every agent healthy")
+
+    def healthy(node: ClusterNode) -> bool:
+        if node.agent_run.proc.poll() is not None:
+            raise AssertionError(f"the agent of {node.name} exited:\n{node.log()[-3000:]}")
+        return node.agent_run.status().get("state") == "healthy"
+
+    wait_all(healthy, nodes, timeout, "every agent healthy")
 
 
 def restarts_and_marks(node: ClusterNode) -> Tuple[int, int]:

@@ -20,18 +20,15 @@ import time
 import pytest
 
 from quay_bootstrap.config import HealthConfig
-from tests.integration.asg_standin import AsgStandIn, make_group
 from tests.integration.cluster import (
     CANARY_CONTROL,
     HEALTH,
     Cluster,
-    Sampler,
     failed,
-    make_node,
     passed,
     restarts_and_marks,
+    running_cluster,
     sighup,
-    start_agents,
     trouble,
     wait_all,
 )
@@ -59,51 +56,13 @@ def report(name: str, **figures) -> None:
 @pytest.fixture
 def cluster(s3, s3_bucket, s3_backend, docker_client, testbed, standin_images, quay_db,
             quay_bucket, tmp_path, monkeypatch, moto_endpoint):
-    proxy = faults.SlowProxy(("127.0.0.1", testbed["postgres_port"]), 0.0).__enter__()
-    dsn = quay_db.replace(f":{testbed['postgres_port']}/", f":{proxy.port}/")
-    asg, instances = make_group(moto_endpoint, 4)
-    imds = [AsgStandIn(moto_endpoint, instance) for instance in instances]
-    spare = dict(backend=s3_backend, docker_client=docker_client, testbed=testbed,
-                 images=standin_images, tmp_path=tmp_path, monkeypatch=monkeypatch,
-                 database=quay_db, dsn=dsn, bucket=quay_bucket, moto=moto_endpoint, imds=imds)
-    nodes = [make_node(i, imds=imds[i], tag="v3.10.0",
-                       **{k: v for k, v in spare.items() if k != "imds"}) for i in range(3)]
-    sampler = Sampler(nodes)
-    made = Cluster(nodes, sampler, proxy, testbed, s3, s3_bucket, asg, spare)
-    try:
-        for node in nodes:
-            node.setup()
-        # The first node alone creates the schema; then the other two.
-        start_agents(nodes[:1])
-        start_agents(nodes[1:])
-        wait_all(lambda n: n.serving(), nodes, 20, "every node serving")
+    with running_cluster(s3=s3, s3_bucket=s3_bucket, s3_backend=s3_backend,
+                         docker_client=docker_client, testbed=testbed, images=standin_images,
+                         database=quay_db, bucket=quay_bucket, tmp_path=tmp_path,
+                         monkeypatch=monkeypatch, moto_endpoint=moto_endpoint,
+                         tag="v3.10.0") as made:
         assert quay_standin.db_revision(quay_db) == HEADS["v3.10.0"]
-        assert len({n.holder for n in nodes}) == 3
-        sampler.start()
-        wait_for(lambda: sampler.worst()[0] == 0 and sampler.down_at(time.time() - 0.1) == [],
-                 10, "the sampler seeing every node up")
-        made.began = time.time()
         yield made
-    finally:
-        sampler.stop()
-        if os.environ.get("CLUSTER_LOGS"):  # every agent's log, for a look after a failure
-            for node in nodes + made.extra:
-                with open(os.path.join(os.environ["CLUSTER_LOGS"], node.name + ".log"), "w") as out:
-                    out.write(node.log())
-        for node in nodes + made.extra:
-            for run in node.runs:
-                if run.proc.poll() is None:
-                    run.proc.send_signal(signal.SIGTERM)
-        for node in nodes + made.extra:
-            for run in node.runs:
-                try:
-                    run.proc.wait(timeout=15)
-                except Exception:  # noqa: BLE001 - a wedged agent: end it
-                    run.proc.kill()
-            node.cleanup()
-        for each in imds:
-            each.close()
-        proxy.__exit__(None, None, None)
 
 
 # ------------------------------------------------------------------ shared checks

@@ -65,7 +65,8 @@ UPDATE_CA_TRUST = """#!/bin/sh
 out=/etc/pki/ca-trust/extracted
 while [ $# -gt 0 ]; do case "$1" in -o) out=$2; shift;; esac; shift; done
 mkdir -p "$out/pem"
-cat /etc/ssl/certs/ca-certificates.crt /etc/pki/ca-trust/source/anchors/* > "$out/pem/tls-ca-bundle.pem" 2>/dev/null
+cat /etc/ssl/certs/ca-certificates.crt /etc/pki/ca-trust/source/anchors/* \
+  > "$out/pem/tls-ca-bundle.pem" 2>/dev/null
 exit 0
 """
 
@@ -74,8 +75,10 @@ PORT_PATCH = """
 # QB_HTTPS_PORT move nginx's 8080 and 8443 (7443 and 55443 with 8443: +1, +2). Unset: Quay's.
 if [ -n "${QB_HTTP_PORT:-}" ] || [ -n "${QB_HTTPS_PORT:-}" ]; then
   h=${QB_HTTP_PORT:-8080} s=${QB_HTTPS_PORT:-8443}
-  sed -i -E -e "s/listen (\\[::\\]:)?8080 /listen \\1$h /" -e "s/listen (\\[::\\]:)?8443 /listen \\1$s /" \\
-    -e "s/listen (\\[::\\]:)?7443 /listen \\1$((s + 1)) /" -e "s/listen (\\[::\\]:)?55443 /listen \\1$((s + 2)) /" \\
+  sed -i -E -e "s/listen (\\[::\\]:)?8080 /listen \\1$h /" \\
+    -e "s/listen (\\[::\\]:)?8443 /listen \\1$s /" \\
+    -e "s/listen (\\[::\\]:)?7443 /listen \\1$((s + 1)) /" \\
+    -e "s/listen (\\[::\\]:)?55443 /listen \\1$((s + 2)) /" \\
     "${QUAYCONF:-conf}"/nginx/*.conf
 fi
 """

@@ -3,11 +3,10 @@ runs in the container afterwards, what the stack folder points at, what the leas
 and what the log says."""
 from __future__ import annotations
 
+import json
 import types
 from dataclasses import dataclass, field
 from typing import List, Optional
-
-import json
 
 import pytest
 import tenacity

@@ -180,7 +180,8 @@ HTTP = {**GOOD, "PREFERRED_URL_SCHEME": "http"}
 
 @pytest.mark.parametrize("config, environ, where, says", [
     ({"DISTRIBUTED_STORAGE_PREFERENCE": ["local_us"]}, {},
-     "config.yaml: DISTRIBUTED_STORAGE_PREFERENCE", "'local_us', not in DISTRIBUTED_STORAGE_CONFIG (default): Quay writes every upload"),
+     "config.yaml: DISTRIBUTED_STORAGE_PREFERENCE",
+     "'local_us', not in DISTRIBUTED_STORAGE_CONFIG (default): Quay writes every upload"),
     ({}, {"QUAY_DISTRIBUTED_STORAGE_PREFERENCE": "default,other"},
      "container.env: QUAY_DISTRIBUTED_STORAGE_PREFERENCE", "on spaces, not commas"),
     ({"DISTRIBUTED_STORAGE_PREFERENCE": "default"}, {},
