@@ -179,9 +179,11 @@ class ContainerConfig(_Section):
 
 
 # Quay's /health/instance runs its checks one after another: gunicorn 2 s each, the database a
-# 3 s connect plus a 5 s statement (health/services.py). A timeout below that sum would call a
-# slow shared database a hung local Quay on every node at once.
-QUAY_WORST_CASE = 2 + 2 + 3 + 5
+# 3 s connect plus a 5 s statement (health/services.py), an LDAP bind 10 s network + 10 s
+# operation (data/users/externalldap.py). A timeout below that sum would call a slow shared
+# service a hung local Quay on every node at once. Slower still (the preferred storage's and
+# RDS's boto3 calls, 60 s with retries): Quay's own pings tell those apart (health.py).
+QUAY_WORST_CASE = 2 + 2 + 3 + 5 + 10 + 10
 
 
 class HealthConfig(_Section):

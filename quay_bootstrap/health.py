@@ -53,8 +53,9 @@ def parse_body(body: bytes) -> Dict[str, bool]:
 
 
 def probe(url: str, *, timeout: float, tls_verify: bool = False,
-          clock: Callable[[], float] = time.monotonic) -> Probe:
-    """GET the health URL once. Never raises: every failure is a failed Probe."""
+          clock: Callable[[], float] = time.monotonic, raw: bool = False) -> Probe:
+    """GET the health URL once. Never raises: every failure is a failed Probe. With `raw`, the
+    answer's first bytes are kept as its `error` (for the pings)."""
     parts = urlsplit(url)
     started = clock()
     if parts.scheme == "https":
@@ -73,7 +74,7 @@ def probe(url: str, *, timeout: float, tls_verify: bool = False,
     try:
         conn.request("GET", path, headers={"User-Agent": "quay-bootstrap"})
         response = conn.getresponse()
-        body = response.read(1 << 20)
+        payload = response.read(1 << 20)
         status = response.status
         location = response.getheader("Location", "")
     except socket.timeout:
@@ -85,7 +86,9 @@ def probe(url: str, *, timeout: float, tls_verify: bool = False,
     finally:
         conn.close()
     seconds = clock() - started
-    services = parse_body(body)
+    if raw:
+        return Probe(False, status, error=payload[:64].decode("utf-8", "replace"), seconds=seconds)
+    services = parse_body(payload)
     if 300 <= status < 400:
         return Probe(False, status, error=f"HTTP {status} redirect to {location or '?'}: Quay "
                      "redirects HTTP to HTTPS when conf/stack has ssl.key; probe the HTTPS "
@@ -99,6 +102,26 @@ def probe(url: str, *, timeout: float, tls_verify: bool = False,
         return Probe(False, status, error="HTTP 200 without Quay's health body; check that "
                      "health.url is Quay's /health/instance", seconds=seconds)
     return Probe(True, status, services, seconds=seconds)
+
+
+# Quay's own liveness pings (endpoints/web.py, endpoints/v1/__init__.py): through nginx to each
+# gunicorn, touching no shared service. Quay's health checks call them with a 2 s timeout.
+PINGS = ("/_internal_ping", "/v1/_internal_ping")
+PING_TIMEOUT = 2.0
+
+
+def gunicorns_alive(url: str, *, tls_verify: bool = False, timeout: float = PING_TIMEOUT) -> bool:
+    """Whether both of this Quay's gunicorns answer Quay's own ping, at the health URL's origin.
+
+    Tells a slow or failing SHARED check (/health/instance timed out or answered 500 without
+    Quay's body, while the gunicorns are fine) from a hung or dead local one (the ping fails).
+    """
+    origin = urlsplit(url)._replace(path="", query="", fragment="").geturl()
+    for path in PINGS:
+        answer = probe(origin + path, timeout=timeout, tls_verify=tls_verify, raw=True)
+        if answer.status != 200 or answer.error.strip() != "true":
+            return False
+    return True
 
 
 def wait_healthy(url: str, *, within: float, interval: float, timeout: float,
@@ -202,12 +225,15 @@ class Prober:
             rds_down = bool(cfg.report.rds and not result.ok and
                             result.services.get("database") is False and
                             self._rds(cfg.report.rds).unavailable())
+            alive = bool(not result.ok and not result.failing_services and
+                         result.status not in range(300, 400) and
+                         gunicorns_alive(url, tls_verify=cfg.health.tls_verify))
             with self._lock:
                 newest = began >= self._newest_fed
                 self._newest_fed = max(self._newest_fed, began)
             if newest:
                 self.put(Probed(self.clock(), result.ok, tuple(sorted(result.services.items())),
-                                result.error, result.status, rds_down))
+                                result.error, result.status, rds_down, alive))
         except Exception as err:  # noqa: BLE001 - a lost probe must not stop the watch
             import structlog
 

@@ -42,6 +42,9 @@ class Probed:
     error: str = ""
     status: Optional[int] = None
     rds_unavailable: bool = False  # report.rds set and RDS says the DB is not `available`
+    # Quay's own pings (health.gunicorns_alive) answered after a probe that named no failing
+    # service (timed out, or an error without Quay's body): both gunicorns live.
+    gunicorns_alive: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,7 +282,15 @@ def _probed(state: State, probe: Probed, policy: Policy) -> Tuple[State, List]:
     # Like Quay's RDSAwareHealthCheck: while RDS says the database is not `available` (a
     # failover, a stop), the database is left out of this node's verdict.
     judged = failing - {"database"} if probe.rds_unavailable else failing
-    if failing and judged <= policy.shared_services:
+    if not failing and probe.gunicorns_alive:
+        # No verdict (a timeout, a 500 without Quay's body: JWT auth raising) while this node's
+        # gunicorns answer Quay's own ping: a shared check is slow or down (LDAP, the preferred
+        # storage, an AWS API), the same on every node.
+        failing = judged = frozenset({"unanswered-while-gunicorns-alive"})
+        shared = True
+    else:
+        shared = bool(failing) and judged <= policy.shared_services
+    if shared:
         if state.phase != "shared-outage":
             actions.append(Log("health.shared_outage", "warning",
                                (("failing", sorted(failing)), ("rds", probe.rds_unavailable),

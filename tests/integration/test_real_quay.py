@@ -221,3 +221,84 @@ def test_the_agent_starts_an_older_image_without_migrating_once_a_newer_one_migr
     assert found.attrs["Config"]["Cmd"] == ["registry-nomigrate"]
     assert "Can't locate revision" not in real_node.logs()
     assert real_node.revision() == real_quay.heads("v3.18.0")[0]
+
+
+class JwtEndpoint:
+    """The JWT authentication endpoint Quay's auth check pings (data/users/externaljwt.py): it
+    expects a 4xx to an unauthenticated GET; `down()` stops it (Quay's ping then raises: its
+    /health/instance answers 500 with no service list), `up()` brings it back on the same port."""
+
+    def __init__(self) -> None:
+        self.port = quay_standin.free_port()
+        self.server = None
+        self.up()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        import http.server
+        import threading
+
+        class Refuse(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                self.send_response(401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        http.server.ThreadingHTTPServer.allow_reuse_address = True
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Refuse)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def test_a_jwt_auth_outage_is_shared_and_a_hung_gunicorn_is_local(real_node, real_daemon):
+    """JWT authentication down: Quay's /health/instance answers 500 without a service list on
+    every node, while both gunicorns answer Quay's own ping: no restart, no mark. A hung web
+    gunicorn (SIGSTOP) times the probe out AND the ping: this node's failure, restarted."""
+    jwt = JwtEndpoint()
+    try:
+        real_node.backend.upload({
+            "config.yaml": real_node.config_yaml(
+                AUTHENTICATION_TYPE="JWT", JWT_AUTH_ISSUER="qb-test",
+                JWT_VERIFY_ENDPOINT=jwt.url + "/verify", JWT_QUERY_ENDPOINT=jwt.url + "/query",
+                JWT_GETUSER_ENDPOINT=jwt.url + "/getuser"),
+            "jwt-authn.cert": quay_standin.tls_pair()["ssl.cert"]})
+        run = real_daemon(health={"interval": "1s", "failure_threshold": 2, "timeout": "5s",
+                                  "start_period": "240s"},
+                          restart={"backoff_initial": "1s", "backoff_max": "4s",
+                                   "unhealthy_after": 3})
+        run.wait_state("healthy", timeout=240)
+        first = real_node.found().id
+        began = real_node.found().attrs["State"]["StartedAt"]
+        jwt.down()
+        wait_for(lambda: get(real_node.port)[0] == 500, 30, "Quay's 500 for the JWT outage")
+        wait_for(lambda: '"health.shared_outage"' in run.log, 30,
+                 lambda: "the shared outage; log:\n" + run.log[-3000:])
+        time.sleep(10)  # ten probes and their pings, each a failure were it local
+        assert '"container.restarting"' not in run.log
+        assert '"instance.marking_unhealthy"' not in run.log
+        assert real_node.found().id == first
+        jwt.up()
+        wait_for(lambda: run.status().get("state") == "healthy", 60, "healthy again")
+
+        # A hung web gunicorn: the ping does not answer either.
+        real_node.docker.containers.get(first).exec_run(
+            ["pkill", "-STOP", "-f", "gunicorn_web.py"], user="1001")
+        wait_for(lambda: '"container.restarting"' in run.log, 60,
+                 lambda: "the hung gunicorn restarted; log:\n" + run.log[-3000:])
+        wait_for(lambda: run.status().get("state") == "healthy" and get(real_node.port)[0] == 200,
+                 240, lambda: "healthy after the restart; log:\n" + run.log[-3000:])
+        now = real_node.found()
+        assert (now.id, now.attrs["State"]["StartedAt"]) != (first, began)  # Quay started anew
+    finally:
+        jwt.down()

@@ -2,6 +2,8 @@
 and above all when NOT to act."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from quay_bootstrap.watchdog import (
@@ -248,3 +250,23 @@ def test_a_failed_restart_is_due_again_at_the_next_tick():
     ("start", None, Started(1.0)), ("destroy", None, Missing(1.0))])
 def test_docker_events_become_observations(action, code, expected):
     assert from_docker(action, code, 1.0) == expected
+
+
+@pytest.mark.parametrize("probe, restarts", [
+    # /health/instance timed out or answered 500 without Quay's body (JWT auth raising) while
+    # both gunicorns answered Quay's own ping: a slow or failing shared check.
+    (Probed(0, False, (), error="timed out after 35s", gunicorns_alive=True), False),
+    (Probed(0, False, (), error="HTTP 500", status=500, gunicorns_alive=True), False),
+    # The same without the pings: a hung or dead gunicorn of this node.
+    (Probed(0, False, (), error="timed out after 35s"), True),
+    (Probed(0, False, (), error="HTTP 500", status=500), True),
+])
+def test_no_verdict_while_quay_s_own_pings_answer_is_a_shared_outage(probe, restarts):
+    probes = [replace(probe, at=40 + i * 10) for i in range(6)]
+    state, done = run([ok(5), *probes])
+    assert bool([a for _, a in done if isinstance(a, Restart)]) is restarts
+    if not restarts:
+        assert state.phase == "shared-outage"
+        assert not [a for _, a in done if isinstance(a, MarkUnhealthy)]
+        state, done = run([ok(110)], state)  # it ends when Quay answers 200 again
+        assert state.phase == "healthy"

@@ -579,6 +579,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(301, b"", {"Location": location, "Content-Type": "text/html"})
             return
         path = self.path.split("?", 1)[0]
+        pinged = {"/_internal_ping": "web_gunicorn", "/v1/_internal_ping": "registry_gunicorn"}
+        if path in pinged:
+            # Quay's own liveness pings (endpoints/web.py, endpoints/v1): answered by each
+            # gunicorn, touching no shared service; a hung or failed gunicorn does not answer.
+            how = local_state().get(pinged[path])
+            if how == "hang":
+                time.sleep(3600)
+            if how == "fail":
+                self._send(502, b"<html>502 Bad Gateway</html>", {"Content-Type": "text/html"})
+            else:
+                self._send(200, b"true", {"Content-Type": "text/html; charset=utf-8"})
+            return
         if path in ("/health/instance", "/health"):
             kind = "instance"
         elif path in ("/health/endtoend", "/status"):
