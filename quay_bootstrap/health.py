@@ -113,7 +113,7 @@ PING_TIMEOUT = 2.0
 def gunicorns_alive(url: str, *, tls_verify: bool = False, timeout: float = PING_TIMEOUT) -> bool:
     """Whether both of this Quay's gunicorns answer Quay's own ping, at the health URL's origin.
 
-    Tells a slow or failing SHARED check (/health/instance timed out or answered 500 without
+    Tells a slow or failing SHARED check (/health/instance timed out or answered an error without
     Quay's body, while the gunicorns are fine) from a hung or dead local one (the ping fails).
     """
     origin = urlsplit(url)._replace(path="", query="", fragment="").geturl()

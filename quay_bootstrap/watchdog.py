@@ -283,9 +283,9 @@ def _probed(state: State, probe: Probed, policy: Policy) -> Tuple[State, List]:
     # failover, a stop), the database is left out of this node's verdict.
     judged = failing - {"database"} if probe.rds_unavailable else failing
     if not failing and probe.gunicorns_alive:
-        # No verdict (a timeout, a 500 without Quay's body: JWT auth raising) while this node's
-        # gunicorns answer Quay's own ping: a shared check is slow or down (LDAP, the preferred
-        # storage, an AWS API), the same on every node.
+        # No verdict (a timeout, an error without Quay's body: JWT auth raising gives 502 on real
+        # Quay) while this node's gunicorns answer Quay's own ping: a shared check is slow or
+        # down (LDAP, the preferred storage, an AWS API), the same on every node.
         failing = judged = frozenset({"unanswered-while-gunicorns-alive"})
         shared = True
     else:

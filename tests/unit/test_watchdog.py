@@ -253,10 +253,11 @@ def test_docker_events_become_observations(action, code, expected):
 
 
 @pytest.mark.parametrize("probe, restarts", [
-    # /health/instance timed out or answered 500 without Quay's body (JWT auth raising) while
+    # /health/instance timed out or answered an error without Quay's body (JWT auth raising) while
     # both gunicorns answered Quay's own ping: a slow or failing shared check.
     (Probed(0, False, (), error="timed out after 35s", gunicorns_alive=True), False),
     (Probed(0, False, (), error="HTTP 500", status=500, gunicorns_alive=True), False),
+    (Probed(0, False, (), error="HTTP 502", status=502, gunicorns_alive=True), False),  # real Quay
     # The same without the pings: a hung or dead gunicorn of this node.
     (Probed(0, False, (), error="timed out after 35s"), True),
     (Probed(0, False, (), error="HTTP 500", status=500), True),
