@@ -221,7 +221,8 @@ class Prober:
             result = probe(url, timeout=cfg.health.timeout, tls_verify=cfg.health.tls_verify,
                            clock=self.clock)
             self.observe(result.seconds)
-            # Like Quay's RDSAwareHealthCheck: ask RDS only when the database failed.
+            # As Quay documents RDSAwareHealthCheck (real Quay's never asks: test_real_quay.py):
+            # ask RDS only when the database failed.
             rds_down = bool(cfg.report.rds and not result.ok and
                             result.services.get("database") is False and
                             self._rds(cfg.report.rds).unavailable())

@@ -279,7 +279,7 @@ def _probed(state: State, probe: Probed, policy: Policy) -> Tuple[State, List]:
         return state, actions
 
     failing = frozenset(name for name, good in probe.services if not good)
-    # Like Quay's RDSAwareHealthCheck: while RDS says the database is not `available` (a
+    # As Quay documents RDSAwareHealthCheck (real Quay's never does it: test_real_quay.py):
     # failover, a stop), the database is left out of this node's verdict.
     judged = failing - {"database"} if probe.rds_unavailable else failing
     if not failing and probe.gunicorns_alive:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import time
 import uuid
 
@@ -69,12 +70,13 @@ def real_daemon(real_node):
 class Boot:
     """Quay started by hand (no agent), its /health/instance answers recorded until 200."""
 
-    def __init__(self, docker_client, image: str, stack, *, command: str = "registry"):
+    def __init__(self, docker_client, image: str, stack, *, command: str = "registry",
+                 env: dict = None):
         self.port = quay_standin.free_port()
         self.began = time.monotonic()
         self.container = docker_client.containers.run(
             image, [command], name=f"real-quay-{uuid.uuid4().hex[:8]}", network_mode="host",
-            detach=True, environment=real_quay_env(self.port),
+            detach=True, environment={**real_quay_env(self.port), **(env or {})},
             volumes={str(stack): {"bind": "/conf/stack", "mode": "ro"}})
         self.shape = []  # (seconds since start, status or error name), on each change
 
@@ -304,3 +306,69 @@ def test_a_jwt_auth_outage_is_shared_and_a_hung_gunicorn_is_local(real_node, rea
         assert (now.id, now.attrs["State"]["StartedAt"]) != (first, began)  # Quay started anew
     finally:
         jwt.down()
+
+
+def test_tls_on_real_quay_8443_serves_and_8080_redirects_probed_as_the_readme_says(
+        real_node, testbed):
+    """ssl.cert and ssl.key in the stack: Quay serves TLS (here on QB_HTTPS_PORT for 8443), and
+    8080 answers only 301s; the agent probes https without verifying (the certificate names
+    SERVER_HOSTNAME, never 127.0.0.1) and the node is healthy through `run --once`."""
+    https = quay_standin.free_port()
+    real_node.backend.upload({
+        "config.yaml": real_node.config_yaml(PREFERRED_URL_SCHEME="https"),
+        **quay_standin.tls_pair("quay.example.com")})
+    env = {**real_quay_env(real_node.port), "QB_HTTPS_PORT": str(https),
+           # Quay's self-checks: https://localhost:PORT, not verified (health/services.py).
+           "QUAY_OVERRIDE_CONFIG": json.dumps({"SERVER_HOSTNAME": f"localhost:{https}"})}
+    real_node.configure(container={"env": env},
+                        health={"url": f"https://127.0.0.1:{https}/health/instance"})
+    code, _, err = real_node.agent.run("run", "--once")
+    assert code == 0, err[-3000:]
+    conn = http.client.HTTPConnection("127.0.0.1", real_node.port, timeout=10)
+    conn.request("GET", "/health/instance", headers={"Host": "quay.example.com"})
+    answer = conn.getresponse()
+    assert answer.status == 301 and answer.getheader("Location").startswith("https://quay.example.com")
+    conn.close()
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    secure = http.client.HTTPSConnection("127.0.0.1", https, timeout=20, context=context)
+    secure.request("GET", "/health/instance")
+    reply = secure.getresponse()
+    assert (reply.status, json.loads(reply.read())) == (200, INSTANCE_OK)
+    secure.close()
+
+
+def test_rds_aware_health_check_of_real_quay_never_leaves_the_database_out(boots, real_stack, testbed,
+                                                            moto_endpoint, tmp_path, real_db,
+                                                            quay_bucket):
+    """HEALTH_CHECKER RDSAwareHealthCheck, documented to leave the database out while RDS is not
+    `available`: on real Quay it never does (health/healthcheck.py tests the truth of a
+    (bool, message) tuple, never false). PostgreSQL down: 503 whatever RDS says. The agent
+    holds still anyway (the database is a shared service) and its `report.rds` does what Quay
+    documents."""
+    import boto3
+
+    from tests.testbed import faults
+
+    rds = boto3.client("rds", endpoint_url=moto_endpoint, region_name="us-east-1",
+                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    name = f"quay-{uuid.uuid4().hex[:8]}"
+    rds.create_db_instance(DBInstanceIdentifier=name, Engine="postgres",
+                           DBInstanceClass="db.t3.micro", AllocatedStorage=10,
+                           MasterUsername="quay", MasterUserPassword="quay-password")
+    checker = ["RDSAwareHealthCheck", {"access_key": "testing", "secret_key": "testing",
+                                       "region": "us-east-1", "db_instance": name}]
+    stack = quay_standin.write_stack(tmp_path / "rds-stack", quay_standin.config(
+        testbed, database=real_db, bucket=quay_bucket, HEALTH_CHECKER=checker))
+    boot = boots("v3.18.0", stack, env={"AWS_ENDPOINT_URL": moto_endpoint})
+    boot.until_200()
+    try:
+        with faults.down(testbed["dir"], "postgres"):
+            available = get(boot.port)
+            rds.stop_db_instance(DBInstanceIdentifier=name)
+            stopped = get(boot.port)
+    finally:
+        rds.delete_db_instance(DBInstanceIdentifier=name, SkipFinalSnapshot=True)
+    assert available[0] == 503 and available[1]["data"]["services"]["database"] is False
+    assert stopped[0] == 503 and stopped[1]["data"]["services"]["database"] is False
+    assert "DB reports unhealthy; RDS status" not in boot.logs()  # RDS was never asked

@@ -234,7 +234,7 @@ def test_preferred_storage_is_reported_when_configured(standins):
     assert body["data"]["services"] == {**INSTANCE_OK["data"]["services"], "preferred_storage": True}
 
 
-def test_rds_aware_check_keeps_the_node_healthy_while_rds_is_not_available(standins, testbed,
+def test_rds_aware_check_counts_the_database_whatever_rds_says_as_real_quay_does(standins, testbed,
                                                                           moto_endpoint):
     import boto3
 
@@ -257,9 +257,11 @@ def test_rds_aware_check_keeps_the_node_healthy_while_rds_is_not_available(stand
     finally:
         rds.delete_db_instance(DBInstanceIdentifier=db_name, SkipFinalSnapshot=True)
 
-    # RDS says available: the fault is this node's. RDS says stopped: the database is left out.
+    # As real Quay (test_real_quay.py): RDSAwareHealthCheck never leaves the database out (it
+    # tests a (bool, message) tuple's truth), so 503 whatever RDS says. The agent's own
+    # `report.rds` does what Quay documents.
     assert available[0] == 503 and available[1]["data"]["services"]["database"] is False
-    assert stopped[0] == 200 and stopped[1]["data"]["services"]["database"] is False
+    assert stopped[0] == 503 and stopped[1]["data"]["services"]["database"] is False
 
 
 def test_two_nodes_migrating_at_once_collide(standins, quay_db):
