@@ -280,7 +280,8 @@ def _probed(state: State, probe: Probed, policy: Policy) -> Tuple[State, List]:
 
     failing = frozenset(name for name, good in probe.services if not good)
     # As Quay documents RDSAwareHealthCheck (real Quay's never does it: test_real_quay.py):
-    # failover, a stop), the database is left out of this node's verdict.
+    # while RDS says the database is not `available` (a failover, a stop), the database is
+    # left out of this node's verdict.
     judged = failing - {"database"} if probe.rds_unavailable else failing
     if not failing and probe.gunicorns_alive:
         # No verdict (a timeout, an error without Quay's body: JWT auth raising gives 502 on real
