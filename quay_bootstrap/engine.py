@@ -179,15 +179,23 @@ class Docker:
         except self._errors.NotFound:
             return ""
 
-    def running(self, container_id: str) -> bool:
-        """Running, and still on the run it was started for: a Quay that exited and that Docker's
-        restart policy started again counts as exited (real Quay's failed migration, exit 255,
-        then looks like a slow start: "connection refused" until start_period ran out)."""
+    def running(self, container_id: str, restarts: Optional[int] = None) -> bool:
+        """Running; with RESTARTS (an earlier `restart_count`), also not restarted by Docker's
+        restart policy since: a Quay that exited and came back counts as exited (real Quay's
+        failed migration, exit 255, otherwise looks like a slow start until start_period)."""
         try:
             found = self.client.api.inspect_container(container_id)
         except self._errors.NotFound:
             return False
-        return bool(found["State"]["Running"]) and not found.get("RestartCount")
+        return bool(found["State"]["Running"]) and (
+            restarts is None or (found.get("RestartCount") or 0) <= restarts)
+
+    def restart_count(self, container_id: str) -> int:
+        """How often Docker's restart policy has restarted the container (0 when it is gone)."""
+        try:
+            return self.client.api.inspect_container(container_id).get("RestartCount") or 0
+        except self._errors.NotFound:
+            return 0
 
 
 def _start_error(err: Exception, spec: Spec) -> ContainerError:

@@ -140,10 +140,11 @@ class Pass:
         return self.spec
 
     def wait_healthy(self, container_id: str) -> health.Probe:
+        restarts = self.docker.restart_count(container_id)  # Docker's restarts from now on count
         return health.wait_healthy(
             self.health_url, within=self.cfg.health.start_period, interval=health.START_POLL,
             timeout=self.cfg.health.timeout, tls_verify=self.cfg.health.tls_verify,
-            still_running=lambda: self.docker.running(container_id), sleep=self.sleep,
+            still_running=lambda: self.docker.running(container_id, restarts), sleep=self.sleep,
             clock=self.clock)
 
     def _timed(self, outcome: Outcome, name: str, call):

@@ -157,8 +157,9 @@ class Roll:
             one.store.reject(*key)
             if canary == "canary":
                 # registry-nomigrate never migrates; otherwise in doubt it did (canary.py).
+                # This roll created the container: any restart by Docker means it exited.
                 after = not spec.command and canary_mod.migrated_in(
-                    one.docker.logs(container_id), exited=not one.docker.running(container_id))
+                    one.docker.logs(container_id), exited=not one.docker.running(container_id, 0))
                 verdicts.finish(image, tag, canary_mod.FAILED_AFTER if after
                                 else canary_mod.FAILED_BEFORE)
                 if after:

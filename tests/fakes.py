@@ -197,10 +197,14 @@ class FakeDocker(_Loud):
         found = self.containers.get(container_id)
         return found.logs if found else ""
 
-    def running(self, container_id: str) -> bool:
+    def running(self, container_id: str, restarts: Optional[int] = None) -> bool:
         self._call("running", container_id)
         found = self.containers.get(container_id)
         return found is not None and found.status == "running"
+
+    def restart_count(self, container_id: str) -> int:
+        self._call("restart_count", container_id)
+        return 0
 
     def restart_quay(self, spec: Spec, recreate: bool, exited: bool,
                      expect: Callable[[Tuple[str, ...]], None]) -> Optional[str]:
