@@ -55,16 +55,17 @@ def entry_point(image: str, tag: str, migrated: Optional[dict]) -> str:
 def migrated_in(logs: str, exited: bool) -> bool:
     """Whether a failed start may have migrated the shared database.
 
-    Only a container that has exited, whose last init-script line (Quay's own, seen on real
-    Quay) names a script before runmigration.sh, certainly did not: it ended there. Anything
-    else counts as migrated: still running (it may be migrating now), logs cut or lost, no
-    init-script line at all. Rolling a migrated database's node back to the older image would
-    leave it with no Quay; holding a node that did not migrate only costs one slot.
+    Only a container that has exited (and that Docker will not start again), whose every
+    init-script line (Quay's own, seen on real Quay; one run after another when Docker restarted
+    it) names a script before runmigration.sh, certainly did not. Anything else counts as
+    migrated: still running (it may be migrating now), a run that reached runmigration.sh, logs
+    cut or lost, no init-script line at all. Rolling a migrated database's node back to the
+    older image would leave it with no Quay; holding a node that did not migrate costs a slot.
     """
     if not exited:
         return True
     scripts = _INIT_SCRIPT.findall(logs)
-    return not scripts or scripts[-1] not in BEFORE_MIGRATION
+    return not scripts or any(script not in BEFORE_MIGRATION for script in scripts)
 
 
 class Verdicts:

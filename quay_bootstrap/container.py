@@ -5,7 +5,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 import structlog
 
@@ -18,6 +18,8 @@ MANAGED = f"{LABEL}.managed"
 STACK_VERSION = f"{LABEL}.stack-version"
 IMAGE_DIGEST = f"{LABEL}.image-digest"
 SPEC_HASH = f"{LABEL}.spec-hash"
+# container.stop_timeout's default before real Quay showed 19-38 s stops (digests of then).
+LEGACY_STOP_TIMEOUT = 30
 IMAGE_TAG = f"{LABEL}.image-tag"  # the release tag, to tell an older Quay from a newer one
 STACK_MOUNT = "/conf/stack"
 # Quay's documented run flag; Docker refuses net.* sysctls with host networking.
@@ -42,14 +44,25 @@ class Spec:
     labels: Dict[str, str] = field(default_factory=dict)
     command: Optional[Tuple[str, ...]] = None  # None: the image's own (Quay's `registry`)
 
-    def digest(self) -> str:
+    def digest(self, stop_timeout: Optional[int] = None) -> str:
+        """What makes a container this one. The stop timeout is not part of it (the agent passes
+        its own on every stop; a new default must not replace every node's Quay): only an older
+        agent's digests had one, given as STOP_TIMEOUT (`legacy_digests`)."""
         data = asdict(self)
         data.pop("labels")
+        data.pop("stop_timeout")
+        if stop_timeout is not None:
+            data["stop_timeout"] = stop_timeout
         if self.command is None:
             data.pop("command")  # containers made before the field existed do not drift
         # The stack mount follows the stack version, which has a label of its own.
         data["binds"] = [b for b in self.binds if f":{STACK_MOUNT}:" not in b]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def legacy_digests(self) -> FrozenSet[str]:
+        """The digests an older agent gave this container: with its stop timeout, either this
+        spec's or that agent's default (30 s)."""
+        return frozenset(self.digest(timeout) for timeout in {self.stop_timeout, LEGACY_STOP_TIMEOUT})
 
 
 def parse_ports(items: List[str]) -> Dict[str, Any]:
@@ -146,7 +159,8 @@ def decide(found: Optional[Observed], desired: Spec, adopt_unmanaged: bool = Fal
                                 "did not create")
     drift = [what for label, what in ((IMAGE_DIGEST, "image"), (STACK_VERSION, "stack version"),
                                       (SPEC_HASH, "container spec"))
-             if found.labels.get(label) != desired.labels[label]]
+             if found.labels.get(label) != desired.labels[label]
+             and not (label == SPEC_HASH and found.labels.get(label) in desired.legacy_digests())]
     if drift:
         return Action("replace", "changed: " + ", ".join(drift))
     if found.status in ("running", "restarting"):

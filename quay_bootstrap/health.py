@@ -226,8 +226,10 @@ class Prober:
             rds_down = bool(cfg.report.rds and not result.ok and
                             result.services.get("database") is False and
                             self._rds(cfg.report.rds).unavailable())
+            # No verdict: a timeout or a server error without Quay's body (never a 2xx-4xx: a
+            # wrong health.url must stay this node's problem, however well Quay pings).
             alive = bool(not result.ok and not result.failing_services and
-                         result.status not in range(300, 400) and
+                         (result.status is None or result.status >= 500) and
                          gunicorns_alive(url, tls_verify=cfg.health.tls_verify))
             with self._lock:
                 newest = began >= self._newest_fed

@@ -93,11 +93,11 @@ class Pass:
             before_start: Callable[[Spec], None] = lambda spec: None) -> Outcome:
         """The pass. Without `wait_for_health` it stops once the container runs (the daemon's
         watchdog takes over from there). `entry` sets the entry point the shared database
-        allows; `before_start` is called before a container is created or replaced."""
+        allows; `before_start` is called before a container is created, replaced or started."""
         outcome = self.outcome
         spec = entry(self.prepare())
         decided = self.decide(spec)
-        if decided[1].kind in ("create", "replace"):
+        if decided[1].kind in ("create", "replace", "start"):
             before_start(spec)
         _, container_id = self._timed(outcome, "container",
                                       lambda: self.reconcile(self.docker, spec, decided))

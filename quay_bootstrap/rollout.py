@@ -156,10 +156,7 @@ class Roll:
                                {"why": why, "version": key[0], "image": key[1]}))
             one.store.reject(*key)
             if canary == "canary":
-                # registry-nomigrate never migrates; otherwise in doubt it did (canary.py).
-                # This roll created the container: any restart by Docker means it exited.
-                after = not spec.command and canary_mod.migrated_in(
-                    one.docker.logs(container_id), exited=not one.docker.running(container_id, 0))
+                after = self._migrated(one, spec, container_id)
                 verdicts.finish(image, tag, canary_mod.FAILED_AFTER if after
                                 else canary_mod.FAILED_BEFORE)
                 if after:
@@ -218,18 +215,54 @@ class Roll:
         return one.live(), False, Rolled(
             "started", canary=(verdicts, image, tag) if canary == "canary" else None)
 
+    @staticmethod
+    def _migrated(one: Pass, spec, container_id: str) -> bool:
+        """Whether a failed start may have migrated the database (canary.migrated_in): Docker
+        is told not to start it again first, so "exited" stays true while its logs are read."""
+        if spec.command:
+            return False  # registry-nomigrate
+        one.docker.leave_restarts_to_the_agent(container_id)
+        return canary_mod.migrated_in(one.docker.logs(container_id),
+                                      exited=not one.docker.running(container_id))
+
     def once(self, one: Pass):
-        """`run --once`: one pass, but with the entry point the shared database allows and its
-        record moved before a migrating start, as every start by the daemon: an image older
-        than the database's starts with `registry-nomigrate`, never into alembic's
-        "Can't locate revision" (seen on real Quay: exit 255, no Quay on the node)."""
-        verdicts = self.verdicts(one.cfg.stack)
+        """`run --once`: one pass, but as every start by the daemon: the entry point the shared
+        database allows (an image older than the database's starts with `registry-nomigrate`,
+        never into alembic's "Can't locate revision": exit 255 on real Quay, no Quay), through
+        the canary gate (a version the canary failed is not started; one the cluster has not
+        seen makes this node its canary, and the verdict is recorded), and the database record
+        moved before a migrating start. A Quay that differs only by the entry point is kept."""
+        cfg = one.cfg
+        verdicts = self.verdicts(cfg.stack)
+        claimed = []
+
+        def entry(base):
+            spec = self.entry(base, verdicts)
+            if spec is not base and one.decide(base)[1].kind == "adopt":
+                return base  # as Roll.apply: behind the database, but serving
+            return spec
 
         def before_start(spec) -> None:
+            image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
+            verdict = verdicts.gate(image, tag, cfg.rollout.lease_ttl)
+            if verdict == "stop":
+                raise ContainerError(f"the cluster's canary failed on {image}, so it is not "
+                                     "started here", where=cfg.image.lock or "image.reference",
+                                     hint="Fix the image or the stack, then change the lock "
+                                          "(or image.reference) again")
+            if verdict == "canary":
+                claimed.append(spec)
             if not spec.command:
-                verdicts.migrating(spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, ""))
+                verdicts.migrating(image, tag)
 
-        return one.run(entry=lambda spec: self.entry(spec, verdicts), before_start=before_start)
+        outcome = one.run(entry=entry, before_start=before_start)
+        for spec in claimed:
+            image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
+            state = canary_mod.HEALTHY if outcome.healthy else (
+                canary_mod.FAILED_AFTER if self._migrated(one, spec, outcome.container_id)
+                else canary_mod.FAILED_BEFORE)
+            verdicts.finish(image, tag, state)
+        return outcome
 
     def _hold(self, new: Live, why: str, probe) -> Rolled:
         """The canary failed after its migration: the old image cannot start against the

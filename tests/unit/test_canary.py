@@ -52,6 +52,10 @@ MIGRATION_FAILED = INIT.format("nginx_conf_create.sh") + INIT.format("runmigrati
     ("", True, True),  # no log at all: in doubt, migrated
     ("some unknown line\n", True, True),
     (VALIDATION_FAILED, False, True),  # still running: it may be migrating right now
+    # Docker restarted it: the logs hold every run. The first reached its migration (exit 255),
+    # the second was read while in its first scripts.
+    (MIGRATION_FAILED + INIT.format("certs_install.sh"), True, True),
+    (VALIDATION_FAILED + VALIDATION_FAILED, True, False),
 ])
 def test_only_a_start_that_certainly_ended_before_quay_s_migration_did_not_migrate(logs, exited, migrated):
     assert migrated_in(logs, exited=exited) is migrated

@@ -1,6 +1,7 @@
 """The desired container and the reconcile decision, from tables."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -72,12 +73,36 @@ def test_an_unpublished_quay_port_is_a_config_error_naming_it(tmp_path):
     assert caught.value.exit_code == 78 and "health.url" in caught.value.hint
 
 
-def test_spec_hash_follows_every_setting_but_not_labels():
+def test_spec_hash_follows_every_setting_but_labels_and_the_stop_timeout():
     base = spec().labels[SPEC_HASH]
     assert spec().labels[SPEC_HASH] == base
     for change in ({"env": {"A": "1"}}, {"ports": ["8443:8443"]}, {"privileged": True},
-                   {"volumes": ["/data:/datastorage"]}, {"stop_timeout": 60}):
+                   {"volumes": ["/data:/datastorage"]}):
         assert spec(**change).labels[SPEC_HASH] != base, change
+    # The agent passes its own timeout on every stop: a new one replaces no Quay.
+    assert spec(stop_timeout=60).labels[SPEC_HASH] == base
+
+
+def test_a_quay_an_older_agent_made_with_its_stop_timeout_in_the_hash_is_not_drift():
+    """Agents before 90 s hashed the stop timeout (their default 30 s): upgrading the agent
+    must not replace every node's Quay."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    desired = spec()
+    for timeout in (30, int(desired.stop_timeout)):
+        old = asdict(replace(desired, stop_timeout=timeout))  # the older agent's digest
+        old.pop("labels")
+        if old["command"] is None:
+            old.pop("command")
+        old["binds"] = [b for b in old["binds"] if ":/conf/stack:" not in b]
+        legacy = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+        found = Observed("c1", "running", {**desired.labels, SPEC_HASH: legacy})
+        assert decide(found, desired).kind == "adopt", timeout
+    other = replace(spec(env={"A": "1"}), stop_timeout=30).digest(30)
+    assert decide(Observed("c1", "running", {**desired.labels, SPEC_HASH: other}),
+                  desired).kind == "replace"
 
 
 def observed(status="running", **labels):

@@ -13,7 +13,7 @@ import tenacity
 
 from quay_bootstrap.budget import LeaseBody
 from quay_bootstrap.container import IMAGE_DIGEST, STACK_VERSION
-from quay_bootstrap.errors import Interrupted
+from quay_bootstrap.errors import ContainerError, Interrupted
 from quay_bootstrap.pipeline import Live
 from quay_bootstrap.rollout import Roll, Rolled
 from tests.fakes import (
@@ -452,16 +452,66 @@ def test_run_once_starts_an_image_older_than_the_database_without_migrating():
     assert json.loads(node.leases.objects["database"][0])["image"] == V3.digest  # never back
 
 
+def test_a_canary_docker_restarted_after_its_migration_failed_is_held():
+    """Real Quay: alembic fails (exit 255), Docker's restart policy starts it again, and its
+    logs are read while the second run is in its first init scripts."""
+    node = Node()
+
+    def verdict(container_id):
+        found = node.docker.containers[container_id]
+        found.logs = ("Running init script '/quay-registry/conf/init/runmigration.sh'\n"
+                      "FAILED: Can't locate revision identified by 'x'\n"
+                      "Running init script '/quay-registry/conf/init/certs_install.sh'\n")
+        return False
+
+    rolled = node.apply(V3, verdicts=[verdict])
+    assert rolled.result == "held"
+    assert node.leases.record()["state"] == "failed-after-migrating"
+    assert node.docker.named("quay").restart_policy == "no"  # read once Docker would not restart it
+
+
 def test_run_once_moves_the_database_record_before_a_migrating_start():
     node = Node()
     one = FakePass(node.cfg, node.docker, node.store, V3)
+    create = node.docker.create_and_start
+    seen = []
+
+    def recorded_first(spec):
+        seen.append(json.loads(node.leases.objects["database"][0])["image"])
+        return create(spec)
+
+    node.docker.create_and_start = recorded_first
     assert node.roll.once(one).healthy
+    assert seen == [V3.digest]  # moved before Quay started
     assert not node.docker.named("quay").spec.command  # Quay's own: registry
     assert json.loads(node.leases.objects["database"][0])["image"] == V3.digest
     # Nothing to start: the record is left as it is.
     node.leases.objects.pop("database")
     assert node.roll.once(FakePass(node.cfg, node.docker, node.store, V3)).healthy
     assert "database" not in node.leases.objects
+
+
+def test_run_once_goes_through_the_canary_gate():
+    node = Node()
+    # A version the cluster has not seen: this node is its canary, and the verdict is recorded.
+    assert node.roll.once(FakePass(node.cfg, node.docker, node.store, V3)).healthy
+    assert node.leases.record()["state"] == "healthy"
+    assert node.leases.record()["canary"] == node.me
+    # A version whose canary failed is never started.
+    other = Node(me="node-b")
+    other.leases.put("upgrade", upgrade_record(V3, "node-z", "failed-after-migrating",
+                                               other.clock()))
+    with pytest.raises(ContainerError, match="canary failed"):
+        other.roll.once(FakePass(other.cfg, other.docker, other.store, V3))
+    assert other.quay() == (V1.version, V1.digest, "running")
+
+
+def test_run_once_keeps_a_quay_that_differs_only_by_the_entry_point():
+    node = Node()
+    node.leases.put("database", {"image": V3.digest, "tag": V3.tag, "at": 0})
+    before = node.docker.named("quay").id
+    assert node.roll.once(FakePass(node.cfg, node.docker, node.store, V1)).healthy
+    assert node.docker.named("quay").id == before  # serving; rolled forward later
 
 
 def test_a_rollback_onto_a_database_a_newer_image_migrated_starts_without_migrating():
