@@ -235,14 +235,32 @@ class Roll:
         cfg = one.cfg
         verdicts = self.verdicts(cfg.stack)
         claimed = []
+        away = []  # the records could not be read or written: a plain pass, as before them
+
+        def records(call, *args):
+            if away:
+                return None
+            try:
+                return call(*args)
+            except ContainerError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any store fault: the records are away
+                log.warning("rollout.records_unavailable", error=str(err),
+                            note="run --once goes on without the canary and database records; "
+                                 "the daemon needs them (write access beside the stack)")
+                away.append(err)
+                return None
 
         def entry(base):
-            spec = self.entry(base, verdicts)
+            spec = records(self.entry, base, verdicts) or base
             if spec is not base and one.decide(base)[1].kind == "adopt":
                 return base  # as Roll.apply: behind the database, but serving
             return spec
 
         def before_start(spec) -> None:
+            records(gated, spec)
+
+        def gated(spec) -> None:
             image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
             verdict = verdicts.gate(image, tag, cfg.rollout.lease_ttl)
             if verdict == "stop":
@@ -261,7 +279,7 @@ class Roll:
             state = canary_mod.HEALTHY if outcome.healthy else (
                 canary_mod.FAILED_AFTER if self._migrated(one, spec, outcome.container_id)
                 else canary_mod.FAILED_BEFORE)
-            verdicts.finish(image, tag, state)
+            records(verdicts.finish, image, tag, state)
         return outcome
 
     def _hold(self, new: Live, why: str, probe) -> Rolled:

@@ -361,7 +361,7 @@ class Cluster:
 
     def add_node(self, tag: str) -> ClusterNode:
         index = len(self.nodes) + len(self.extra)
-        made = make_node(index, imds=self.spare["imds"][index], tag=tag, kind=type(self.nodes[0]),
+        made = make_node(index, imds=self.spare["imds"][index], tag=tag,
                          **{k: v for k, v in self.spare.items() if k != "imds"})
         self.extra.append(made)
         return made

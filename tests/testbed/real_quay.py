@@ -113,7 +113,7 @@ def archive(tag: str) -> Path:
     if not path.exists():
         raise Unavailable(
             f"Quay's source for {tag} is not at {path} (the shared folder beside this clone, or "
-            "QB_QUAY_SOURCES): fetch tag {tag} of quay/quay as a .tar.gz there to run the "
+            f"QB_QUAY_SOURCES): put tag {tag} of quay/quay there as {RELEASES[tag]} to run the "
             "real-Quay tests")
     return path
 

@@ -506,6 +506,17 @@ def test_run_once_goes_through_the_canary_gate():
     assert other.quay() == (V1.version, V1.digest, "running")
 
 
+def test_run_once_on_a_store_that_refuses_the_records_is_a_plain_pass():
+    """A store without writes for this role (a 501, a 403): run --once still puts Quay in place,
+    as before the records existed, and says so."""
+    node = Node()
+    node.leases.fail("create", OSError("501 Not Implemented"), times=5)
+    with captured_logs() as logs:
+        outcome = node.roll.once(FakePass(node.cfg, node.docker, node.store, V3))
+    assert outcome.healthy and node.quay() == (V3.version, V3.digest, "running")
+    assert len(events(logs, "rollout.records_unavailable")) == 1
+
+
 def test_run_once_keeps_a_quay_that_differs_only_by_the_entry_point():
     node = Node()
     node.leases.put("database", {"image": V3.digest, "tag": V3.tag, "at": 0})
