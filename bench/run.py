@@ -27,7 +27,8 @@ def main() -> int:
     rounds = ["--rounds", str(args.rounds)]
     benchmarks = {"once_vs_init_script": rounds, "roll": rounds, "fetch_vs_sync": rounds,
                   "cli_startup": ["--rounds", str(args.runs)],
-                  "watchdog": rounds + ["--idle-seconds", args.idle_seconds]}
+                  "watchdog": rounds + ["--idle-seconds", args.idle_seconds],
+                  "real_quay": ["--rounds", str(min(args.rounds, 3))]}
     codes, results = {}, {}
     for name, extra in benchmarks.items():
         path = RESULTS / f"{name}.json"
