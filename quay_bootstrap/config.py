@@ -166,6 +166,10 @@ class ContainerConfig(_Section):
         if "QUAYENTRY" in value:
             raise ValueError("QUAYENTRY overrides the entry point the agent picks (registry, or "
                              "registry-nomigrate for an image older than the database): remove it")
+        if "," in value.get("QUAY_DISTRIBUTED_STORAGE_PREFERENCE", ""):
+            # app.py: .split(), so "a,b" is one location that no config names.
+            raise ValueError("QUAY_DISTRIBUTED_STORAGE_PREFERENCE has a comma: Quay splits it on "
+                             "spaces, not commas; write the locations space-separated")
         services = value.get("QUAY_SERVICES")
         if services and services.strip():
             # supervisord_conf_create.py: a comma list; only the services named there start.

@@ -93,3 +93,40 @@ def test_a_hostile_agent_config_is_refused_and_quay_keeps_running(node, edit, co
     assert got == code, out + err[-2000:]
     assert says in err and SECRET not in out + err
     assert_nothing_lost(node, before)
+
+
+# Issue 16: what real Quay showed would fail for good once started, refused before it is.
+@pytest.mark.parametrize("overrides,where,says", [
+    ({"PREFERRED_URL_SCHEME": "http"}, "ssl.key", "503"),  # TLS on anyway: self-checks fail
+    ({"EXTERNAL_TLS_TERMINATION": True}, "ssl.key", "EXTERNAL_TLS_TERMINATION is true"),
+    ({"DISTRIBUTED_STORAGE_PREFERENCE": ["local_us"]}, "DISTRIBUTED_STORAGE_PREFERENCE",
+     "pushes would fail"),
+])
+def test_a_stack_quay_would_fail_on_for_good_is_refused_and_quay_keeps_running(node, overrides,
+                                                                            where, says):
+    from tests.testbed.stacks import quay_config
+
+    healthy_run(node)
+    before = snapshot(node)
+    node.backend.put("config.yaml", yaml.safe_dump(quay_config(**overrides)).encode())
+    code, out, err = node.agent.run("run", "--once")
+    assert code == 78, out + err[-2000:]
+    assert where in err and says in err
+    assert_nothing_lost(node, before)
+
+
+@pytest.mark.parametrize("env,code,says", [
+    ({"QUAYENTRY": "registry"}, 78, "QUAYENTRY overrides the entry point"),
+    ({"QUAY_SERVICES": "nginx,gunicorn-web"}, 78, "QUAY_SERVICES leaves out gunicorn-registry"),
+    ({"QUAY_DISTRIBUTED_STORAGE_PREFERENCE": "default,other"}, 78, "on spaces, not commas"),
+])
+def test_a_container_env_that_breaks_quay_is_refused_and_quay_keeps_running(node, env, code,
+                                                                             says):
+    healthy_run(node)
+    before = snapshot(node)
+    node.agent.config_path.write_text(mutated(lambda c: c["container"]["env"].update(env))(
+        node.agent.config_path.read_text()))
+    got, out, err = node.agent.run("run", "--once")
+    assert got == code, out + err[-2000:]
+    assert says in err and "container.env" in err
+    assert_nothing_lost(node, before)

@@ -254,3 +254,10 @@ def test_quay_services_must_keep_what_health_instance_needs(services, ok):
     with pytest.raises(ConfigError) as caught:
         parse_config(text)
     assert "QUAY_SERVICES leaves out" in str(caught.value) and "gunicorn-registry" in str(caught.value)
+
+
+def test_a_storage_preference_with_commas_in_the_container_env_is_refused():
+    with pytest.raises(ConfigError, match="spaces, not commas"):
+        parse_config(MINIMAL + "container: {env: {QUAY_DISTRIBUTED_STORAGE_PREFERENCE: 'a,b'}}\n")
+    cfg = parse_config(MINIMAL + "container: {env: {QUAY_DISTRIBUTED_STORAGE_PREFERENCE: 'a b'}}\n")
+    assert cfg.container.env["QUAY_DISTRIBUTED_STORAGE_PREFERENCE"] == "a b"
