@@ -202,10 +202,7 @@ class Roll:
         if action.kind in ("create", "replace"):  # "go" at once where the version is known good
             canary = verdicts.gate(image, tag, cfg.rollout.lease_ttl)
             if canary == "stop":
-                raise ContainerError(f"the cluster's canary failed on {image}, so it is not "
-                                     "started here", where=cfg.image.lock or "image.reference",
-                                     hint="Fix the image or the stack, then change the lock "
-                                          "(or image.reference) again")
+                raise _canary_failed(cfg, image)
         if action.kind in ("create", "replace") and not spec.command:
             verdicts.migrating(image, tag)
         _, container_id = one.reconcile(one.docker, spec, (found, action))
@@ -264,10 +261,7 @@ class Roll:
             image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
             verdict = verdicts.gate(image, tag, cfg.rollout.lease_ttl)
             if verdict == "stop":
-                raise ContainerError(f"the cluster's canary failed on {image}, so it is not "
-                                     "started here", where=cfg.image.lock or "image.reference",
-                                     hint="Fix the image or the stack, then change the lock "
-                                          "(or image.reference) again")
+                raise _canary_failed(cfg, image)
             if verdict == "canary":
                 claimed.append(spec)
             if not spec.command:
@@ -332,3 +326,10 @@ class Roll:
         if where not in self._leases:
             self._leases[where] = self.open_leases(stack)
         return self._leases[where]
+
+
+def _canary_failed(cfg, image: str) -> ContainerError:
+    return ContainerError(f"the cluster's canary failed on {image}, so it is not started here",
+                          where=cfg.image.lock or "image.reference",
+                          hint="Fix the image or the stack, then change the lock (or "
+                               "image.reference) again")

@@ -909,6 +909,20 @@ def import_busybox_image(
     return client.images.get(f"{repository}:{tag}").id
 
 
+def import_base(client, tar: Path, repository: str) -> str:
+    """REPOSITORY:KEY (KEY: the tar's name after its last dash) in CLIENT's dockerd, imported
+    from the root file system TAR when missing."""
+    reference = f"{repository}:{tar.stem.rsplit('-', 1)[-1]}"
+    if client.images.list(name=reference):
+        return reference
+    out = client.api.import_image_from_file(str(tar), repository=repository,
+                                            tag=reference.rsplit(":", 1)[1])
+    for line in str(out).splitlines():
+        if line.strip() and "error" in json.loads(line):
+            raise TestbedError(f"import of {tar.name} failed: {line}")
+    return reference
+
+
 def push_image(
     client, repository: str, tag: str, auth_config: dict[str, str] | None = None
 ) -> str | None:

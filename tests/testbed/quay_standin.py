@@ -84,26 +84,13 @@ def _version_files(tag: str) -> bytes:
     return buf.getvalue()
 
 
-def _base_image(client) -> str:
-    tar = rootfs_tar()
-    reference = f"{BASE_REPOSITORY}:{tar.stem.rsplit('-', 1)[-1]}"
-    if client.images.list(name=reference):
-        return reference
-    name, tag = reference.split(":")
-    out = client.api.import_image_from_file(str(tar), repository=name, tag=tag)
-    for line in str(out).splitlines():
-        if line.strip() and "error" in json.loads(line):
-            raise bed.TestbedError(f"import of the stand-in base failed: {line}")
-    return reference
-
-
 def build(client, registry: str, tags: tuple[str, ...] = tuple(VERSIONS)) -> dict[str, str]:
     """Make and push REGISTRY/projectquay/quay:TAG for each tag; return {tag: reference}.
 
     The first call on a dockerd imports the cached root file system (seconds; the first
     debootstrap ever takes about a minute); each version is then a small layer on top.
     """
-    base = _base_image(client)
+    base = bed.import_base(client, rootfs_tar(), BASE_REPOSITORY)
     script_key = hashlib.sha256(SCRIPT.read_bytes()).hexdigest()[:12]
     made = {}
     for tag in tags:

@@ -37,8 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.e2e.machine import CACHE, REPO, _mirror
+from tests.e2e.machine import CACHE, REPO
 from tests.testbed import bed
+from tests.testbed.standin_rootfs import debootstrap_tar
 
 SOURCES = Path(os.environ.get("QB_QUAY_SOURCES", REPO.parent / "shared" / "quay"))
 RELEASES = {"v3.17.4": "quay-v3.17.4.tar.gz", "v3.18.0": "quay-v3.18.0.tar.gz"}
@@ -133,28 +134,14 @@ def _recipe_key() -> str:
 
 def rootfs_tar(cache: Path = CACHE) -> Path:
     """The cached base root file system; debootstrap (about a minute) when missing."""
-    key = hashlib.sha256(" ".join(PACKAGES + PRUNE).encode()).hexdigest()[:12]
-    tar = cache / f"real-quay-bookworm-{key}.tar"
-    if tar.exists():
-        return tar
-    cache.mkdir(parents=True, exist_ok=True)
-    root = cache / f"real-quay-rootfs-{key}.tmp"
-    shutil.rmtree(root, ignore_errors=True)
-    subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-                    "bookworm", str(root), _mirror()], check=True, stdout=subprocess.DEVNULL)
-    for sub in PRUNE:
-        shutil.rmtree(root / sub, ignore_errors=True)
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    # As Quay's Dockerfile: nginx logs to the container's output.
-    for name in ("access.log", "error.log"):
-        log = root / "var/log/nginx" / name
-        log.unlink(missing_ok=True)
-        log.symlink_to("/dev/stdout")
-    partial = tar.with_suffix(".partial")
-    subprocess.run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(partial), "."], check=True)
-    partial.rename(tar)
-    shutil.rmtree(root, ignore_errors=True)
-    return tar
+    def finish(root: Path) -> None:
+        # As Quay's Dockerfile: nginx logs to the container's output.
+        for name in ("access.log", "error.log"):
+            log = root / "var/log/nginx" / name
+            log.unlink(missing_ok=True)
+            log.symlink_to("/dev/stdout")
+
+    return debootstrap_tar("real-quay", PACKAGES, PRUNE, cache, finish)
 
 
 def _requirements(src: Path, vendor: Path) -> str:
@@ -266,23 +253,10 @@ def _write_layer(stage: Path, out: Path) -> None:
         tar.addfile(link)
 
 
-def _base_image(client) -> str:
-    tar = rootfs_tar()
-    reference = f"{BASE_REPOSITORY}:{tar.stem.rsplit('-', 1)[-1]}"
-    if client.images.list(name=reference):
-        return reference
-    name, tag = reference.split(":")
-    out = client.api.import_image_from_file(str(tar), repository=name, tag=tag)
-    for line in str(out).splitlines():
-        if line.strip() and "error" in json.loads(line):
-            raise bed.TestbedError(f"import of the real-Quay base failed: {line}")
-    return reference
-
-
 def image(client, tag: str, repository: str) -> str:
     """REPOSITORY:TAG of real Quay TAG in CLIENT's dockerd (made when missing or stale)."""
     layer = layer_tar(tag)
-    base = _base_image(client)
+    base = bed.import_base(client, rootfs_tar(), BASE_REPOSITORY)
     reference = f"{repository}:{tag}"
     key = f"{base}/{layer.stem}"
     try:

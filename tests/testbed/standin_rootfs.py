@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 from tests.e2e.machine import CACHE, _mirror
 
@@ -20,18 +21,26 @@ PRUNE = ["var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/sh
 
 def rootfs_tar(cache: Path = CACHE) -> Path:
     """The cached tar of the stand-in's base root file system; built (about a minute) when missing."""
-    key = hashlib.sha256(" ".join(PACKAGES + PRUNE).encode()).hexdigest()[:12]
-    tar = cache / f"standin-bookworm-{key}.tar"
+    return debootstrap_tar("standin", PACKAGES, PRUNE, cache)
+
+
+def debootstrap_tar(name: str, packages, prune, cache: Path = CACHE,
+                    finish: Callable[[Path], None] = lambda root: None) -> Path:
+    """CACHE/NAME-bookworm-KEY.tar: a debootstrap minbase bookworm with PACKAGES, PRUNE emptied,
+    FINISH(root) applied; KEY follows the packages and the pruning. Built when missing."""
+    key = hashlib.sha256(" ".join([*packages, *prune]).encode()).hexdigest()[:12]
+    tar = cache / f"{name}-bookworm-{key}.tar"
     if tar.exists():
         return tar
     cache.mkdir(parents=True, exist_ok=True)
-    root = cache / f"standin-rootfs-{key}.tmp"
+    root = cache / f"{name}-rootfs-{key}.tmp"
     shutil.rmtree(root, ignore_errors=True)
-    subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+    subprocess.run(["debootstrap", "--variant=minbase", f"--include={','.join(packages)}",
                     "bookworm", str(root), _mirror()], check=True, stdout=subprocess.DEVNULL)
-    for sub in PRUNE:
+    for sub in prune:
         shutil.rmtree(root / sub, ignore_errors=True)
         (root / sub).mkdir(parents=True, exist_ok=True)
+    finish(root)
     partial = tar.with_suffix(".partial")
     subprocess.run(["tar", "-C", str(root), "--numeric-owner", "-cf", str(partial), "."], check=True)
     partial.rename(tar)
