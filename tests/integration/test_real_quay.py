@@ -288,7 +288,13 @@ def test_a_jwt_auth_outage_is_shared_and_a_hung_gunicorn_is_local(real_node, rea
                  "Quay's error without a service list for the JWT outage")
         wait_for(lambda: '"health.shared_outage"' in run.log, 30,
                  lambda: "the shared outage; log:\n" + run.log[-3000:])
-        time.sleep(10)  # ten probes and their pings, each a failure were it local
+
+        def agent_pings() -> int:  # nginx's access log: the agent's pings after a failed probe
+            return sum(1 for line in real_node.logs().splitlines()
+                       if "GET /v1/_internal_ping" in line and "quay-bootstrap" in line)
+
+        # Eight failed probes answered by pings: four times failure_threshold, were it local.
+        wait_for(lambda: agent_pings() >= 8, 60, lambda: "eight pings; log:\n" + run.log[-3000:])
         assert '"container.restarting"' not in run.log
         assert '"instance.marking_unhealthy"' not in run.log
         assert real_node.found().id == first
