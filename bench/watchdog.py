@@ -21,7 +21,8 @@ one round out of the next.
              /status `since`, or the floor's first 200), who started Quay first, its starts.
     detect   health.interval 1s, timeout 1s, failure_threshold 3; once healthy, at a random
              point of an interval, /control/state becomes `fail web_gunicorn` (503) or `hang`;
-             time to `container.restarting` against the bound threshold x interval + timeout.
+             time to `container.restarting` against the bound threshold x interval + timeout + the
+             2 s ping timeout.
     idle     An agent (health.interval 10s) healthy for 2 s, then for IDLE_SECONDS its CPU
              (/proc/PID/stat) as % of one core and its peak RSS (VmHWM); in the same seconds a
              bash loop `curl -fsS URL; sleep 10` (CPU with its children, from the launcher).
@@ -45,7 +46,8 @@ from common import HOST, BenchError, Poller, stats, until
 GOAL_RESTART_S, GOAL_CPU_PCT, GOAL_RSS_MIB = 0.5, 0.5, 64.0
 SETTLE_S = 11.0
 DETECT = {"interval": 1.0, "timeout": 1.0, "failure_threshold": 3}
-BOUND_S = DETECT["failure_threshold"] * DETECT["interval"] + DETECT["timeout"]
+# A probe without a verdict asks Quay's pings; the hung gunicorn's gives up after PING_TIMEOUT.
+BOUND_S = DETECT["failure_threshold"] * DETECT["interval"] + DETECT["timeout"] + 2.0
 MODES = {"fail": "fail web_gunicorn", "hang": "hang"}
 SIDES = ("agent_kill", "agent_crash", "docker_crash")
 BASELINE = """\

@@ -160,7 +160,8 @@ class Prober:
 
     The timeout is above Quay's own worst case (a slow shared database must not look like a
     hung node), so a probe may take that long; the next one still starts on the cadence, beside
-    it, so a hung Quay is seen within failure_threshold x interval + timeout. An answer older
+    it, so a hung Quay is seen within failure_threshold x interval + timeout + PING_TIMEOUT (a
+    probe without a verdict asks Quay's pings; the hung gunicorn's gives up after that). An answer older
     than one already fed is dropped. While Quay may still be starting (`fast` set) it probes
     every START_POLL, one at a time, to see "ready" at once; `wake` probes now.
 

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from quay_bootstrap.stores import LeaseStore
 
 log = structlog.get_logger(__name__)
+# How long a failed canary's current run may take to end before its logs are read: longer, and
+# it may be migrating, so it counts as migrated (canary.migrated_in).
+VERDICT_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -212,13 +215,16 @@ class Roll:
         return one.live(), False, Rolled(
             "started", canary=(verdicts, image, tag) if canary == "canary" else None)
 
-    @staticmethod
-    def _migrated(one: Pass, spec, container_id: str) -> bool:
-        """Whether a failed start may have migrated the database (canary.migrated_in): Docker
-        is told not to start it again first, so "exited" stays true while its logs are read."""
+    def _migrated(self, one: Pass, spec, container_id: str) -> bool:
+        """Whether a failed start may have migrated the database (canary.migrated_in). Docker
+        is told not to start it again, and a run it had already started again is given
+        VERDICT_WAIT to end (a failing validation ends within seconds), so its logs are whole."""
         if spec.command:
             return False  # registry-nomigrate
         one.docker.leave_restarts_to_the_agent(container_id)
+        deadline = self.clock() + VERDICT_WAIT
+        while one.docker.running(container_id) and self.clock() < deadline:
+            self.sleep(min(self.poll, 1.0))
         return canary_mod.migrated_in(one.docker.logs(container_id),
                                       exited=not one.docker.running(container_id))
 
