@@ -217,14 +217,16 @@ class Roll:
 
     def _migrated(self, one: Pass, spec, container_id: str) -> bool:
         """Whether a failed start may have migrated the database (canary.migrated_in). Docker
-        is told not to start it again, and a run it had already started again is given
-        VERDICT_WAIT to end (a failing validation ends within seconds), so its logs are whole."""
+        is told not to start it again, and a run it had already started again after an exit is
+        given VERDICT_WAIT to end (a failing validation ends within seconds), so its logs are
+        whole. One still on its first run is judged at once (running: in doubt, migrated)."""
         if spec.command:
             return False  # registry-nomigrate
         one.docker.leave_restarts_to_the_agent(container_id)
-        deadline = self.clock() + VERDICT_WAIT
-        while one.docker.running(container_id) and self.clock() < deadline:
-            self.sleep(min(self.poll, 1.0))
+        if one.docker.restart_count(container_id):  # a run after an exit: let it end
+            deadline = self.clock() + VERDICT_WAIT
+            while one.docker.running(container_id) and self.clock() < deadline:
+                self.sleep(min(self.poll, 1.0))
         return canary_mod.migrated_in(one.docker.logs(container_id),
                                       exited=not one.docker.running(container_id))
 

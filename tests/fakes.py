@@ -82,6 +82,7 @@ class FakeContainer:
     spec: Optional[Spec] = None
     logs: str = ""  # what Quay printed; "runmigration.sh" once its migration step ran
     restart_policy: str = "unless-stopped"
+    restarts: int = 0  # by Docker's restart policy
 
 
 # Calls that change a container; a test asserts on them to prove "nothing was touched".
@@ -204,7 +205,8 @@ class FakeDocker(_Loud):
 
     def restart_count(self, container_id: str) -> int:
         self._call("restart_count", container_id)
-        return 0
+        found = self.containers.get(container_id)
+        return found.restarts if found else 0
 
     def restart_quay(self, spec: Spec, recreate: bool, exited: bool,
                      expect: Callable[[Tuple[str, ...]], None]) -> Optional[str]:

@@ -470,6 +470,21 @@ def test_a_canary_docker_restarted_after_its_migration_failed_is_held():
     assert node.docker.named("quay").restart_policy == "no"  # read once Docker would not restart it
 
 
+def test_a_canary_docker_started_again_gets_time_to_end_its_run_before_the_verdict():
+    node = Node()
+    began = node.clock()
+
+    def verdict(container_id):
+        found = node.docker.containers[container_id]
+        found.logs = "Running init script '/quay-registry/conf/init/d_validate_config_bundle.sh'\n"
+        found.restarts = 1  # exited, and Docker started it again: this run has not ended
+        return False
+
+    rolled = node.apply(V3, verdicts=[verdict])
+    assert node.clock() - began >= 30  # VERDICT_WAIT: it might have reached its migration
+    assert rolled.result == "held"  # still running after it: in doubt, migrated
+
+
 def test_run_once_moves_the_database_record_before_a_migrating_start():
     node = Node()
     one = FakePass(node.cfg, node.docker, node.store, V3)
