@@ -20,7 +20,10 @@ from tests.testbed.quay_standin import HEADS
 
 
 def started_at(node):
-    return node.found().attrs["State"]["StartedAt"]
+    """When the node's Quay last started; None while there is none (read once: the agent may
+    remove it between two reads)."""
+    found = node.found()
+    return found.attrs["State"]["StartedAt"] if found is not None else None
 
 
 @pytest.mark.standin
@@ -200,7 +203,7 @@ def test_an_old_quay_restarted_after_another_node_migrated_still_serves(node, da
     wait_for(lambda: agent.status().get("degraded"), 10, "the node to see it is behind")
     before, killed = started_at(node), time.time()
     node.docker.api.kill(node.name)
-    wait_for(lambda: node.found() is not None and started_at(node) != before, 10, "a restart")
+    wait_for(lambda: started_at(node) not in (None, before), 10, "a restart")
     # Started without migrating (registry-nomigrate): it serves, degraded until rolled forward.
     wait_for(lambda: "serving on" in node.logs(killed) or "Can't locate" in node.logs(killed), 15,
              "the restarted Quay serving or failing")

@@ -104,7 +104,8 @@ def test_an_upgrade_through_the_canary_and_a_killed_old_node_coming_back_without
         victim = nodes[1]
         killed = victim.found().id
         victim.docker.api.kill(killed)
-        wait_for(lambda: victim.found() is not None and victim.found().id != killed
+        # found() once per check: the agent may remove the container between two reads.
+        wait_for(lambda: (back := victim.found()) is not None and back.id != killed
                  and victim.serving(timeout=5), 240,
                  lambda: "the killed node serving again; log:\n" + victim.log()[-4000:])
         back = victim.found()
@@ -116,7 +117,7 @@ def test_an_upgrade_through_the_canary_and_a_killed_old_node_coming_back_without
         for node in nodes[1:]:
             node.setup(image_tag="v3.18.0")
         sighup(nodes[1:])
-        wait_all(lambda n: n.found() is not None and n.found().image.id == n.image_id("v3.18.0")
+        wait_all(lambda n: (now := n.found()) is not None and now.image.id == n.image_id("v3.18.0")
                  and n.agent_run.status().get("state") == "healthy" and n.serving(timeout=5),
                  nodes, 600, "every node on v3.18.0")
         ended = time.time()
