@@ -9,12 +9,12 @@ PYTEST_ARGS ?=
 # where no 3.9 interpreter exists.
 PY39 ?= $(firstword $(wildcard /usr/bin/python3.9 /usr/local/bin/python3.9 $(HOME)/.pyenv/versions/3.9*/bin/python3.9))
 
-.PHONY: help deps venv lint unit py39 test bench dist install demo demo-clean clean
+.PHONY: help deps venv lint unit py39 test soak bench dist install demo demo-clean clean
 
 help:
 	@echo "make demo   - run 'quay-bootstrap run --once' against a local object store, registry and Docker"
 	@echo "make test   - install what is needed, start the test bed, lint, run every test, stop the bed"
-	@echo "make lint | unit | bench | dist | install | clean"
+	@echo "make lint | unit | soak | bench | dist | install | clean"
 
 deps:
 	@bash tests/testbed/install-debian.sh
@@ -36,10 +36,16 @@ lint: venv
 unit: venv
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
+# The roll's model-based test with a long, random budget (make test runs a fixed 60 examples).
+SOAK_EXAMPLES ?= 3000
+soak: venv
+	QB_MODEL_EXAMPLES=$(SOAK_EXAMPLES) QB_MODEL_STEPS=80 $(PY) -m pytest -q -p no:cacheprovider \
+	  tests/unit/test_roll_model.py $(PYTEST_ARGS)
+
 py39: venv
 	@if [ -z "$(PY39)" ]; then echo "py39: no python3.9 here; vermin still checks 3.9 syntax"; exit 0; fi; \
 	  if [ ! -f .venv39/.installed ] || [ setup.cfg -nt .venv39/.installed ]; then \
-	    $(PY39) -m venv .venv39 && .venv39/bin/pip install -q -e . pytest && touch .venv39/.installed; fi; \
+	    $(PY39) -m venv .venv39 && .venv39/bin/pip install -q -e . pytest hypothesis && touch .venv39/.installed; fi; \
 	  .venv39/bin/python -m pytest -q -p no:cacheprovider tests/unit
 
 # The bed is stopped even when the tests fail; the suite's status is what make returns.

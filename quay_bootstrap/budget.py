@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import structlog
 
@@ -41,6 +41,13 @@ class LeaseBody:
             return None  # unreadable: treated as expired, so it cannot block the cluster
 
 
+def swap(store: LeaseStore, key: str, got: Optional[Tuple[bytes, str]], body: bytes) -> bool:
+    """The one compare-and-swap on the lease store: write `body` over exactly what `got` read
+    (`store.get(key)`: None for an absent object, created only if still absent). False when
+    another node wrote in between."""
+    return store.create(key, body) if got is None else store.replace(key, body, got[1])
+
+
 def may_take(current: Optional[LeaseBody], me: str, now: float) -> bool:
     """Pure: whether a slot whose lease reads `current` can be taken by `me` at `now`."""
     return current is None or current.holder == me or current.expires <= now
@@ -64,12 +71,12 @@ class Budget:
             key = f"lease-{slot}"
             got = self.store.get(key)
             if got is None:
-                if self.store.create(key, body):
+                if swap(self.store, key, got, body):
                     return slot
                 continue
             current = LeaseBody.decode(got[0])
-            if may_take(current, self.me, self.clock()) and self.store.replace(key, body, got[1]):
-                if current and current.holder != self.me:
+            if may_take(current, self.me, self.clock()) and swap(self.store, key, got, body):
+                if current and current.holder != self.me and current.expires > 0:  # not released
                     log.warning("rollout.lease_taken_over", slot=slot, from_holder=current.holder,
                                 expired_seconds_ago=round(self.clock() - current.expires, 1))
                 return slot
@@ -120,7 +127,7 @@ class Budget:
         current = None if got is None else LeaseBody.decode(got[0])
         body = LeaseBody(self.me, self.clock() + self.ttl, reason).encode()
         if current is None or current.holder != self.me or current.expires <= self.clock() or \
-                not self.store.replace(key, body, got[1]):
+                not swap(self.store, key, got, body):
             log.error("rollout.lease_lost", slot=slot, holder=self.me,
                       now_held_by=current.holder if current else None)
             return False
@@ -145,10 +152,50 @@ class Budget:
                         # An expired lease in place of ours, conditional on what was just read:
                         # a node that took an overrun lease over in between keeps it (a plain
                         # delete would remove its lease too, and a third node would get in).
-                        self.store.replace(key, LeaseBody(self.me, 0.0, "released").encode(),
-                                           got[1])
+                        swap(self.store, key, got, LeaseBody(self.me, 0.0, "released").encode())
         except Exception as err:  # noqa: BLE001 - the lease expires by itself
             log.error("rollout.lease_release_failed", slot=slot, error=str(err),
                       note=f"the other nodes wait until it expires ({self.ttl:g}s)")
             return
         log.info("rollout.lease_released", slot=slot, holder=self.me)
+
+
+class Lease:
+    """A slot of the budget this node holds: kept alive from a thread of its own until it is
+    released. A context manager (released on exit); `release` is idempotent. `held` is the
+    registry of this node's leases that /status shows (act, slot, reason)."""
+
+    def __init__(self, budget: Budget, slot: int, reason: str,
+                 held: Optional[Dict[str, dict]] = None) -> None:
+        self.budget, self.slot, self.reason = budget, slot, reason
+        self._held = held if held is not None else {}
+        self._key = f"{budget.me}#{slot}"
+        self._released = False
+        budget.keep(slot, reason)
+        self._held[self._key] = {"holder": budget.me, "slot": slot, "reason": reason}
+
+    @classmethod
+    def take(cls, budget: Budget, reason: str, sleep: Callable[[float], None],
+             poll: float = 2.0, held: Optional[Dict[str, dict]] = None) -> "Lease":
+        """Wait for a slot (Budget.acquire) and keep it."""
+        return cls(budget, budget.acquire(reason, sleep, poll), reason, held)
+
+    @classmethod
+    def try_take(cls, budget: Budget, reason: str,
+                 held: Optional[Dict[str, dict]] = None) -> Optional["Lease"]:
+        """A slot now, or None when all are held."""
+        slot = budget.try_acquire(reason)
+        return None if slot is None else cls(budget, slot, reason, held)
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._held.pop(self._key, None)
+        self.budget.release(self.slot)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

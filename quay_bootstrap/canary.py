@@ -15,6 +15,8 @@ from typing import Callable, Optional, Tuple
 
 import structlog
 
+from quay_bootstrap.budget import swap
+
 log = structlog.get_logger(__name__)
 
 UPGRADE = "upgrade"  # the canary record: {image, tag, canary, state, since}
@@ -81,6 +83,7 @@ class Verdicts:
     def __init__(self, leases, me: str, sleep: Callable[[float], None],
                  clock: Callable[[], float] = time.time, poll: float = 2.0) -> None:
         self.leases, self.me, self.sleep, self.clock, self.poll = leases, me, sleep, clock, poll
+        self.waiting_for: Optional[str] = None  # the canary `ask` last said to wait for
 
     def _read(self, key: str):
         got = self.leases.get(key)
@@ -90,10 +93,24 @@ class Verdicts:
         return self._read(DATABASE)[0]
 
     def gate(self, image: str, tag: str, ttl: float) -> str:
-        """Before this node starts `image` for the first time: "canary" (this node goes first;
-        the record says so), "go" (the canary was healthy) or "stop" (it failed). Waits while
-        another node's canary is rolling; a canary silent for `ttl` is taken over."""
+        """`ask` until it answers: "canary", "go" or "stop" (waits while another node's canary
+        is rolling; SIGTERM ends the wait)."""
         waited = False
+        while True:
+            answer = self.ask(image, tag, ttl)
+            if answer != "wait":
+                return answer
+            if not waited:
+                log.info("rollout.waiting_for_canary", image=image, canary=self.waiting_for)
+                waited = True
+            self.sleep(self.poll)
+
+    def ask(self, image: str, tag: str, ttl: float, claim: bool = True) -> str:
+        """Before this node starts `image` for the first time, once, without waiting: "canary"
+        (this node goes first; the record says so), "go" (the canary was healthy), "stop" (it
+        failed) or "wait" (another node's canary is rolling). A canary silent for `ttl` is
+        taken over; a lost race for the record is asked again at once. Without `claim`, the
+        record is only read, and "free" says this node could claim it."""
         while True:
             record, got = self._read(UPGRADE)
             now = self.clock()
@@ -101,9 +118,9 @@ class Verdicts:
                 now - float(record.get("since", 0)) > ttl
             if record is None or record.get("image") != image or stale or \
                     record.get("state") == OPEN:
-                body = self._body(image, tag, ROLLING)
-                if self.leases.create(UPGRADE, body) if got is None else \
-                        self.leases.replace(UPGRADE, body, got[1]):
+                if not claim:
+                    return "free"
+                if swap(self.leases, UPGRADE, got, self._body(image, tag, ROLLING)):
                     log.info("rollout.canary", image=image, node=self.me)
                     return "canary"
                 continue
@@ -116,17 +133,23 @@ class Verdicts:
                                               "change the lock again")
                 return "stop"
             if record.get("canary") == self.me:
-                return "canary"  # this agent restarted mid-upgrade
-            if not waited:
-                log.info("rollout.waiting_for_canary", image=image, canary=record.get("canary"))
-                waited = True
-            self.sleep(self.poll)
+                return "canary" if claim else "free"  # this agent restarted mid-upgrade
+            self.waiting_for = record.get("canary")
+            return "wait"
 
-    def migrating(self, image: str, tag: str) -> None:
+    def claimed(self, image: str) -> bool:
+        """Whether this node is the rolling canary of `image` (its agent restarted mid-canary:
+        the Quay it adopts still owes the cluster a verdict)."""
+        record = self._read(UPGRADE)[0]
+        return bool(record) and (record.get("image"), record.get("canary"),
+                                 record.get("state")) == (image, self.me, ROLLING)
+
+    def migrating(self, image: str, tag: str, attempts: int = 10) -> None:
         """Before this node starts `image` with the migrating entry point: the database record
         moves to it (never back to an older version), so no node starts an older image with
-        `registry` afterwards, even if this agent dies before any verdict."""
-        while True:
+        `registry` afterwards, even if this agent dies before any verdict. A write lost to
+        another node is read again, `attempts` times at most, a poll apart."""
+        for attempt in range(attempts):
             record, got = self._read(DATABASE)
             if record and record.get("image") == image:
                 return
@@ -135,16 +158,19 @@ class Verdicts:
                 return  # a newer one migrated already
             body = json.dumps({"image": image, "tag": tag, "by": self.me,
                                "at": self.clock()}).encode()
-            if self.leases.create(DATABASE, body) if got is None else \
-                    self.leases.replace(DATABASE, body, got[1]):
+            if swap(self.leases, DATABASE, got, body):
                 return
+            if attempt + 1 < attempts:
+                self.sleep(self.poll)
+        raise RuntimeError(f"the database record beside the leases changed {attempts} times "
+                           "while this node tried to write it; not started")
 
     def touch(self, image: str) -> None:
         """While the canary waits for a lease: its claim is alive, not stale."""
         record, got = self._read(UPGRADE)
         if record and (record.get("image"), record.get("canary"), record.get("state")) == \
                 (image, self.me, ROLLING):
-            self.leases.replace(UPGRADE, self._body(image, record.get("tag", ""), ROLLING), got[1])
+            swap(self.leases, UPGRADE, got, self._body(image, record.get("tag", ""), ROLLING))
 
     def finish(self, image: str, tag: str, state: str) -> None:
         """The canary's verdict, only over this node's own claim of this image."""
@@ -153,7 +179,7 @@ class Verdicts:
             log.warning("rollout.verdict_not_recorded", image=image, verdict=state,
                         record=record, why="another node claimed the canary meanwhile")
             return
-        self.leases.replace(UPGRADE, self._body(image, tag, state), got[1])
+        swap(self.leases, UPGRADE, got, self._body(image, tag, state))
 
     def _body(self, image: str, tag: str, state: str) -> bytes:
         return json.dumps({"image": image, "tag": tag, "canary": self.me, "state": state,

@@ -2,15 +2,28 @@
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, Dict, Iterable, List, Literal, Mapping, Optional, Tuple, Union
+from typing import (
+    Annotated,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Tuple,
+    Union,
+)
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.functional_validators import AfterValidator, BeforeValidator
 
-from quay_bootstrap import safe_yaml, stores
+from quay_bootstrap import config_checks as checks
+from quay_bootstrap import safe_yaml
+from quay_bootstrap.config_checks import HEALTH_SERVICES as HEALTH_SERVICES
 from quay_bootstrap.errors import ConfigError
 from quay_bootstrap.units import parse_duration, parse_size
 
@@ -23,26 +36,12 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
-def _port_mapping(value: str) -> str:
-    if not re.fullmatch(r"(\d{1,3}(\.\d{1,3}){3}:)?\d{1,5}:\d{1,5}(/(tcp|udp))?", value):
-        raise ValueError(f"{value!r} is not HOST:CONTAINER or IP:HOST:CONTAINER, e.g. 443:8443")
-    return value
-
-
-PortMapping = Annotated[str, AfterValidator(_port_mapping)]
+PortMapping = Annotated[str, AfterValidator(checks.port_mapping)]
 
 
 class _Section(BaseModel):
     # Frozen and strict: a typo is an error, never a silent default.
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _check_url(value: str, schemes: Tuple[str, ...], what: str) -> str:
-    scheme, sep, rest = value.partition("://")
-    if not sep or scheme not in schemes or not rest.strip("/"):
-        wanted = ", ".join(f"{s}://..." for s in schemes)
-        raise ValueError(f"{value!r} is not a {what} URL; expected one of {wanted}")
-    return value
 
 
 class StackConfig(_Section):
@@ -62,19 +61,17 @@ class StackConfig(_Section):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str) -> str:
-        return _check_url(value, stores.schemes(), "stack source")
+        return checks.stack_source(value)
 
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: Optional[str]) -> Optional[str]:
-        return None if value is None else _check_url(value, ("http", "https"), "endpoint")
+        return checks.endpoint_url(value)
 
     @field_validator("owner")
     @classmethod
     def _owner(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+:\d+", value):
-            raise ValueError("expected numeric UID:GID such as 1001:0 (Quay's user and group)")
-        return value
+        return checks.owner(value)
 
     @property
     def uid_gid(self) -> Tuple[int, int]:
@@ -111,27 +108,12 @@ class ImageConfig(_Section):
     @field_validator("lock")
     @classmethod
     def _lock(cls, value: Optional[str]) -> Optional[str]:
-        if value is None:
-            return None
-        _check_url(value, stores.schemes(), "image lock")
-        rest = value.partition("://")[2].strip("/")
-        if value.startswith(("s3://", "gs://")) and "/" not in rest:
-            raise ValueError(f"{value!r} names a bucket; the lock is one object, e.g. "
-                             "s3://my-quay-config/quay-lock.yaml")
-        return value
+        return checks.lock_url(value)
 
     @field_validator("allowed_tags")
     @classmethod
     def _regex(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as err:
-            raise ValueError(f"not a valid regular expression: {err}") from None
-        return value
-
-
-# The supervisord programs /health/instance needs (Quay's conf/init/supervisord_conf_create.py).
-HEALTH_SERVICES = ("nginx", "gunicorn-web", "gunicorn-registry")
+        return checks.regex(value)
 
 
 class ContainerConfig(_Section):
@@ -152,34 +134,12 @@ class ContainerConfig(_Section):
     @field_validator("env", "sysctls", mode="before")
     @classmethod
     def _stringify(cls, value: Any) -> Any:
-        # YAML reads `4096` and `true` as numbers and booleans; Docker wants strings.
-        if isinstance(value, dict):
-            return {k: (str(v).lower() if isinstance(v, bool) else str(v))
-                    if isinstance(v, (int, float, bool)) else v for k, v in value.items()}
-        return value
+        return checks.stringify(value)
 
     @field_validator("env")
     @classmethod
     def _quay_env(cls, value: Dict[str, str]) -> Dict[str, str]:
-        # quay-entrypoint.sh reads QUAYENTRY before its argument: the agent's registry-nomigrate
-        # (an image older than the database) would be silently ignored, and alembic would fail.
-        if "QUAYENTRY" in value:
-            raise ValueError("QUAYENTRY overrides the entry point the agent picks (registry, or "
-                             "registry-nomigrate for an image older than the database): remove it")
-        if "," in value.get("QUAY_DISTRIBUTED_STORAGE_PREFERENCE", ""):
-            # app.py: .split(), so "a,b" is one location that no config names.
-            raise ValueError("QUAY_DISTRIBUTED_STORAGE_PREFERENCE has a comma: Quay splits it on "
-                             "spaces, not commas; write the locations space-separated")
-        services = value.get("QUAY_SERVICES")
-        if services and services.strip():
-            # supervisord_conf_create.py: a comma list; only the services named there start.
-            named = {s.strip() for s in services.split(",") if s.strip()}
-            missing = [s for s in HEALTH_SERVICES if s not in named]
-            if missing:
-                raise ValueError(f"QUAY_SERVICES leaves out {', '.join(missing)}: without them "
-                                 "/health/instance answers 502 or 503 forever; add them or remove "
-                                 "QUAY_SERVICES")
-        return value
+        return checks.quay_env(value)
 
 
 # Quay's /health/instance runs its checks one after another: gunicorn 2 s each, the database a
@@ -206,20 +166,7 @@ class HealthConfig(_Section):
     @field_validator("url")
     @classmethod
     def _url(cls, value: Optional[str]) -> Optional[str]:
-        if value is None:
-            return None
-        _check_url(value, ("http", "https"), "health")
-        from urllib.parse import urlsplit
-
-        try:
-            parts = urlsplit(value)
-            if parts.port == 0:
-                raise ValueError("port 0")
-        except ValueError as err:
-            raise ValueError(f"{value!r} is not a valid URL: {err}") from None
-        if not parts.hostname:
-            raise ValueError(f"{value!r} names no host")
-        return value
+        return checks.health_url(value)
 
 
 class RestartConfig(_Section):
@@ -251,20 +198,12 @@ class ReportConfig(_Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        # An explicit host: ":9101" or "0:9101" would silently listen on every address.
-        match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|\d{1,3}(?:\.\d{1,3}){3}|[A-Za-z][A-Za-z0-9.-]*)"
-                             r":(\d{1,5})", value)
-        if not match or not 0 < int(match.group(2)) < 65536 or not _address(match.group(1)):
-            raise ValueError("expected HOST:PORT with an explicit host, such as 127.0.0.1:9101, "
-                             "[::1]:9101, or 0.0.0.0:9101 for a load balancer")
-        return value
+        return checks.listen(value)
 
     @field_validator("on_unhealthy", mode="before")
     @classmethod
     def _argv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            raise ValueError("give the command as a list of arguments; it runs without a shell")
-        return value
+        return checks.argv(value)
 
 
 class RolloutConfig(_Section):
@@ -306,37 +245,11 @@ class Config(_Section):
 
     def secrets(self) -> List[str]:
         """Values in this config to mask in every output: secret-named container.env values, and
-        the arguments of report.on_unhealthy that may be a credential: a URL (a webhook's path
-        is often its token), `user:password`, `name=value`, or a token-like word. Plain words
-        ("quay-bootstrap", "/usr/bin/logger") are left readable."""
+        the arguments of report.on_unhealthy that may be a credential (checks.secret_args)."""
         from quay_bootstrap.logs import SECRET_NAME
 
         found = [v for k, v in self.container.env.items() if SECRET_NAME.search(k)]
-        argv = self.report.on_unhealthy or []
-        return found + [a for a in argv[1:] if not a.startswith("-") and len(a) >= 8
-                        and (any(c in a for c in ":=@") or _TOKEN_LIKE.search(a))]
-
-
-def _address(host: str) -> bool:
-    """A valid IP address (IPv6 in brackets) or a host name."""
-    import ipaddress
-
-    if host.startswith("["):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-            return True
-        except ValueError:
-            return False
-    if host[0].isdigit():
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return False
-    return True
-
-
-# Letters and digits mixed, 12 or more: what an API token or a webhook's path secret looks like.
-_TOKEN_LIKE = re.compile(r"(?=[\w.~+/-]*\d)(?=[\w.~+/-]*[A-Za-z])[\w.~+/-]{12,}")
+        return found + checks.secret_args(self.report.on_unhealthy or [])
 
 
 def config_path(cli_value: Optional[str], environ: Mapping[str, str]) -> str:

@@ -46,7 +46,7 @@ class Node:
         self.stopping = threading.Event()  # the agent stops or the instance drains
         self.rolling = False
         self._lock = threading.Lock()  # one act on the container at a time
-        self._slot = None  # (budget, slot) a restart of a running Quay holds until healthy
+        self._lease = None  # budget.Lease: a restart's, or a held node's, until it is healthy
         self.canary = None  # a first start's canary, judged by the watch (first_verdict)
 
     # --- what runs ----------------------------------------------------------------------------
@@ -73,11 +73,12 @@ class Node:
             self.docker.leave_restarts_to_the_agent(self.live.container_id)
         self.held = rolled.report(self.board, self.held)
         self.canary = rolled.canary or self.canary
-        if rolled.slot is not None:  # held: out of service, the slot stays taken until healthy
-            if self._slot is None:
-                self._slot = rolled.slot
+        if rolled.lease is not None:  # held: out of service, the slot stays taken until healthy
+            if self._lease is None:
+                self._lease = rolled.lease
             else:
-                rolled.slot[0].release(rolled.slot[1])
+                rolled.lease.release()
+        self._show_leases()
 
     def first_verdict(self, phase: str) -> None:
         """A first start that was the canary: healthy says so to the cluster. Failing says
@@ -131,14 +132,13 @@ class Node:
                 self.feed(watchdog.RestartFailed(self.clock(), str(err), action))
 
     def _take_slot(self, action) -> bool:
-        if self._slot is None:
-            budget = self.roll.budget(self.live.cfg, "restart")
-            slot = budget.try_acquire(f"restart: {action.reason}")
-            if slot is None:
-                return False
-            budget.keep(slot, f"restart: {action.reason}")
-            self._slot = (budget, slot)
-        return True
+        from quay_bootstrap.budget import Lease
+
+        if self._lease is None:
+            self._lease = Lease.try_take(self.roll.budget(self.live.cfg, "restart"),
+                                         f"restart: {action.reason}", self.roll.held)
+            self._show_leases()
+        return self._lease is not None
 
     def drain(self, stop_quay: Callable[[], None], lifecycle) -> None:
         """The instance is leaving: no roll starts a replacement any more, one in progress
@@ -149,10 +149,14 @@ class Node:
 
     def healthy(self) -> None:
         """Quay answers again: a restart's slot goes back to the cluster."""
-        if self._slot is not None:
-            budget, slot = self._slot
-            self._slot = None
-            budget.release(slot)
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            lease.release()
+            self._show_leases()
+
+    def _show_leases(self) -> None:
+        """The slots of the cluster's budget this node holds, in /status."""
+        self.board.update(leases=sorted(self.roll.held.values(), key=lambda lease: lease["slot"]))
 
     # --- rolls --------------------------------------------------------------------------------
     def start_roll(self, one_for: Callable, cfg, why: str) -> None:

@@ -273,7 +273,9 @@ def resolve_image(cfg: Config, sleep: Callable[[float], None] = time.sleep,
     if not image.lock:
         return resolve(image.reference, image.allowed_tags)
     cache = {} if cache is None else cache
-    opened = ("lock", image.lock, cfg.stack.endpoint_url, cfg.stack.region)
+    # Every stack setting the client is made from (stores' client()): a changed CA bundle
+    # must not keep verifying the store with the old one.
+    opened = ("lock", image.lock, cfg.stack.endpoint_url, cfg.stack.region, cfg.stack.ca_bundle)
     if opened not in cache:
         cache[opened] = open_object(image.lock, cfg.stack)
     source, key = cache[opened]

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 import structlog
 
 from quay_bootstrap import canary as canary_mod
-from quay_bootstrap.budget import Budget
+from quay_bootstrap import roll_states as states
+from quay_bootstrap.budget import Budget, Lease
 from quay_bootstrap.canary import Verdicts
 from quay_bootstrap.container import (
     IMAGE_DIGEST,
@@ -51,7 +52,7 @@ class Rolled:
     behind: bool = False
     # A first start that is the canary: (verdicts, image, tag), judged by the watch.
     canary: Optional[tuple] = None
-    slot: Optional[tuple] = None  # (budget, slot) a held node keeps while it is out of service
+    lease: Optional[Lease] = None  # what a held node keeps while it is out of service
 
     def report(self, board, held: Optional[str] = None) -> Optional[str]:
         """On the status board first, then in the log, so what the log says /status says.
@@ -96,92 +97,154 @@ class Roll:
         self.clock = clock
         self.poll = poll
         self._leases: Dict[tuple, LeaseStore] = {}
+        self._failures: Dict[tuple, Tuple[int, float]] = {}  # key -> (failures, retry at)
+        self.held: Dict[str, dict] = {}  # the leases this node holds, for /status
 
     def apply(self, one: Pass, live: Live, why: str,
               touching: Callable[[], None] = lambda: None) -> Rolled:
-        """Args: the pass for the new config; what the node runs; why (for the log);
+        """The shell around roll_states: does what the machine asks, one step at a time, and
+        hands it what happened. Every wait (a verdict, a lease) is followed by fresh facts.
+
+        Args: the pass for the new config; what the node runs; why (for the log);
         `touching` is called just before Quay's container is first stopped or replaced."""
         cfg = one.cfg
         verdicts = self.verdicts(cfg.stack)
-        base = one.prepare()  # fetched, validated, pulled: Quay is untouched so far
-        spec = self.entry(base, verdicts)
-        decided = one.decide(spec)
-        action = decided[1]
-        if spec is not base and action.kind == "replace" and one.decide(base)[1].kind == "adopt":
-            return Rolled("unchanged", cfg=cfg, behind=True)  # only the entry point differs
-        key = (spec.labels[STACK_VERSION], spec.labels[IMAGE_DIGEST], spec.labels[SPEC_HASH])
-        image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
-        if action.kind == "adopt":
-            log.debug("rollout.unchanged", why=why)
-            return Rolled("unchanged", cfg=cfg)
-        if action.kind != "replace":  # missing, stopped or not ours: the watchdog's business
-            log.info("rollout.skipped", why=why, action=action.kind, reason=action.reason)
-            return Rolled("skipped")
-        if one.store.is_rejected(*key):
-            one.store.switch_current(live.stack_version)
-            log.debug("rollout.still_rejected", version=key[0][:12], image=key[1])
-            return Rolled("rejected")
-        canary = None
-        if image != live.spec.labels[IMAGE_DIGEST]:
-            canary = verdicts.gate(image, tag, cfg.rollout.lease_ttl)
-            if canary == "stop":
-                one.store.reject(*key)
-                one.store.switch_current(live.stack_version)
-                return Rolled("stopped")
-        budget = self.budget(cfg)
-
-        def sleep(seconds: float) -> None:  # waiting for a lease: the canary's claim stays alive
-            self.sleep(seconds)
-            if canary == "canary":
-                verdicts.touch(image)
-
-        slot = budget.acquire(f"{why}: {action.reason}", sleep, self.poll)
-        kept = None  # a held node stays out of service: its slot stays taken
+        run = _Run(one, live, why)
+        state, todo = states.start()
+        lease: Optional[Lease] = None
         try:
-            budget.keep(slot, f"{why}: {action.reason}")
-            log.info("rollout.replacing", why=why, reason=action.reason,
-                     canary=canary == "canary", version=key[0], image=key[1])
-            touching()
-            if not spec.command:
-                verdicts.migrating(image, tag)
-            # Decided again: while this roll waited, the watchdog may have recreated Quay.
-            _, container_id = one.reconcile(one.docker, spec)
-            probe = one.wait_healthy(container_id)
-            new = Live(cfg, spec, key[0], container_id, one.health_url)
-            if probe.ok:
-                one.store.mark_known_good(key[0])
-                if canary == "canary":
-                    verdicts.finish(image, tag, canary_mod.HEALTHY)
-                return Rolled("applied", new, cfg,
-                              {"why": why, "result": "applied", "version": key[0],
-                               "image": key[1]},
-                              ("info", "rollout.applied",
-                               {"why": why, "version": key[0], "image": key[1]}))
-            one.store.reject(*key)
-            if canary == "canary":
-                after = self._migrated(one, spec, container_id)
-                verdicts.finish(image, tag, canary_mod.FAILED_AFTER if after
-                                else canary_mod.FAILED_BEFORE)
-                if after:
-                    kept = (budget, slot)
-                    return replace(self._hold(new, why, probe), slot=kept)
-            log.error("rollout.rolling_back", why=why, version=key[0], image=key[1],
-                      error=probe.error, services=probe.services)
-            one.store.switch_current(live.stack_version)
-            old = self.entry(live.spec, verdicts)
-            _, container_id = one.reconcile(one.docker, old)
-            back = one.wait_healthy(container_id)
-            return Rolled("rolled back", replace(live, spec=old, container_id=container_id),
-                          live.cfg,
-                          {"why": why, "result": "rolled back", "rejected_version": key[0],
-                           "rejected_image": key[1], "error": probe.error},
-                          ("warning", "rollout.rolled_back",
-                           {"version": live.stack_version, "healthy": back.ok,
-                            "rejected": key[0],
-                            "note": "not retried until the source changes again"}))
+            while not states.terminal(state):
+                if todo == states.RELEASE_AND_GATHER:
+                    log.info("rollout.replanned", why=why, note="the source, the database or "
+                             "the canary changed while this node waited: planned again")
+                if todo in (states.RELEASE_AND_GATHER, states.RELEASE_AND_WAIT):
+                    lease.release()
+                    lease = None
+                if todo in (states.WAIT_FOR_VERDICT, states.RELEASE_AND_WAIT):
+                    if not run.waited:
+                        log.info("rollout.waiting_for_canary", image=run.target.image,
+                                 canary=verdicts.waiting_for)
+                        run.waited = True
+                    self.sleep(self.poll)
+                if todo in (states.GATHER, states.RELEASE_AND_GATHER, states.WAIT_FOR_VERDICT,
+                            states.RELEASE_AND_WAIT):
+                    event = states.Gathered(self._facts(run, verdicts))
+                elif todo in (states.PEEK, states.CLAIM):
+                    event = states.Verdict(verdicts.ask(run.target.image, run.target.tag,
+                                                        cfg.rollout.lease_ttl,
+                                                        claim=todo == states.CLAIM))
+                elif todo == states.ACQUIRE:
+                    lease = Lease.take(self.budget(cfg), f"{why}: {run.reason}", self.sleep,
+                                       self.poll, self.held)
+                    event = states.LeaseTaken()
+                elif todo == states.REPLACE:
+                    log.info("rollout.replacing", why=why, reason=run.reason,
+                             canary=state.canary, version=run.target.version,
+                             image=run.target.image)
+                    touching()
+                    if not run.spec.command:
+                        verdicts.migrating(run.target.image, run.target.tag)
+                    # Decided again: while this roll waited, the watchdog may have recreated it.
+                    _, run.container_id = one.reconcile(one.docker, run.spec)
+                    event = states.Started()
+                elif todo == states.WAIT_HEALTHY:
+                    run.probe = probe = one.wait_healthy(run.container_id)
+                    failing = frozenset(k for k, v in (probe.services or {}).items() if not v)
+                    event = states.Health(probe.ok, probe.error or "", failing,
+                                          not probe.ok and state.canary and
+                                          self._migrated(one, run.spec, run.container_id))
+                elif todo == states.ROLL_BACK:
+                    log.error("rollout.rolling_back", why=why, version=run.target.version,
+                              image=run.target.image, error=state.error,
+                              services=run.probe.services)
+                    one.store.switch_current(live.stack_version)
+                    run.back_spec = self.entry(live.spec, verdicts)
+                    _, run.container_id = one.reconcile(one.docker, run.back_spec)
+                    event = states.RolledBack(one.wait_healthy(run.container_id).ok)
+                else:
+                    raise states.BadTransition(f"nothing does {todo!r}")
+                state, todo = states.step(state, event, frozenset(cfg.health.shared_services))
+            rolled = self._finish(state, run, verdicts, lease)
+            if isinstance(state, states.Held):
+                lease = None  # a held node stays out of service: its slot stays taken
+            return rolled
         finally:
-            if kept is None:
-                budget.release(slot)
+            if lease is not None:
+                lease.release()
+
+    def _facts(self, run: "_Run", verdicts: Verdicts) -> states.Facts:
+        """Fresh facts: the stack fetched and the lock read again, the entry point from the
+        database record now, what reconciling would do now."""
+        one = run.one
+        base = one.prepare()  # fetched, validated, pulled: Quay is untouched so far
+        run.spec = spec = self.entry(base, verdicts)
+        found, action = one.decide(spec)
+        run.reason, run.action = action.reason, action.kind
+        run.target = target = _target(spec)
+        failures, until = self._failures.get(target.key, (0, 0.0))
+        return states.Facts(
+            target, _target(run.live.spec), action.kind,
+            only_entry_point=spec is not base and action.kind == "replace" and
+            one.decide(base)[1].kind == "adopt",
+            rejected=action.kind == "replace" and one.store.is_rejected(*target.key),
+            backoff_until=until, now=self.clock())
+
+    def _finish(self, state, run: "_Run", verdicts: Verdicts, lease: Optional[Lease]) -> Rolled:
+        """What the machine's end means for the node, the stack folder and the records."""
+        one, live, why, target = run.one, run.live, run.why, run.target
+        cfg = one.cfg
+        if isinstance(state, states.Held):
+            one.store.reject(*target.key)
+            verdicts.finish(target.image, target.tag, canary_mod.FAILED_AFTER)
+            new = Live(cfg, run.spec, target.version, run.container_id, one.health_url)
+            return replace(self._hold(new, why, run.probe), lease=lease)
+        result = state.result
+        if result == "unchanged":
+            log.debug("rollout.unchanged", why=why)
+            return Rolled("unchanged", cfg=cfg, behind=state.behind)
+        if result == "skipped":  # missing, stopped or not ours: the watchdog's business
+            log.info("rollout.skipped", why=why, action=run.action, reason=run.reason)
+            return Rolled("skipped")
+        if result in ("rejected", "backing off"):
+            one.store.switch_current(live.stack_version)
+            log.debug("rollout.still_rejected" if result == "rejected" else "rollout.backing_off",
+                      why=why, version=target.version[:12], image=target.image)
+            return Rolled(result)
+        if result == "stopped":
+            one.store.reject(*target.key)
+            one.store.switch_current(live.stack_version)
+            return Rolled("stopped")
+        if state.verdict:
+            verdicts.finish(target.image, target.tag, state.verdict)
+        if result == "applied":
+            self._failures.pop(target.key, None)
+            new = Live(cfg, run.spec, target.version, run.container_id, one.health_url)
+            fields = {"why": why, "version": target.version, "image": target.image}
+            if state.pending:
+                log.warning("rollout.canary_unjudged", image=target.image, error=state.error,
+                            note="only shared services failed: the verdict waits for them")
+            else:
+                one.store.mark_known_good(target.version)
+            return Rolled("applied", new, cfg, {**fields, "result": "applied"},
+                          ("info", "rollout.applied", fields),
+                          canary=(verdicts, target.image, target.tag) if state.pending else None)
+        # rolled back
+        if state.reject:
+            one.store.reject(*state.reject)
+            note = "not retried until the source changes again"
+        else:
+            failures = self._failures.get(target.key, (0, 0.0))[0] + 1
+            wait = states.backoff(failures)
+            self._failures[target.key] = (failures, self.clock() + wait)
+            note = f"no evidence against the change ({state.blame}): tried again in {wait:g}s"
+        return Rolled("rolled back", replace(live, spec=run.back_spec,
+                                             container_id=run.container_id), live.cfg,
+                      {"why": why, "result": "rolled back", "rejected_version": target.version,
+                       "rejected_image": target.image, "error": state.error,
+                       "blame": state.blame},
+                      ("warning", "rollout.rolled_back",
+                       {"version": live.stack_version, "healthy": state.blame != states.SHARED,
+                        "rejected": target.version, "blame": state.blame, "note": note}))
 
     def first(self, one: Pass) -> Tuple[Live, bool, Rolled]:
         """The daemon's first pass after the agent (re)starts. A running Quay that drifted (a
@@ -193,19 +256,29 @@ class Roll:
         the others wait for its verdict. Returns (live, deferred, the canary's outcome)."""
         cfg = one.cfg
         verdicts = self.verdicts(cfg.stack)
-        spec = self.entry(one.prepare(), verdicts)
-        found, action = one.decide(spec)
-        if action.kind == "replace" and found.status in ("running", "restarting") and \
-                found.labels.get(MANAGED) == "true":
-            log.info("rollout.deferred", reason=action.reason,
-                     note="Quay keeps running; the change goes through the cluster's budget")
-            return one.adopt_running(found), True, Rolled("deferred")
-        image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
-        canary = None
-        if action.kind in ("create", "replace"):  # "go" at once where the version is known good
-            canary = verdicts.gate(image, tag, cfg.rollout.lease_ttl)
-            if canary == "stop":
-                raise _canary_failed(cfg, image)
+        waited = False
+        while True:  # after a wait for another node's canary, decided again from fresh facts
+            spec = self.entry(one.prepare(), verdicts)
+            found, action = one.decide(spec)
+            if action.kind == "replace" and found.status in ("running", "restarting") and \
+                    found.labels.get(MANAGED) == "true":
+                log.info("rollout.deferred", reason=action.reason,
+                         note="Quay keeps running; the change goes through the cluster's budget")
+                return one.adopt_running(found), True, Rolled("deferred")
+            image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
+            canary = "canary" if action.kind == "adopt" and verdicts.claimed(image) else None
+            if action.kind in ("create", "replace"):  # "go" at once where it is known good
+                canary = verdicts.ask(image, tag, cfg.rollout.lease_ttl)
+                if canary == "stop":
+                    raise _canary_failed(cfg, image)
+                if canary == "wait":
+                    if not waited:
+                        log.info("rollout.waiting_for_canary", image=image,
+                                 canary=verdicts.waiting_for)
+                        waited = True
+                    self.sleep(self.poll)
+                    continue
+            break
         if action.kind in ("create", "replace") and not spec.command:
             verdicts.migrating(image, tag)
         _, container_id = one.reconcile(one.docker, spec, (found, action))
@@ -334,6 +407,30 @@ class Roll:
         if where not in self._leases:
             self._leases[where] = self.open_leases(stack)
         return self._leases[where]
+
+
+@dataclass
+class _Run:
+    """What one roll learnt so far (the shell's scratch; the machine's state is elsewhere)."""
+
+    one: Pass
+    live: Live
+    why: str
+    spec: object = None
+    target: Optional[states.Target] = None
+    reason: str = ""
+    action: str = ""
+    container_id: str = ""
+    probe: object = None
+    back_spec: object = None
+    waited: bool = False
+
+
+def _target(spec) -> states.Target:
+    return states.Target(spec.labels[STACK_VERSION], spec.labels[IMAGE_DIGEST],
+                         spec.labels.get(IMAGE_TAG, ""),
+                         canary_mod.NOMIGRATE if spec.command else canary_mod.MIGRATING,
+                         spec.labels[SPEC_HASH])
 
 
 def _canary_failed(cfg, image: str) -> ContainerError:

@@ -9,6 +9,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import FrozenSet, List, Optional, Tuple
 
+# The observations and actions live in watchdog_events.py; every one is importable from here.
+from quay_bootstrap.watchdog_events import (
+    Applied,
+    ClearUnhealthy,
+    Died,
+    Expect,
+    Log,
+    MarkKnownGood,
+    MarkUnhealthy,
+    Missing,
+    Probed,
+    Ready,
+    Restart,
+    RestartDeferred,
+    RestartFailed,
+    Started,
+    Tick,
+    from_docker,
+)
+
+__all__ = ["Policy", "State", "step", "RESET_AFTER", "REMINDER_EVERY",
+           # observations
+           "Probed", "Died", "Started", "Missing", "Tick", "Applied", "Expect", "RestartDeferred",
+           "RestartFailed", "from_docker",
+           # actions
+           "Restart", "MarkUnhealthy", "ClearUnhealthy", "Ready", "MarkKnownGood", "Log"]
+
 # How long a node must stay healthy before the restart backoff starts again from the beginning.
 RESET_AFTER = 600.0
 
@@ -30,126 +57,6 @@ class Policy:
                    cfg.health.success_threshold, cfg.restart.backoff_initial,
                    cfg.restart.backoff_max, cfg.restart.unhealthy_after, cfg.restart.window,
                    frozenset(cfg.health.shared_services))
-
-
-# --- observations ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Probed:
-    at: float
-    ok: bool
-    services: Tuple[Tuple[str, bool], ...] = ()
-    error: str = ""
-    status: Optional[int] = None
-    rds_unavailable: bool = False  # report.rds set and RDS says the DB is not `available`
-    # Quay's own pings (health.gunicorns_alive) answered after a probe that named no failing
-    # service (timed out, or an error without Quay's body): both gunicorns live.
-    gunicorns_alive: bool = False
-
-
-@dataclass(frozen=True)
-class Died:
-    at: float
-    exit_code: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class Started:
-    at: float
-
-
-@dataclass(frozen=True)
-class Missing:
-    """The container is gone (removed by someone): recreate it."""
-
-    at: float
-
-
-@dataclass(frozen=True)
-class Tick:
-    at: float
-
-
-@dataclass(frozen=True)
-class Applied:
-    """A pass or a roll put Quay's container in place (or adopted it): a fresh watch begins.
-
-    `started_at`: when the container started (an adopted one keeps its age, so it is not given
-    a fresh start period). Docker events up to `quiet_until` were caused by the change itself.
-    """
-
-    at: float
-    started_at: float
-    quiet_until: float
-
-
-@dataclass(frozen=True)
-class Expect:
-    """The agent is about to act on the container itself: each of `kinds` ("die", "start",
-    "destroy") is an echo of that act, consumed once, until `until`; with `everything`, every
-    event up to `until` is (a roll that failed, a drain)."""
-
-    at: float
-    until: float
-    kinds: Tuple[str, ...] = ()
-    everything: bool = False
-
-
-@dataclass(frozen=True)
-class RestartDeferred:
-    """The restart waits for a slot of the cluster's budget: it did not happen, it is not
-    counted, and it is tried again after `backoff_initial`."""
-
-    at: float
-    reason: str
-
-
-@dataclass(frozen=True)
-class RestartFailed:
-    """Docker refused the restart (of `restart`): it is due again at the next tick, unless
-    Docker's restart policy brings Quay back first (its start event then counts)."""
-
-    at: float
-    reason: str
-    restart: Optional["Restart"] = None
-
-
-# --- actions --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Restart:
-    """Restart Quay (recreate it when its container is gone)."""
-
-    reason: str
-    recreate: bool = False
-    exited: bool = False  # caused by a die event: Docker's restart policy may already have acted
-
-
-@dataclass(frozen=True)
-class MarkUnhealthy:
-    reason: str
-
-
-@dataclass(frozen=True)
-class ClearUnhealthy:
-    pass
-
-
-@dataclass(frozen=True)
-class Ready:
-    """The first healthy verdict since the agent started (systemd READY=1)."""
-
-
-@dataclass(frozen=True)
-class MarkKnownGood:
-    """Quay answered healthy on the stack it mounts: the one to go back to."""
-
-
-@dataclass(frozen=True)
-class Log:
-    event: str
-    level: str = "info"
-    fields: Tuple[Tuple[str, object], ...] = ()
 
 
 # --- state ----------------------------------------------------------------------------------
@@ -194,13 +101,6 @@ REMINDER_EVERY = 300.0
 
 
 _EVENT_KINDS = {Died: "die", Started: "start", Missing: "destroy"}
-
-
-def from_docker(action: str, exit_code: Optional[int], at: float):
-    """The observation for one of Docker's container events (die, start, destroy)."""
-    if action == "die":
-        return Died(at, exit_code)
-    return Started(at) if action == "start" else Missing(at)
 
 
 def step(state: State, seen, policy: Policy) -> Tuple[State, List]:
@@ -262,7 +162,8 @@ def _probed(state: State, probe: Probed, policy: Policy) -> Tuple[State, List]:
         successes = state.successes + 1
         state = replace(state, successes=successes, failures=0)
         if state.phase == "shared-outage":
-            actions.append(Log("health.shared_outage_ended", fields=(("seconds", now - state.since),)))
+            actions.append(Log("health.shared_outage_ended",
+                               fields=(("seconds", now - state.since),)))
             state = replace(state, phase="starting", since=now)
         if successes >= policy.success_threshold and state.phase != "healthy":
             actions.append(Log("health.healthy", fields=(("after", state.phase),)))
@@ -352,8 +253,8 @@ def _restarted(state: State, now: float, policy: Policy) -> Tuple[State, List]:
     backoff = policy.backoff_max if marked else min(
         max(state.backoff * 2, policy.backoff_initial), policy.backoff_max)
     return replace(state, restarts=restarts, last_restart=now, backoff=backoff, pending=None,
-                   recreate=False, exited=False, started_at=now, failures=0, successes=0, marked=marked,
-                   phase="starting", since=now, container_up=True,
+                   recreate=False, exited=False, started_at=now, failures=0, successes=0,
+                   marked=marked, phase="starting", since=now, container_up=True,
                    undo=replace(state, undo=None)), actions
 
 

@@ -1,4 +1,5 @@
-"""Object stores: the stack source and the rollout leases, one module per URL scheme, one registry."""
+"""Object stores: the stack source and the rollout leases, one module per URL scheme, one
+registry."""
 from __future__ import annotations
 
 import importlib
@@ -7,17 +8,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from quay_bootstrap.errors import ConfigError, CorruptDownload
+from quay_bootstrap.schemes import SCHEMES as SCHEMES
+from quay_bootstrap.schemes import schemes as schemes
 
 if TYPE_CHECKING:
     from quay_bootstrap.config import StackConfig
 
-# The one place a URL scheme is mapped to its store. Modules are imported on first use, so
-# `quay-bootstrap --help` never loads boto3 or google-cloud-storage.
-SCHEMES: Dict[str, str] = {
-    "s3": "quay_bootstrap.stores.s3",
-    "gs": "quay_bootstrap.stores.gcs",
-    "file": "quay_bootstrap.stores.file",
-}
+# SCHEMES, the one place a URL scheme is mapped to its store's module (imported on first use, so
+# `quay-bootstrap --help` never loads boto3 or google-cloud-storage), lives in schemes.py: the
+# agent config checks URLs against it without importing the stores, which name its types.
 
 # Bytes asked of a body at a time once an object is too big for one read: large enough that
 # a stack of small files costs one call each, small enough that a store sending more than it
@@ -128,11 +127,6 @@ class Store:
     leases: LeaseStore
 
 
-def schemes() -> Tuple[str, ...]:
-    """The URL schemes there is a store for, in the order to suggest them."""
-    return tuple(SCHEMES)
-
-
 def provider(url: str) -> Provider:
     """The module serving `url`'s scheme, imported now.
 
@@ -154,7 +148,8 @@ def lease_prefix(stack_source: str) -> str:
 
 
 def open_store(stack: "StackConfig", *, concurrency: Optional[int] = None) -> Store:
-    """The stack source and its leases on one client (concurrency: stack.concurrency unless given)."""
+    """The stack source and its leases on one client (concurrency: stack.concurrency unless
+    given)."""
     module = provider(stack.source)
     client = module.client(stack.source, stack, concurrency or stack.concurrency)
     return Store(source=module.Source(stack.source, client),
@@ -187,7 +182,8 @@ def open_object(url: str, stack: Optional["StackConfig"] = None) -> Tuple[StackS
 
 
 def split_bucket_url(url: str) -> tuple:
-    """('bucket', 'prefix/') from s3://bucket/prefix or gs://bucket/prefix/ ('' for the whole bucket)."""
+    """('bucket', 'prefix/') from s3://bucket/prefix or gs://bucket/prefix/ ('' for the whole
+    bucket)."""
     rest = url.partition("://")[2]
     bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")

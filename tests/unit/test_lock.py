@@ -114,3 +114,29 @@ def test_allowed_tags_are_full_matches_and_never_admit_a_floating_tag(allowed, t
     else:
         with pytest.raises(LockViolation):
             check_policy(ref, allowed)
+
+
+def test_a_lock_client_is_not_shared_by_configs_with_different_ca_bundles(monkeypatch):
+    # The lock's client is cached across passes (pipeline.resolve_image): a config naming
+    # another CA bundle must get a client that verifies with it, not the one opened before.
+    from quay_bootstrap import pipeline
+    from quay_bootstrap.config import parse_config
+
+    class Lock:
+        def get(self, key):
+            return b"reference: quay.io/projectquay/quay:v3.9.0\n"
+
+    opened = []
+
+    def open_object(url, stack):
+        opened.append(stack.ca_bundle)
+        return Lock(), "quay-lock.yaml"
+
+    monkeypatch.setattr(pipeline, "open_object", open_object)
+    cache: dict = {}
+    for bundle in ("/etc/pki/a.pem", "/etc/pki/b.pem", "/etc/pki/a.pem"):
+        cfg = parse_config(f"stack: {{source: 's3://cfg/stack', ca_bundle: '{bundle}'}}\n"
+                           "image: {reference: 'quay.io/projectquay/quay:v3.9.0', "
+                           "lock: 's3://cfg/quay-lock.yaml'}\n")
+        pipeline.resolve_image(cfg, cache=cache)
+    assert [str(b) for b in opened] == ["/etc/pki/a.pem", "/etc/pki/b.pem"]

@@ -32,6 +32,8 @@ from tests.fakes import (
 )
 
 TTL = 600.0  # rollout.lease_ttl's default
+# A new image on the same stack: a failure can only be the image's (roll_states.blame).
+V3_IMAGE = Release(V1.version, V3.digest, V3.image_id, V3.tag)
 POLL = 2.0
 
 
@@ -154,7 +156,7 @@ def test_not_healthy_rolls_back_to_the_old_stack_and_image_and_rejects_the_chang
     node = Node()
     old_id = node.live.container_id
     with captured_logs() as logs:
-        rolled = node.apply(V3, verdicts=[_ended_in_validation(node), True])
+        rolled = node.apply(V3_IMAGE, verdicts=[_ended_in_validation(node), True])
 
     assert rolled.result == "rolled back"
     # The old spec runs again, in a new container (the failed one was replaced).
@@ -167,7 +169,7 @@ def test_not_healthy_rolls_back_to_the_old_stack_and_image_and_rejects_the_chang
     assert node.leases.leases() == {}
     assert node.leases.record()["state"] == "failed-before-migrating"
     assert rolled.change["result"] == "rolled back"
-    assert rolled.change["rejected_version"] == V3.version
+    assert rolled.change["rejected_version"] == V3_IMAGE.version
     assert "web_gunicorn" in rolled.change["error"]
     assert events(logs, "rollout.rolling_back")[0]["log_level"] == "error"
     # Logged by the daemon once the board shows it (see test_daemon).
@@ -176,7 +178,7 @@ def test_not_healthy_rolls_back_to_the_old_stack_and_image_and_rejects_the_chang
     # The same change again (the next refresh fetches it again): not tried, Quay untouched.
     node.docker.calls.clear()
     with captured_logs() as logs:
-        again = node.apply(V3)
+        again = node.apply(V3_IMAGE)
     assert again == Rolled("rejected")
     assert node.docker.mutations() == []
     assert node.quay() == (V1.version, V1.digest, "running")
@@ -405,7 +407,7 @@ def test_a_canary_that_failed_after_migrating_is_held_not_rolled_back():
     assert node.leases.record()["state"] == "failed-after-migrating"
     assert json.loads(node.leases.objects["database"][0])["image"] == V3.digest
     held = node.leases.leases()  # out of service: its slot stays taken, the budget counts it
-    assert [lease.holder for lease in held.values()] == ["node-a/roll"] and rolled.slot
+    assert [lease.holder for lease in held.values()] == ["node-a/roll"] and rolled.lease
     assert "held out of service" in rolled.change["reason"]
     # The rollout stops on every node.
     other = Node(me="node-b", leases=node.leases)
@@ -423,7 +425,7 @@ def test_a_canary_that_failed_with_no_sign_of_where_is_held_as_if_it_migrated():
 
 def test_a_canary_that_failed_before_migrating_goes_back_to_the_old_image():
     node = Node()
-    rolled = node.apply(V3, verdicts=[_ended_in_validation(node), True])
+    rolled = node.apply(V3_IMAGE, verdicts=[_ended_in_validation(node), True])
     assert rolled.result == "rolled back"
     assert node.quay() == (V1.version, V1.digest, "running")
     assert node.leases.record()["state"] == "failed-before-migrating"

@@ -1,0 +1,232 @@
+"""Model-based tests of the roll: hypothesis chooses the interleaving (which node's agent moves
+next, and what changes in the world between two moves) over a simulated cluster running the
+real decision code (tests/model.py), and checks the cluster's safety after every step.
+
+`make test` runs a fixed budget of examples; `make soak` a long one (QB_MODEL_EXAMPLES).
+Counterexamples it found are kept below as named regression tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import pytest
+import structlog
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.stateful import (  # noqa: E402
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from quay_bootstrap.container import IMAGE_DIGEST, STACK_VERSION  # noqa: E402
+from tests.model import TAGS, TTL, TURN, Cluster, release  # noqa: E402
+
+EXAMPLES = int(os.environ.get("QB_MODEL_EXAMPLES", "60"))
+STEPS = int(os.environ.get("QB_MODEL_STEPS", "40"))
+
+
+@contextlib.contextmanager
+def quiet_logs():
+    """Thousands of steps: only errors reach the output."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
+                        cache_logger_on_first_use=False)
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
+class RollModel(RuleBasedStateMachine):
+    """Rules change the world or move one agent; invariants hold after every rule."""
+
+    cluster: Cluster
+
+    @initialize(size=st.integers(3, 5), max_unavailable=st.integers(1, 2))
+    def start(self, size: int, max_unavailable: int) -> None:
+        self.quiet = quiet_logs()
+        self.quiet.__enter__()
+        self.cluster = Cluster(size, max_unavailable)
+        self.stacks = 1
+        self.held_with = {}  # node -> the container it was held with
+
+    def teardown(self) -> None:
+        cluster = getattr(self, "cluster", None)
+        if cluster is None:
+            return
+        try:
+            self.converges()
+        finally:
+            cluster.close()
+            self.quiet.__exit__(None, None, None)
+
+    # --- moves ----------------------------------------------------------------------------------
+    @rule(index=st.integers(0, 4))
+    def step(self, index: int) -> None:
+        agents = self.cluster.agents
+        agents[index % len(agents)].step()
+
+    @precondition(lambda self: self.cluster.world.tag != TAGS[-1])
+    @rule(broken=st.booleans())
+    def new_image(self, broken: bool) -> None:
+        world = self.cluster.world
+        world.tag = TAGS[TAGS.index(world.tag) + 1]
+        if broken:
+            world.bad_images.add(release(world.stack, world.tag).digest)
+
+    @rule(broken=st.booleans())
+    def new_stack(self, broken: bool) -> None:
+        self.stacks += 1
+        world = self.cluster.world
+        world.stack = f"stack-{self.stacks}"
+        if broken:
+            world.bad_stacks.add(world.stack)
+
+    @rule(index=st.integers(0, 4))
+    def quay_crashes(self, index: int) -> None:
+        agent = self.cluster.agents[index % len(self.cluster.agents)]
+        found = agent.docker.quay()
+        if found is not None and found.status == "running":
+            agent.docker.crash(found.name)
+            if found.restart_policy != "no":  # Docker's restart policy brings it back
+                found.restarts += 1
+                agent.docker.restarted_by_policy(found.name)
+                agent.docker._boot(found, by_docker=True)
+
+    @rule(index=st.integers(0, 4))
+    def agent_restarts(self, index: int) -> None:
+        self.cluster.restart_agent(index % len(self.cluster.agents))
+
+    @rule(seconds=st.sampled_from([TURN, 60.0, TTL / 2, TTL + TURN]))
+    def time_passes(self, seconds: float) -> None:
+        self.cluster.tick(seconds)
+
+    @rule(down=st.booleans())
+    def database(self, down: bool) -> None:
+        self.cluster.database(down)
+
+    @rule(method=st.sampled_from(["get", "create", "replace"]))
+    def store_blinks(self, method: str) -> None:
+        self.cluster.leases.fail(method, OSError("the store blinked"))
+
+    # --- what must hold -------------------------------------------------------------------------
+    @invariant()
+    def no_quay_started_into_a_failed_migration(self) -> None:
+        assert not self.cluster.world.violations, self.cluster.world.violations
+
+    @invariant()
+    def at_most_max_unavailable_out_by_the_agents(self) -> None:
+        out = self.cluster.out_of_service()
+        assert len(out) <= self.cluster.max_unavailable, out
+
+    @invariant()
+    def no_stack_rejected_without_evidence(self) -> None:
+        world = self.cluster.world
+        for agent in self.cluster.agents:
+            for version, image, _ in agent.store.rejected:
+                assert version in world.bad_stacks or image in world.bad_images, (
+                    f"{agent.name} rejected {version} with {image}, which are fine")
+
+    @invariant()
+    def a_held_canary_is_never_rolled_back(self) -> None:
+        for agent in self.cluster.agents:
+            found = agent.docker.quay()
+            if agent.node.held:
+                held = self.held_with.setdefault(agent.name, found.id if found else None)
+                assert found is not None and found.id == held, f"{agent.name}: held Quay gone"
+            else:
+                self.held_with.pop(agent.name, None)
+
+    @invariant()
+    def one_migration_per_version_by_its_canary(self) -> None:
+        tags = [tag for tag, _ in self.cluster.world.migrations]
+        assert len(tags) == len(set(tags)), self.cluster.world.migrations
+
+    # --- once changes stop ----------------------------------------------------------------------
+    def converges(self) -> None:
+        """Every node runs the cluster's stack and image, healthy, or says why not."""
+        cluster, world = self.cluster, self.cluster.world
+        cluster.database(False)
+        cluster.settle()
+        target = release(world.stack, world.tag)
+        for agent in cluster.agents:
+            found = agent.docker.quay()
+            runs = found and (found.labels.get(STACK_VERSION), found.labels.get(IMAGE_DIGEST))
+            if runs == (target.version, target.digest) and found.status == "running":
+                continue
+            assert cluster.explains(agent, target), (
+                f"{agent.name} runs {runs}, not {target.version}/{target.tag}, and says nothing: "
+                f"{agent.node.board.snapshot()}")
+
+
+RollModel.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS,
+                                       deadline=None, derandomize=EXAMPLES <= 100,
+                                       report_multiple_bugs=False,
+                                       suppress_health_check=list(hypothesis.HealthCheck))
+test_roll_model = RollModel.TestCase
+
+
+
+# --- counterexamples the model found, kept by name ------------------------------------------
+
+def settled(cluster: Cluster, *names: str) -> None:
+    """Each named agent moves once, in that order."""
+    for name in names:
+        next(a for a in cluster.agents if a.name == name).step()
+
+
+def test_a_plan_made_before_a_lease_wait_is_not_applied_after_the_database_moved_on():
+    """The interleaving of issue 17: node-3 plans a stack roll on v3.9.0, waits for the lease
+    while node-2's canary migrates the database to v3.10.0, and must not then start v3.9.0
+    with `registry` (alembic's "Can't locate revision"), nor blame the stack."""
+    cluster = Cluster(3, max_unavailable=1)
+    world = cluster.world
+    try:
+        with quiet_logs():
+            world.stack = "stack-2"
+            settled(cluster, "node-2")  # takes the lease, replaces, waits for health
+            settled(cluster, "node-3")  # planned stack-2 on v3.9.0; waits for the lease
+            world.tag = "v3.10.0"
+            settled(cluster, "node-2", "node-2")  # healthy: applied, lease released
+            settled(cluster, "node-2")  # the canary of v3.10.0: takes the lease, migrates
+            settled(cluster, "node-2", "node-2")  # healthy: verdict recorded, lease released
+            settled(cluster, "node-3", "node-3", "node-3", "node-3")
+            assert world.violations == []
+            assert world.migrations[-1] == ("v3.10.0", "node-2")
+            assert all(agent.store.rejected == [] for agent in cluster.agents)
+            cluster.settle()
+            for agent in cluster.agents:
+                found = agent.docker.quay()
+                assert (found.labels[STACK_VERSION], found.labels[IMAGE_DIGEST]) == \
+                    ("stack-2", release("stack-2", "v3.10.0").digest), agent.name
+            assert world.violations == []
+    finally:
+        cluster.close()
+
+
+def test_a_database_outage_during_a_canary_rejects_neither_the_stack_nor_the_image():
+    """Found by the model: the database went down while node-1 was the canary of v3.10.0.
+    Its Quay failed for a shared cause; the stack and the image are fine."""
+    cluster = Cluster(3, max_unavailable=1)
+    world = cluster.world
+    try:
+        with quiet_logs():
+            world.tag = "v3.10.0"
+            world.database_down = True
+            settled(cluster, "node-1", "node-1")
+            assert all(agent.store.rejected == [] for agent in cluster.agents)
+            cluster.database(False)
+            cluster.settle()
+            for agent in cluster.agents:
+                found = agent.docker.quay()
+                assert found.labels[IMAGE_DIGEST] == release("stack-1", "v3.10.0").digest
+            assert world.violations == []
+    finally:
+        cluster.close()
