@@ -181,12 +181,15 @@ def plan_restart(found: Optional[Observed], recreate: bool = False,
     if found is None:
         return "create", ("start",)
     if recreate:
-        gone = ("die", "destroy") if found.status == "running" else ("destroy",)
+        # A forced remove of a paused container unpauses and kills it: a die too.
+        gone = ("die", "destroy") if found.status in ("running", "paused") else ("destroy",)
         return "recreate", gone + ("start",)
     if found.status == "running" and exited:
         return "none", ()
-    if found.status in ("running", "restarting", "paused"):
+    if found.status in ("running", "paused"):
         return "restart", ("die", "start")
+    if found.status == "restarting":  # in Docker's back-off: no process to die
+        return "restart", ("start",)
     return "start", ("start",)
 
 

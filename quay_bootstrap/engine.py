@@ -138,6 +138,8 @@ class Docker:
         given a fresh start period."""
         try:
             text = self.client.api.inspect_container(container_id)["State"]["StartedAt"]
+            if text.startswith("0001-"):  # Go's zero time: never started
+                return 0.0
             match = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?", text)
             started = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(
                 tzinfo=datetime.timezone.utc).timestamp() + float(match.group(2) or 0)
@@ -215,6 +217,18 @@ def _default_socket() -> str:
     return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 
 
+def _no_credentials(docker):
+    class NoCredentials(docker.auth.AuthConfig):
+        """No credentials, and never empty, so the SDK never reloads the user's."""
+
+        is_empty = False
+
+        def __bool__(self) -> bool:
+            return True
+
+    return NoCredentials({})
+
+
 def _client_without_user_config(docker, base_url: Optional[str]):
     """A client that never reads (or later writes) ~/.docker/config.json: the SDK reads the
     config once, at construction, from $DOCKER_CONFIG first, so point that at an empty one."""
@@ -225,9 +239,12 @@ def _client_without_user_config(docker, base_url: Optional[str]):
         with os.fdopen(fd, "w") as out:
             out.write("{}")
         os.environ["DOCKER_CONFIG"] = folder
-        if base_url:
-            return docker.DockerClient(base_url=base_url, version="auto", timeout=120)
-        return docker.from_env(version="auto", timeout=120)
+        client = (docker.DockerClient(base_url=base_url, version="auto", timeout=120)
+                  if base_url else docker.from_env(version="auto", timeout=120))
+        # The SDK reloads an empty in-memory auth config from disk on every pull without an
+        # auth_config (docker.auth.get_config_header): one that is never empty stops that.
+        client.api._auth_configs = _no_credentials(docker)
+        return client
     finally:
         if saved is None:
             os.environ.pop("DOCKER_CONFIG", None)

@@ -116,8 +116,6 @@ def test_a_daemon_that_does_not_answer_is_unavailable(api):
     assert isinstance(raised.value.__cause__, docker.errors.DockerException)
 
 
-@pytest.mark.xfail(strict=True, reason="engine's client reads ~/.docker/config.json at pull "
-                   "time: the SDK reloads an empty in-memory auth config from disk (see report)")
 def test_a_pull_never_sends_the_credentials_in_the_users_docker_config(api, tmp_path,
                                                                         monkeypatch):
     config = tmp_path / ".docker" / "config.json"
@@ -410,8 +408,6 @@ def test_age_of_a_container_that_is_gone(engine, api):
     assert engine.age(gone) == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="engine.age reads Go's zero StartedAt "
-                   "(0001-01-01T00:00:00Z) as a start 2025 years ago (see report)")
 def test_age_of_a_container_never_started_is_unknown(engine, api):
     assert engine.age(api.add_container("quay", status="created")) == 0.0
 
@@ -434,10 +430,8 @@ def _restart_case(status, recreate, exited, echoes, new, *marks):
     _restart_case("paused", False, False, ("die", "start"), False),
     _restart_case("exited", False, True, ("start",), False),  # start
     _restart_case("created", False, False, ("start",), False),
-    _restart_case("restarting", False, True, ("die", "start"), False, pytest.mark.xfail(
-        strict=True, reason="plan_restart expects a die; moby signals no process in back-off")),
-    _restart_case("paused", True, False, ("destroy", "start"), True, pytest.mark.xfail(
-        strict=True, reason="plan_restart expects no die; a forced remove unpauses and kills")),
+    _restart_case("restarting", False, True, ("start",), False),  # back-off: nothing to die
+    _restart_case("paused", True, False, ("die", "destroy", "start"), True),  # killed by rm -f
 ])
 def test_restart_quay_acts_and_announces_its_echoes_first(engine, api, status, recreate,
                                                          exited, echoes, new):
