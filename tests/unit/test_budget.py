@@ -139,3 +139,37 @@ def test_renewing_a_lease_someone_else_took_says_so():
     assert Budget(store, "b", slots=1, ttl=10, clock=lambda: clock[0]).try_acquire() == slot
     assert mine.renew(slot) is False
     assert LeaseBody.decode(store.get("lease-0")[0]).holder == "b"
+
+
+# --- the Lease: one slot taken, kept and given back ------------------------------------------
+
+def test_a_lease_is_a_context_manager_that_gives_its_slot_back_once():
+    from quay_bootstrap.budget import Lease
+
+    store, held = MemoryStore(), {}
+    budget = Budget(store, "node-a/roll", 1, 600.0, clock=lambda: 1000.0)
+    with Lease.try_take(budget, "refresh: new stack", held) as lease:
+        assert held == {"node-a/roll#0": {"holder": "node-a/roll", "slot": 0,
+                                          "reason": "refresh: new stack"}}
+        assert LeaseBody.decode(store.objects["lease-0"][0]).holder == "node-a/roll"
+        other = Budget(store, "node-b/roll", 1, 600.0, clock=lambda: 1000.0)
+        assert Lease.try_take(other, "refresh") is None  # the one slot is taken
+    assert held == {} and LeaseBody.decode(store.objects["lease-0"][0]).expires == 0.0
+    version = store.version
+    lease.release()  # again: nothing written
+    assert store.version == version
+    assert Lease.try_take(other, "refresh").slot == 0
+
+
+def test_taking_a_released_lease_is_not_a_takeover():
+    from tests.fakes import captured_logs, events
+
+    store = MemoryStore()
+    first = Budget(store, "node-a/roll", 1, 600.0, clock=lambda: 1000.0)
+    first.release(first.try_acquire("roll"))
+    with captured_logs() as logs:
+        assert Budget(store, "node-b/roll", 1, 600.0, clock=lambda: 1000.0).try_acquire() == 0
+    assert events(logs, "rollout.lease_taken_over") == []
+    with captured_logs() as logs:  # node-b's lease ran out 900 s ago: that one is taken over
+        assert Budget(store, "node-c/roll", 1, 600.0, clock=lambda: 2500.0).try_acquire() == 0
+    assert [e["expired_seconds_ago"] for e in events(logs, "rollout.lease_taken_over")] == [900.0]
