@@ -161,9 +161,10 @@ class Budget:
 
 
 class Lease:
-    """A slot of the budget this node holds: kept alive from a thread of its own until it is
-    released. A context manager (released on exit); `release` is idempotent. `held` is the
-    registry of this node's leases that /status shows (act, slot, reason)."""
+    """A slot of the budget this node holds, made by `take` or `try_take`, which keep it alive
+    (Budget.keep: a thread of its own) until it is released; the constructor starts nothing. A
+    context manager (released on exit); `release` is idempotent. `held` is the registry of this
+    node's leases that /status shows (holder, slot, reason)."""
 
     def __init__(self, budget: Budget, slot: int, reason: str,
                  held: Optional[Dict[str, dict]] = None) -> None:
@@ -171,21 +172,24 @@ class Lease:
         self._held = held if held is not None else {}
         self._key = f"{budget.me}#{slot}"
         self._released = False
-        budget.keep(slot, reason)
         self._held[self._key] = {"holder": budget.me, "slot": slot, "reason": reason}
 
     @classmethod
     def take(cls, budget: Budget, reason: str, sleep: Callable[[float], None],
              poll: float = 2.0, held: Optional[Dict[str, dict]] = None) -> "Lease":
         """Wait for a slot (Budget.acquire) and keep it."""
-        return cls(budget, budget.acquire(reason, sleep, poll), reason, held)
+        return cls(budget, budget.acquire(reason, sleep, poll), reason, held).keep_alive()
 
     @classmethod
     def try_take(cls, budget: Budget, reason: str,
                  held: Optional[Dict[str, dict]] = None) -> Optional["Lease"]:
         """A slot now, or None when all are held."""
         slot = budget.try_acquire(reason)
-        return None if slot is None else cls(budget, slot, reason, held)
+        return None if slot is None else cls(budget, slot, reason, held).keep_alive()
+
+    def keep_alive(self) -> "Lease":
+        self.budget.keep(self.slot, self.reason)
+        return self
 
     def release(self) -> None:
         if self._released:
