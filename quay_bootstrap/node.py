@@ -48,6 +48,7 @@ class Node:
         self._lock = threading.Lock()  # one act on the container at a time
         self._lease = None  # budget.Lease: a restart's, or a held node's, until it is healthy
         self.canary = None  # a first start's canary, judged by the watch (first_verdict)
+        roll.on_step = self._show_roll
 
     # --- what runs ----------------------------------------------------------------------------
     def first_pass(self, one) -> bool:
@@ -154,6 +155,24 @@ class Node:
             lease.release()
             self._show_leases()
 
+    def _show_roll(self, state, target, todo: str = "") -> None:
+        """/status `roll`: the step a roll is at, and `not_applied`: why the source's stack and
+        image are not what this node runs (rejected, backing off, stopped by the canary)."""
+        from quay_bootstrap import roll_states
+
+        where = {} if target is None else {"version": target.version, "image": target.image,
+                                           "entry_point": target.entry}
+        if not roll_states.terminal(state):
+            step = "waiting for another node's canary" if todo in (
+                roll_states.WAIT_FOR_VERDICT, roll_states.RELEASE_AND_WAIT) else \
+                _STEPS.get(type(state).__name__, "planning")
+            self.board.update(roll={"step": step, **where})
+            return
+        result = getattr(state, "result", "held")
+        waiting = result in ("rejected", "backing off", "stopped", "rolled back")
+        self.board.update(roll=None, not_applied={
+            "why": result, "blame": getattr(state, "blame", None), **where} if waiting else None)
+
     def _show_leases(self) -> None:
         """The slots of the cluster's budget this node holds, in /status."""
         self.board.update(leases=sorted(self.roll.held.values(), key=lambda lease: lease["slot"]))
@@ -216,6 +235,13 @@ class Node:
         elif rolled.cfg is not None:
             self.live = replace(self.live, cfg=rolled.cfg)
         self.apply(rolled)
+
+
+# What /status says a roll is doing, by roll_states' state.
+_STEPS = {"Planning": "planning", "Gating": "reading the canary record",
+          "Leasing": "waiting for a lease", "Confirming": "reading the source again",
+          "Claiming": "claiming the canary", "Replacing": "replacing Quay",
+          "Verifying": "waiting for Quay to be healthy", "RollingBack": "rolling back"}
 
 
 def _degraded(spec) -> Optional[str]:

@@ -35,6 +35,10 @@ from typing import FrozenSet, Optional, Tuple, Union
 STACK, IMAGE, BOTH, ENTRY_POINT, SHARED, THIS_NODE = (
     "stack", "image", "stack and image", "entry point", "shared", "this node")
 BACKOFF_FIRST, BACKOFF_MAX = 120.0, 3600.0
+# A stack whose Quay failed only on shared services (the database, redis, storage) while the
+# previous one was healthy again: a wrong DB_URI, or an outage that ended in between. Rejected
+# only at this many such failures in a row, a backoff apart.
+SHARED_STRIKES = 2
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Facts:
     rejected: bool = False
     backoff_until: float = 0.0
     now: float = 0.0
+    failures: int = 0  # this target's failures so far that rejected nothing
 
     @property
     def new_image(self) -> bool:
@@ -101,6 +106,7 @@ class Claiming:
 
     target: Target
     previous: Target
+    failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class Replacing:
     target: Target
     previous: Target
     canary: bool
+    failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class Verifying:
     target: Target
     previous: Target
     canary: bool
+    failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,8 @@ class RollingBack:
     previous: Target
     canary: bool
     error: str
+    shared_only: bool = False  # only shared services failed
+    failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -225,20 +235,23 @@ def step(state: State, event: Event, shared_services: FrozenSet[str] = frozenset
                 facts.only_entry_point or facts.backoff_until > facts.now:
             return Planning(waited=True), RELEASE_AND_GATHER  # the world moved while it waited
         if facts.new_image:
-            return Claiming(state.target, facts.running), CLAIM
-        return Replacing(state.target, facts.running, canary=False), REPLACE
+            return Claiming(state.target, facts.running, facts.failures), CLAIM
+        return Replacing(state.target, facts.running, False, facts.failures), REPLACE
     if isinstance(state, Claiming) and isinstance(event, Verdict):
         if event.answer == "stop":
             return Done("stopped", state.target, reject=state.target.key, blame=IMAGE), FINISH
         if event.answer in ("wait", "free"):
             return Planning(waited=True), RELEASE_AND_WAIT
-        return Replacing(state.target, state.previous, event.answer == "canary"), REPLACE
+        return Replacing(state.target, state.previous, event.answer == "canary",
+                         state.failures), REPLACE
     if isinstance(state, Replacing) and isinstance(event, Started):
-        return Verifying(state.target, state.previous, state.canary), WAIT_HEALTHY
+        return Verifying(state.target, state.previous, state.canary, state.failures), WAIT_HEALTHY
     if isinstance(state, Verifying) and isinstance(event, Health):
         return _verified(state, event, shared_services)
     if isinstance(state, RollingBack) and isinstance(event, RolledBack):
         who = blame(state.target, state.previous, state.canary, event.ok)
+        if who == STACK and state.shared_only and state.failures + 1 < SHARED_STRIKES:
+            who = SHARED  # not yet: the same again after a backoff is the evidence
         verdict = "failed-before-migrating" if who == IMAGE else (
             "open" if state.canary else None)  # unjudged: the next node to start it goes first
         return Done("rolled back", state.target, error=state.error, blame=who, verdict=verdict,
@@ -274,7 +287,9 @@ def _verified(state: Verifying, health: Health, shared_services: FrozenSet[str]
             return Done("applied", state.target, pending=True, blame=SHARED,
                         error=health.error), FINISH
         return Held(state.target, health.error), FINISH
-    return RollingBack(state.target, state.previous, state.canary, health.error), ROLL_BACK
+    shared_only = bool(health.failing) and health.failing <= shared_services
+    return RollingBack(state.target, state.previous, state.canary, health.error, shared_only,
+                       state.failures), ROLL_BACK
 
 
 def blame(target: Target, previous: Target, canary: bool, previous_healthy: bool) -> str:

@@ -99,6 +99,9 @@ class Roll:
         self._leases: Dict[tuple, LeaseStore] = {}
         self._failures: Dict[tuple, Tuple[int, float]] = {}  # key -> (failures, retry at)
         self.held: Dict[str, dict] = {}  # the leases this node holds, for /status
+        # Told each state the roll enters, its target and what it does next (node.Node shows
+        # it in /status).
+        self.on_step: Callable[..., None] = lambda state, target, todo: None
 
     def apply(self, one: Pass, live: Live, why: str,
               touching: Callable[[], None] = lambda: None) -> Rolled:
@@ -164,6 +167,7 @@ class Roll:
                 else:
                     raise states.BadTransition(f"nothing does {todo!r}")
                 state, todo = states.step(state, event, frozenset(cfg.health.shared_services))
+                self.on_step(state, run.target, todo)
             rolled = self._finish(state, run, verdicts, lease)
             if isinstance(state, states.Held):
                 lease = None  # a held node stays out of service: its slot stays taken
@@ -187,7 +191,7 @@ class Roll:
             only_entry_point=spec is not base and action.kind == "replace" and
             one.decide(base)[1].kind == "adopt",
             rejected=action.kind == "replace" and one.store.is_rejected(*target.key),
-            backoff_until=until, now=self.clock())
+            backoff_until=until, now=self.clock(), failures=failures)
 
     def _finish(self, state, run: "_Run", verdicts: Verdicts, lease: Optional[Lease]) -> Rolled:
         """What the machine's end means for the node, the stack folder and the records."""

@@ -59,6 +59,8 @@ class World:
     bad_images: Set[str] = field(default_factory=set)
     migrations: List[Tuple[str, str]] = field(default_factory=list)  # (tag, node)
     violations: List[str] = field(default_factory=list)
+    # (node, stack version) -> how often its Quay failed while the database was down
+    outage_failures: dict = field(default_factory=dict)
 
     def clock(self) -> float:
         return self.now
@@ -186,6 +188,9 @@ class ModelPass(FakePass):
         if answers(found, self.world):
             return probe(True)
         if self.world.database_down:
+            found_version = found.labels[STACK_VERSION] if found is not None else ""
+            key = (self.docker.node, found_version)
+            self.world.outage_failures[key] = self.world.outage_failures.get(key, 0) + 1
             return health.Probe(False, 503, {"database": False, "web_gunicorn": True},
                                 error="HTTP 503, failing: database")
         return probe(False)

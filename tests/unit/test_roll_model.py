@@ -25,6 +25,7 @@ from hypothesis.stateful import (  # noqa: E402
     rule,
 )
 
+from quay_bootstrap import roll_states as rs  # noqa: E402
 from quay_bootstrap.container import IMAGE_DIGEST, STACK_VERSION  # noqa: E402
 from tests.model import TAGS, TTL, TURN, Cluster, release  # noqa: E402
 
@@ -131,7 +132,11 @@ class RollModel(RuleBasedStateMachine):
         world = self.cluster.world
         for agent in self.cluster.agents:
             for version, image, _ in agent.store.rejected:
-                assert version in world.bad_stacks or image in world.bad_images, (
+                # Failing only on the database twice, the previous stack healthy each time, is
+                # all the evidence a node can have against a stack (a wrong DB_URI looks so).
+                coincided = world.outage_failures.get((agent.name, version), 0) >= \
+                    rs.SHARED_STRIKES
+                assert version in world.bad_stacks or image in world.bad_images or coincided, (
                     f"{agent.name} rejected {version} with {image}, which are fine")
 
     @invariant()
@@ -193,6 +198,9 @@ def test_a_plan_made_before_a_lease_wait_is_not_applied_after_the_database_moved
             world.stack = "stack-2"
             settled(cluster, "node-2")  # takes the lease, replaces, waits for health
             settled(cluster, "node-3")  # planned stack-2 on v3.9.0; waits for the lease
+            assert cluster.agents[2].node.board.snapshot()["roll"] == {
+                "step": "waiting for a lease", "version": "stack-2",
+                "image": release("stack-2", "v3.9.0").digest, "entry_point": "registry"}
             world.tag = "v3.10.0"
             settled(cluster, "node-2", "node-2")  # healthy: applied, lease released
             settled(cluster, "node-2")  # the canary of v3.10.0: takes the lease, migrates
@@ -227,6 +235,35 @@ def test_a_database_outage_during_a_canary_rejects_neither_the_stack_nor_the_ima
             for agent in cluster.agents:
                 found = agent.docker.quay()
                 assert found.labels[IMAGE_DIGEST] == release("stack-1", "v3.10.0").digest
+            assert world.violations == []
+    finally:
+        cluster.close()
+
+
+def test_a_database_outage_that_ends_during_the_rollback_does_not_reject_the_stack():
+    """Found by the model: the database went down while node-1's new stack started and came
+    back while the old one did; the old one healthy is not yet evidence against the new."""
+    cluster = Cluster(3, max_unavailable=1)
+    world = cluster.world
+    try:
+        with quiet_logs():
+            world.stack = "stack-2"
+            settled(cluster, "node-1")  # lease, replaced, waiting for health
+            cluster.database(True)
+            settled(cluster, "node-1")  # failed on the database: rolling back
+            cluster.database(False)
+            settled(cluster, "node-1")  # the old stack healthy again
+            assert cluster.agents[0].store.rejected == []
+            board = cluster.agents[0].node.board.snapshot()
+            assert board["last_change"]["blame"] == "shared"
+            assert board["not_applied"] == {"why": "rolled back", "blame": "shared",
+                                            "version": "stack-2", "image": release(
+                                                "stack-2", "v3.9.0").digest,
+                                            "entry_point": "registry"}
+            cluster.tick(rs.BACKOFF_FIRST)
+            cluster.settle()  # tried again after the backoff: applied everywhere
+            for agent in cluster.agents:
+                assert agent.docker.quay().labels[STACK_VERSION] == "stack-2", agent.name
             assert world.violations == []
     finally:
         cluster.close()

@@ -98,7 +98,7 @@ def test_a_new_image_under_a_lease_claims_the_canary():
     (True, Health(False, "web", frozenset({"web_gunicorn"}), migrated=False),
      RollingBack(STACK, OLD, True, "web")),
     (False, Health(False, "db", frozenset({"database"}), migrated=False),
-     RollingBack(STACK, OLD, False, "db")),
+     RollingBack(STACK, OLD, False, "db", shared_only=True)),
 ], ids=["applied", "canary-healthy", "canary-shared-outage", "canary-held", "canary-back",
         "back"])
 def test_what_health_says_after_the_start(canary, health, after):
@@ -121,6 +121,17 @@ def test_blame_needs_evidence(target, canary, previous_healthy, who, reject, ver
     assert todo == rs.FINISH and done.result == "rolled back"
     assert (done.blame, done.reject, done.verdict) == (who, target.key if reject else None,
                                                        verdict)
+
+
+@pytest.mark.parametrize("failures, who, reject", [
+    (0, rs.SHARED, False),  # an outage that ended in between looks the same: tried again
+    (1, rs.STACK, True),  # the second time in a row, a backoff apart: the stack (a DB_URI)
+])
+def test_a_stack_failing_only_on_shared_services_is_rejected_at_the_second_strike(
+        failures, who, reject):
+    state = RollingBack(STACK, OLD, False, "db", shared_only=True, failures=failures)
+    done, _ = rs.step(state, RolledBack(True))
+    assert (done.blame, done.reject) == (who, STACK.key if reject else None)
 
 
 @pytest.mark.parametrize("state, event", [
