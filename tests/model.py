@@ -158,7 +158,7 @@ class ModelDocker(FakeDocker):
         if found is not None and found.status == "running" and \
                 getattr(found, "pending_migration", False):
             found.pending_migration = False
-            self._boot(found)
+            self._boot(found, by_docker=True)  # one of Docker's restarts got through
 
     def quay(self, name: str = "quay"):
         return self.named(name)

@@ -267,3 +267,29 @@ def test_a_database_outage_that_ends_during_the_rollback_does_not_reject_the_sta
             assert world.violations == []
     finally:
         cluster.close()
+
+
+def test_two_canaries_of_successive_images_during_an_outage_leave_no_quay_behind():
+    """Found by the model (max_unavailable 2): during a database outage node-2 became the canary
+    of v3.10.0, the lock moved to v3.11.0 and node-1 became its canary; when the database came
+    back, v3.11.0 migrated first and Docker's restart of v3.10.0 met a newer database. The
+    agents must end on v3.11.0, each started by them with the entry point the database allows."""
+    cluster = Cluster(3, max_unavailable=2)
+    world = cluster.world
+    try:
+        with quiet_logs():
+            cluster.database(True)
+            world.tag = "v3.10.0"
+            settled(cluster, "node-2")
+            world.tag = "v3.11.0"
+            settled(cluster, "node-1")
+            cluster.database(False)
+            cluster.settle()
+            assert world.violations == []
+            assert world.migrations == [("v3.9.0", "node-1"), ("v3.11.0", "node-1")]
+            for agent in cluster.agents:
+                assert agent.docker.quay().labels[IMAGE_DIGEST] == release(
+                    "stack-1", "v3.11.0").digest, agent.name
+                assert agent.docker.quay().status == "running"
+    finally:
+        cluster.close()
