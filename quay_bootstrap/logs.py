@@ -53,6 +53,17 @@ _SECRET_OPTIONS = {"-u", "--user", "--proxy-user", "--password", "--passwd", "--
 # An environment value shorter than this is not registered: "true" and "1" are not secrets,
 # and masking them everywhere would garble every line.
 _MIN_ENV_SECRET = 8
+# A registered secret shorter than this is masked only where it stands as a value (see
+# Redactor.add); shorter than _MIN_SECRET, it is not registered at all.
+_STRONG_SECRET = 8
+_MIN_SECRET = 4
+# Where a short secret stands as a value: after the start, whitespace, a quote, a comma, = or :
+# or an opening bracket; before the end, whitespace, a quote, , ; & @ or a closing bracket,
+# with perhaps one . : ! or ? between (the end of a sentence, `user demo: denied`).
+_VALUE_BEFORE = r"(?<![^\s\"'`,=:(\[{<])"
+_VALUE_AFTER = r"(?=[.:!?]?(?:[\s\"'`,;&@)\]}>]|$))"
+_WEAK_HINT = (f"secrets under {_STRONG_SECRET} characters are masked only where they stand as "
+              "values, not inside longer words; use a longer one")
 
 
 class Redactor:
@@ -62,19 +73,56 @@ class Redactor:
     strings, credential headers, PEM private keys, the arguments of credential options in
     argument lists, and every value registered with `add` (secrets found in conf/stack, the
     agent config, the environment, or read from a password file), wherever they appear in a
-    string, a list, a set, bytes or an object's text.
+    string, a list, a set, bytes or an object's text; a value shorter than 8 characters only
+    where it stands as a value, not inside a longer word (see `add`).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: tuple[str, ...] = ()
+        self._values: frozenset = frozenset()
+        # What redact_text reads, swapped whole: strong secrets, longest first, and the pattern
+        # of the weak ones (None when there is none).
+        self._masks: tuple[tuple[str, ...], Optional[re.Pattern]] = ((), None)
 
     def add(self, values: Iterable[str]) -> None:
-        """Remember secret values to mask from now on (short values are ignored: too noisy)."""
-        fresh = {v for v in values if isinstance(v, str) and len(v) >= 4}
+        """Remember secret values to mask from now on.
+
+        A value of 8 characters or more is masked wherever it appears, even inside a word. A
+        shorter one is weak: masked everywhere, `demo` would turn the container `quay-demo`
+        into `quay-***` and eat words of image names. So it is masked only where it stands as
+        a value, a whole token: it begins at the start of the text or after whitespace, a
+        quote, a comma, `=`, `:` or an opening bracket, and it ends at the end of the text or
+        before whitespace, a quote, `,`, `;`, `&`, `@` or a closing bracket, perhaps with one
+        `.`, `:`, `!` or `?` between. With `demo`: a field whose value is `demo`,
+        `password=demo`, `https://user:demo@host`, `"demo"` and `login failed for demo.` are
+        masked; `quay-demo`, `quay.io/org/demo-image:v1`, `demo.example.com` are not (a tag,
+        `image:demo`, is). The first time a weak value is registered, the agent warns
+        (`secrets.weak`, with its length, never the value). Values under 4 characters are
+        ignored: too noisy.
+        """
+        fresh = {v for v in values if isinstance(v, str) and len(v) >= _MIN_SECRET}
         with self._lock:
+            new = fresh - self._values
+            if not new:
+                return
+            self._values = self._values | new
             # Longest first, so a secret that contains another is masked whole.
-            self._values = tuple(sorted(set(self._values) | fresh, key=len, reverse=True))
+            ordered = sorted(self._values, key=len, reverse=True)
+            weak = [v for v in ordered if len(v) < _STRONG_SECRET]
+            pattern = (re.compile(_VALUE_BEFORE + "(?:" + "|".join(map(re.escape, weak)) + ")"
+                                  + _VALUE_AFTER) if weak else None)
+            self._masks = (tuple(v for v in ordered if len(v) >= _STRONG_SECRET), pattern)
+        for value in sorted(new, key=len):
+            if len(value) < _STRONG_SECRET:
+                self._warn_weak(value)
+
+    def _warn_weak(self, value: str) -> None:
+        # The hint is fixed text: if the secret is one of its words, masking it there would
+        # show which word, so the hint is left out.
+        hint = _WEAK_HINT if self.redact_text(_WEAK_HINT) == _WEAK_HINT else None
+        structlog.get_logger(__name__).warning(
+            "secrets.weak", length=len(value), minimum=_STRONG_SECRET,
+            **({"hint": hint} if hint else {}))
 
     def add_environ(self, environ: Mapping[str, str]) -> None:
         """Register the environment's secrets (AWS keys from the unit's EnvironmentFile, tokens),
@@ -84,9 +132,12 @@ class Redactor:
                  and len(value) >= _MIN_ENV_SECRET)
 
     def redact_text(self, text: str) -> str:
-        for value in self._values:
+        strong, weak = self._masks
+        for value in strong:
             if value in text:
                 text = text.replace(value, MASK)
+        if weak is not None:
+            text = weak.sub(MASK, text)
         text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
         text = _URL_TOKEN_USER.sub(lambda m: f"{m['scheme']}{MASK}@", text)
         text = _AWS_KEY_ID.sub(MASK, text)

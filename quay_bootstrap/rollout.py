@@ -22,7 +22,7 @@ from quay_bootstrap.container import (
     with_entry_point,
 )
 from quay_bootstrap.errors import ContainerError
-from quay_bootstrap.pipeline import Live
+from quay_bootstrap.pipeline import Live, Outcome
 
 if TYPE_CHECKING:
     from quay_bootstrap.config import Config
@@ -324,7 +324,7 @@ class Roll:
                 return None
             try:
                 return call(*args)
-            except ContainerError:
+            except (ContainerError, _WaitForCanary):
                 raise
             except Exception as err:  # noqa: BLE001 - any store fault: the records are away
                 log.warning("rollout.records_unavailable", error=str(err),
@@ -344,15 +344,28 @@ class Roll:
 
         def gated(spec) -> None:
             image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
-            verdict = verdicts.gate(image, tag, cfg.rollout.lease_ttl)
+            verdict = verdicts.ask(image, tag, cfg.rollout.lease_ttl)
             if verdict == "stop":
                 raise _canary_failed(cfg, image)
+            if verdict == "wait":
+                raise _WaitForCanary(image)
             if verdict == "canary":
                 claimed.append(spec)
             if not spec.command:
                 verdicts.migrating(image, tag)
 
-        outcome = one.run(entry=entry, before_start=before_start)
+        waited = False
+        while True:  # after another node's canary, the pass is made again from fresh facts
+            try:
+                outcome = one.run(entry=entry, before_start=before_start)
+                break
+            except _WaitForCanary as wait:
+                if not waited:
+                    log.info("rollout.waiting_for_canary", image=wait.image,
+                             canary=verdicts.waiting_for)
+                    waited = True
+                self.sleep(self.poll)
+                one.outcome = Outcome(healthy=False)
         for spec in claimed:
             image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
             state = canary_mod.HEALTHY if outcome.healthy else (
@@ -411,6 +424,14 @@ class Roll:
         if where not in self._leases:
             self._leases[where] = self.open_leases(stack)
         return self._leases[where]
+
+
+class _WaitForCanary(Exception):
+    """`run --once` met another node's canary before starting: made again after a wait."""
+
+    def __init__(self, image: str) -> None:
+        super().__init__(image)
+        self.image = image
 
 
 @dataclass

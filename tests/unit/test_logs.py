@@ -5,6 +5,7 @@ import io
 import json
 import sys
 
+import pytest
 import structlog
 
 from quay_bootstrap import logs
@@ -195,3 +196,54 @@ def test_systemd_status_lines_are_redacted(monkeypatch):
     Systemd({"NOTIFY_SOCKET": "/run/x"}, redact=redactor.redact_text).notify(
         "STATUS=failing: ProbeSecret-42", "WATCHDOG=1")
     assert sent == ["STATUS=failing: ***\nWATCHDOG=1"]
+
+
+@pytest.mark.parametrize("value, expected", [
+    # A weak (short) secret inside a longer word stays readable: names, images, hosts.
+    ("quay-demo", "quay-demo"),
+    ("started container quay-demo", "started container quay-demo"),
+    ("quay.io/org/demo-image:v1", "quay.io/org/demo-image:v1"),
+    ("demo.example.com", "demo.example.com"),
+    ("demos demo_db", "demos demo_db"),
+    # Where it stands as a value, it is masked.
+    ("demo", "***"),
+    ("password=demo", "password=***"),
+    ("DB_PASS=demo&mode=x", "DB_PASS=***&mode=x"),
+    ("https://user:demo@host", "https://user:***@host"),
+    ("curl -u ops:demo https://x", "curl -u ops:*** https://x"),
+    ('{"pw": "demo"}', '{"pw": "***"}'),
+    ("login failed for demo.", "login failed for ***."),
+    # A strong (8+) secret is masked even inside a word.
+    ("quay-LongSecret99-x", "quay-***-x"),
+])
+def test_a_weak_secret_is_masked_only_where_it_stands_as_a_value(value, expected):
+    redactor = logs.Redactor()
+    redactor.add(["demo", "LongSecret99"])
+    assert redactor.redact_text(value) == expected
+
+
+@pytest.mark.parametrize("event, expected", [
+    ({"field": "demo"}, {"field": "***"}),
+    ({"container": "quay-demo"}, {"container": "quay-demo"}),
+    ({"argv": ["run", "demo", "quay-demo"]}, {"argv": ["run", "***", "quay-demo"]}),
+])
+def test_a_weak_secret_as_a_whole_field_is_masked(event, expected):
+    redactor = logs.Redactor()
+    redactor.add(["demo"])
+    assert redactor.redact(event) == expected
+
+
+def test_a_weak_secret_is_warned_about_once_and_never_shown():
+    redactor = logs.Redactor()
+    stream = io.StringIO()
+    logs.configure(redactor, level="debug", fmt="json", stream=stream)
+    redactor.add(["demo", "LongSecret99"])
+    redactor.add(["demo"])  # registered again, on the next pass: no second warning
+    redactor.add(["longer"])  # a word of the warning's hint: the hint is left out
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    weak = [line for line in lines if line["event"] == "secrets.weak"]
+    assert [(line["level"], line["length"], line["minimum"]) for line in weak] == \
+        [("warning", 4, 8), ("warning", 6, 8)]
+    assert "hint" in weak[0] and "hint" not in weak[1]
+    assert "demo" not in stream.getvalue() and "LongSecret99" not in stream.getvalue()
+    assert "longer" not in json.dumps(weak[1])
