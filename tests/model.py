@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Set, Tuple
 
 from quay_bootstrap import canary, health, status, watchdog
-from quay_bootstrap.container import IMAGE_DIGEST, IMAGE_TAG, STACK_VERSION
+from quay_bootstrap.container import IMAGE_DIGEST, IMAGE_TAG, SPEC_HASH, STACK_VERSION
 from quay_bootstrap.node import Node
 from quay_bootstrap.rollout import Roll
 from tests.fakes import (
@@ -109,6 +109,9 @@ class ModelDocker(FakeDocker):
         if made not in (now, before):
             self.world.violations.append(
                 f"{self.node} applied a stale plan: {made}, while the source says {now}")
+        key = (*made, spec.labels[SPEC_HASH])
+        if made == now and key in self.agent.store.rejected:
+            self.world.violations.append(f"{self.node} applied a version it rejected: {key}")
 
     def _boot(self, container, by_docker: bool = False) -> None:
         """Quay's entrypoint against the world. `by_docker`: Docker's restart policy started it,
@@ -265,6 +268,8 @@ class Agent:
         if self.node.live is None:
             self.first_pass()
         elif self.running_roll:
+            if not (self.node.held or self.node.replacing.is_set()):
+                self.watch_crash()  # the watch goes on while a roll waits (invariant 6)
             self.resume()
         elif self.outcomes:
             self.node.finish_roll(self.outcomes.pop())
@@ -287,6 +292,15 @@ class Agent:
                 self.resume()
         if not self.running_roll and self.outcomes:
             self.node.finish_roll(self.outcomes.pop())
+
+    def watch_crash(self) -> None:
+        found = self.docker.quay()
+        if found is not None and found.status != "running":
+            self.node.restart(watchdog.Restart("exited", exited=True), watchdog.State())
+            if self.docker.quay() is None or self.docker.quay().status != "running" and \
+                    self.docker.quay().labels.get(STACK_VERSION) not in self.world.bad_stacks:
+                self.world.violations.append(f"{self.name}: an exited Quay was not restarted "
+                                             "while a roll waited")
 
     def out_of_service(self) -> bool:
         """Taken out by this agent: a replacement in progress, or held."""
@@ -346,6 +360,8 @@ class Cluster:
         self.all.append(agent)
         self.agents[index] = agent  # before its first pass, which may touch Docker
         agent.first_pass()
+        if agent.node.live is not None and agent.docker.quay() is None:  # invariant 7
+            self.world.violations.append(f"{agent.name}: no Quay after the agent restarted")
         self.agents[index] = agent
 
     def tick(self, seconds: float) -> None:
