@@ -16,6 +16,8 @@ shell, and every wait is followed by fresh facts before anything is applied.
                                 v Verdict(canary | go)         (the same image: at once)
     Replacing <-----------------+---------------------------------------------------+
     Replacing --Started--> Verifying --Health(ok)--> Done(applied)
+                              | Health(failed, the database migrated past it meanwhile by
+                              | another node): Done(superseded), judged by nothing
                               | Health(failed): a canary that may have migrated is Held (for a
                               | failure of its own) or left to the watch (a shared cause)
                               v otherwise
@@ -32,8 +34,9 @@ from dataclasses import dataclass
 from typing import FrozenSet, Optional, Tuple, Union
 
 # Blame for a failed roll.
-STACK, IMAGE, BOTH, ENTRY_POINT, SHARED, THIS_NODE = (
-    "stack", "image", "stack and image", "entry point", "shared", "this node")
+STACK, IMAGE, BOTH, ENTRY_POINT, SHARED, THIS_NODE, SUPERSEDED = (
+    "stack", "image", "stack and image", "entry point", "shared", "this node",
+    "the database moved on")
 BACKOFF_FIRST, BACKOFF_MAX = 120.0, 3600.0
 # A stack whose Quay failed only on shared services (the database, redis, storage) while the
 # previous one was healthy again: a wrong DB_URI, or an outage that ended in between. Rejected
@@ -150,7 +153,8 @@ class Done:
     `backoff`: when a target that failed without evidence is tried again; `verdict`: the
     canary's verdict to record; `pending`: a canary whose verdict the watch gives."""
 
-    result: str  # unchanged, skipped, rejected, backing off, stopped, applied, rolled back
+    # unchanged, skipped, rejected, backing off, stopped, applied, rolled back, superseded
+    result: str
     target: Optional[Target] = None
     behind: bool = False
     reject: Optional[Tuple[str, str, str]] = None
@@ -191,6 +195,9 @@ class Health:
     error: str = ""
     failing: FrozenSet[str] = frozenset()  # the services the probe said false
     migrated: bool = False  # a failed canary's start may have migrated (canary.migrated_in)
+    # Another node migrated the database past this target while it started: its failure says
+    # nothing about it, and nothing older may start with `registry` now.
+    superseded: bool = False
 
 
 @dataclass(frozen=True)
@@ -280,6 +287,8 @@ def _verified(state: Verifying, health: Health, shared_services: FrozenSet[str]
               ) -> Tuple[State, str]:
     if health.ok:
         return Done("applied", state.target, verdict="healthy" if state.canary else None), FINISH
+    if health.superseded:  # kept as it is: the watch restarts it without migrating
+        return Done("superseded", state.target, blame=SUPERSEDED, error=health.error), FINISH
     if state.canary and health.migrated:
         if health.failing and health.failing <= shared_services:
             # Only what every node shares failed: the new Quay stays, unjudged; the watch gives

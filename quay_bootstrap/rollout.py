@@ -153,9 +153,11 @@ class Roll:
                 elif todo == states.WAIT_HEALTHY:
                     run.probe = probe = one.wait_healthy(run.container_id)
                     failing = frozenset(k for k, v in (probe.services or {}).items() if not v)
+                    superseded = not probe.ok and self.entry(run.spec, verdicts) != run.spec
                     event = states.Health(probe.ok, probe.error or "", failing,
-                                          not probe.ok and state.canary and
-                                          self._migrated(one, run.spec, run.container_id))
+                                          not probe.ok and state.canary and not superseded and
+                                          self._migrated(one, run.spec, run.container_id),
+                                          superseded)
                 elif todo == states.ROLL_BACK:
                     log.error("rollout.rolling_back", why=why, version=run.target.version,
                               image=run.target.image, error=state.error,
@@ -218,6 +220,15 @@ class Roll:
             one.store.reject(*target.key)
             one.store.switch_current(live.stack_version)
             return Rolled("stopped")
+        if result == "superseded":
+            log.warning("rollout.superseded", why=why, version=target.version, image=target.image,
+                        error=state.error, note="another node migrated the database past this "
+                        "image while it started; the watch restarts it without migrating and "
+                        "the next refresh rolls to what the source says")
+            new = Live(cfg, run.spec, target.version, run.container_id, one.health_url)
+            return Rolled("applied", new, cfg, {"why": why, "result": "superseded",
+                                                "version": target.version,
+                                                "image": target.image, "error": state.error})
         if state.verdict:
             verdicts.finish(target.image, target.tag, state.verdict)
         if result == "applied":

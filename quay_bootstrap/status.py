@@ -53,6 +53,9 @@ class Board:
                                  registry=self.registry)
         self.m_rollbacks = Counter("quay_bootstrap_rollbacks", "Changes rolled back because Quay "
                                    "was not healthy on them", registry=self.registry)
+        self.m_thread_restarts = Counter("quay_bootstrap_thread_restarts", "Agent threads "
+                                         "(probe, docker-events, lifecycle) restarted after they "
+                                         "died", ["thread"], registry=self.registry)
         self.m_info = Gauge("quay_bootstrap_info", "The live stack version and image digest",
                             ["stack_version", "image_digest"], registry=self.registry)
 

@@ -1,6 +1,7 @@
 """The daemon loop's decisions (daemon.Daemon) with fakes at the edges and a fake clock: what it
 does to the container, what the status board says, whom it tells. Observations are fed to the
-loop as its threads would put them on its queue (`Daemon.feed`); no thread is started."""
+loop as its threads would put them on its queue (`Daemon.feed`); no thread is started, except by
+the tests of the loop's threads (kept running), with stand-ins for their work."""
 from __future__ import annotations
 
 import queue
@@ -525,3 +526,141 @@ def test_a_first_start_that_fails_leaves_the_version_open_for_the_next_node():
     assert node.daemon.held is None  # no older Quay to protect: the watchdog restarts it
     import json
     assert json.loads(node.leases.objects["database"][0])["tag"] == "v3.10.0"
+
+
+# --- the loop's threads are kept running ----------------------------------------------------
+
+def test_a_prober_whose_run_raises_is_restarted_by_the_loop_and_probing_goes_on():
+    from prometheus_client import generate_latest
+
+    from quay_bootstrap.daemon import CHECK_THREADS_EVERY
+
+    node = Node().start()
+    daemon = node.daemon
+    runs, probing = [], threading.Event()
+
+    def run():
+        runs.append(node.clock())
+        if len(runs) == 1:
+            raise RuntimeError("can't start new thread")
+        probing.set()
+        daemon.stop.wait()  # probes until stop, as Prober.run does
+
+    daemon.prober.run = run
+    daemon._watch_docker = daemon.stop.wait  # the real one loops until stop
+    daemon.tend()  # a check if one is due now; the next one CHECK_THREADS_EVERY later
+    daemon._start_threads()
+    probe = daemon.threads.threads["probe"].thread
+    probe.join(5)
+    assert not probe.is_alive()  # the first run died
+    with captured_logs() as logs:
+        daemon.tend()
+        assert not events(logs, "agent.thread_restarted")  # not before the next check
+        node.after(CHECK_THREADS_EVERY)
+        daemon.tend()
+        assert probing.wait(5)  # the second run probes
+
+    restarted = events(logs, "agent.thread_restarted")
+    assert len(restarted) == 1
+    assert restarted[0]["log_level"] == "warning" and restarted[0]["thread"] == "probe"
+    assert restarted[0]["error"] == "RuntimeError: can't start new thread"
+    assert isinstance(restarted[0]["exc_info"], RuntimeError)  # its traceback, in the same line
+    metric = "quay_bootstrap_thread_restarts_total"
+    assert node.board.registry.get_sample_value(metric, {"thread": "probe"}) == 1
+    assert node.board.registry.get_sample_value(metric, {"thread": "docker-events"}) == 0
+    assert f'{metric}{{thread="probe"}} 1.0' in generate_latest(node.board.registry).decode()
+
+    daemon.request_stop()  # ends the second run: not a death
+    for each in daemon.threads.threads.values():
+        each.thread.join(5)
+        assert not each.thread.is_alive()
+    node.after(600)
+    with captured_logs() as logs:
+        assert daemon.threads.check() == []
+    assert not events(logs, "agent.thread_restarted")
+    assert len(runs) == 2
+
+
+def test_a_thread_that_ends_because_stop_was_set_is_not_restarted():
+    from quay_bootstrap.daemon import Supervisor
+
+    clock, stop = FakeClock(), threading.Event()
+    threads = Supervisor(stop, clock, Board().m_thread_restarts)
+    threads.start("docker-events", stop.wait)
+    stop.set()
+    ended = threads.threads["docker-events"]
+    ended.thread.join(5)
+    assert not ended.thread.is_alive()
+    assert ended.ended is not None and ended.ended.stopping and ended.ended.error is None
+    clock.advance(600)
+    assert threads.check() == []
+
+
+def test_a_thread_that_keeps_dying_is_restarted_ever_later():
+    from quay_bootstrap.daemon import Supervisor
+
+    clock, stop, board = FakeClock(), threading.Event(), Board()
+    threads = Supervisor(stop, clock, board.m_thread_restarts)
+
+    def run():
+        raise ValueError("no health.url")
+
+    waits = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]  # it dies as soon as it starts
+    with captured_logs() as logs:
+        threads.start("probe", run)
+        for wait in waits:
+            dead = threads.threads["probe"]
+            dead.thread.join(5)
+            assert not dead.thread.is_alive()
+            clock.now = dead.ended.at + wait - 0.1
+            assert threads.check() == []  # still waiting
+            clock.now = dead.ended.at + wait
+            assert threads.check() == ["probe"]
+    restarted = events(logs, "agent.thread_restarted")
+    assert [e["backoff_seconds"] for e in restarted] == waits
+    assert all(e["error"] == "ValueError: no health.url" for e in restarted)
+    assert board.registry.get_sample_value("quay_bootstrap_thread_restarts_total",
+                                           {"thread": "probe"}) == len(waits)
+
+
+BOOM = RuntimeError("boom")
+
+
+def _ended(at=100.0, error=BOOM, stopping=False):
+    from quay_bootstrap.daemon import Ended
+
+    return Ended(at, error, stopping)
+
+
+@pytest.mark.parametrize("started_at,ended,delay,finishes,stopping,now,due", [
+    # alive: nothing to do
+    (0.0, None, 0.0, False, False, 500.0, []),
+    # died after a long run: restarted at once
+    (0.0, _ended(), 0.0, False, False, 100.0, [("t", 0.0)]),
+    # died soon after its start: 1 s later, then twice the previous wait, up to 60 s
+    (99.0, _ended(), 0.0, False, False, 100.5, []),
+    (99.0, _ended(), 0.0, False, False, 101.0, [("t", 1.0)]),
+    (99.0, _ended(), 8.0, False, False, 115.0, []),
+    (99.0, _ended(), 8.0, False, False, 116.0, [("t", 16.0)]),
+    (99.0, _ended(), 60.0, False, False, 160.0, [("t", 60.0)]),
+    # a thread meant to run until stop that returned is dead too
+    (0.0, _ended(error=None), 0.0, False, False, 100.0, [("t", 0.0)]),
+    # one that may finish (the lifecycle watcher) returned: done; raised: dead
+    (0.0, _ended(error=None), 0.0, True, False, 500.0, []),
+    (0.0, _ended(), 0.0, True, False, 100.0, [("t", 0.0)]),
+    # ended as stop was set, or the agent is stopping now: never restarted
+    (0.0, _ended(stopping=True), 0.0, False, False, 500.0, []),
+    (0.0, _ended(), 0.0, False, True, 500.0, []),
+])
+def test_which_threads_to_restart_now(started_at, ended, delay, finishes, stopping, now, due):
+    from quay_bootstrap.daemon import Seen, restarts_due
+
+    assert restarts_due([Seen("t", started_at, ended, delay, finishes)], now, stopping) == due
+
+
+def test_only_the_dead_threads_are_restarted():
+    from quay_bootstrap.daemon import Seen, restarts_due
+
+    seen = [Seen("probe", 0.0, _ended()), Seen("docker-events", 0.0),
+            Seen("lifecycle", 0.0, _ended(error=None), finishes=True)]
+    assert restarts_due(seen, 100.0, stopping=False) == [("probe", 0.0)]

@@ -26,7 +26,8 @@ from hypothesis.stateful import (  # noqa: E402
 )
 
 from quay_bootstrap import roll_states as rs  # noqa: E402
-from quay_bootstrap.container import IMAGE_DIGEST, STACK_VERSION  # noqa: E402
+from quay_bootstrap.canary import version_of  # noqa: E402
+from quay_bootstrap.container import IMAGE_DIGEST, IMAGE_TAG, STACK_VERSION  # noqa: E402
 from tests.model import TAGS, TTL, TURN, Cluster, release  # noqa: E402
 
 EXAMPLES = int(os.environ.get("QB_MODEL_EXAMPLES", "60"))
@@ -141,11 +142,15 @@ class RollModel(RuleBasedStateMachine):
 
     @invariant()
     def a_held_canary_is_never_rolled_back(self) -> None:
+        """Held after migrating: its Quay never goes back to an older image (a later change, a
+        new stack or a newer image, may replace it)."""
         for agent in self.cluster.agents:
             found = agent.docker.quay()
             if agent.node.held:
-                held = self.held_with.setdefault(agent.name, found.id if found else None)
-                assert found is not None and found.id == held, f"{agent.name}: held Quay gone"
+                held = self.held_with.setdefault(agent.name, found.labels[IMAGE_TAG])
+                assert found is not None, f"{agent.name}: held Quay gone"
+                assert version_of(found.labels[IMAGE_TAG]) >= version_of(held), (
+                    f"{agent.name}: held on {held}, rolled back to {found.labels[IMAGE_TAG]}")
             else:
                 self.held_with.pop(agent.name, None)
 

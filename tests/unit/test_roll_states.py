@@ -149,3 +149,13 @@ def test_an_event_a_state_cannot_take_is_a_bug_said_loudly(state, event):
 @pytest.mark.parametrize("failures, seconds", [(1, 120.0), (2, 240.0), (5, 1920.0), (9, 3600.0)])
 def test_backoff_doubles_to_an_hour(failures, seconds):
     assert rs.backoff(failures) == seconds
+
+
+def test_a_start_the_database_outran_is_judged_by_nothing():
+    """Another node's canary migrated the database past this target while it started."""
+    state = Verifying(IMAGE, OLD, True)
+    done, todo = rs.step(state, Health(False, "exited", frozenset({"web_gunicorn"}),
+                                       superseded=True), SHARED)
+    assert todo == rs.FINISH
+    assert (done.result, done.reject, done.verdict, done.blame) == (
+        "superseded", None, None, rs.SUPERSEDED)
