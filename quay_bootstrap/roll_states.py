@@ -60,6 +60,15 @@ class Target:
         return (self.version, self.image, self.spec_hash)
 
 
+def target_of(spec) -> Target:
+    """The target a container spec (container.build_spec, with its entry point) stands for."""
+    from quay_bootstrap.container import IMAGE_DIGEST, IMAGE_TAG, SPEC_HASH, STACK_VERSION
+
+    return Target(spec.labels[STACK_VERSION], spec.labels[IMAGE_DIGEST],
+                  spec.labels.get(IMAGE_TAG, ""),
+                  "registry-nomigrate" if spec.command else "registry", spec.labels[SPEC_HASH])
+
+
 @dataclass(frozen=True)
 class Facts:
     """What the shell read just now: the target made from the source, what the node runs,

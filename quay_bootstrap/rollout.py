@@ -4,7 +4,7 @@ the database was already migrated)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import structlog
@@ -17,15 +17,12 @@ from quay_bootstrap.container import (
     IMAGE_DIGEST,
     IMAGE_TAG,
     MANAGED,
-    SPEC_HASH,
-    STACK_VERSION,
     with_entry_point,
 )
-from quay_bootstrap.errors import ContainerError
-from quay_bootstrap.pipeline import Live, Outcome
+from quay_bootstrap.pipeline import Live
+from quay_bootstrap.rolled import Rolled, Run, canary_failed
 
 if TYPE_CHECKING:
-    from quay_bootstrap.config import Config
     from quay_bootstrap.pipeline import Pass
     from quay_bootstrap.stores import LeaseStore
 
@@ -33,47 +30,6 @@ log = structlog.get_logger(__name__)
 # How long a failed canary's current run may take to end before its logs are read: longer, and
 # it may be migrating, so it counts as migrated (canary.migrated_in).
 VERDICT_WAIT = 30.0
-
-
-@dataclass(frozen=True)
-class Rolled:
-    """What a roll did. `live` is what the node runs afterwards when the container changed
-    (applied, or rolled back); `cfg` the config to watch with from now on, when it changed."""
-
-    result: str  # unchanged, skipped, rejected, stopped, applied, rolled back, held
-    live: Optional[Live] = None
-    cfg: Optional[Config] = None
-    change: Optional[Dict[str, str]] = None  # for the status board's last_change
-    # Logged by the daemon once the board shows the change, so what the log says is already
-    # what /status says: (level, event, fields).
-    event: Optional[Tuple[str, str, Dict[str, object]]] = None
-    # The shared database was migrated past the image this node runs: it keeps running, but
-    # must not be restarted with the migrating entry point.
-    behind: bool = False
-    # A first start that is the canary: (verdicts, image, tag), judged by the watch.
-    canary: Optional[tuple] = None
-    lease: Optional[Lease] = None  # what a held node keeps while it is out of service
-
-    def report(self, board, held: Optional[str] = None) -> Optional[str]:
-        """On the status board first, then in the log, so what the log says /status says.
-        A held node is out of service (/healthz 503, the watchdog paused) until a later change
-        applies; a node behind the database is degraded until it is rolled forward. Returns
-        why the node is held, if it still is."""
-        if self.result == "held" or (held and self.result == "applied"):
-            held = self.change["reason"] if self.result == "held" else None
-            board.update(marked_unhealthy=bool(held), marked_reason=held,
-                         **({"state": "held"} if held else {}))
-        if self.behind:
-            board.update(degraded="the shared database was migrated by a newer Quay: this node "
-                                  "restarts without migrating until it is rolled forward")
-        if self.result == "rolled back":
-            board.m_rollbacks.inc()
-        if self.change:
-            board.update(last_change=self.change)
-        if self.event:
-            level, event, fields = self.event
-            getattr(log, level)(event, **fields)
-        return held
 
 
 class Roll:
@@ -112,7 +68,7 @@ class Roll:
         `touching` is called just before Quay's container is first stopped or replaced."""
         cfg = one.cfg
         verdicts = self.verdicts(cfg.stack)
-        run = _Run(one, live, why)
+        run = Run(one, live, why)
         state, todo = states.start()
         lease: Optional[Lease] = None
         try:
@@ -178,7 +134,7 @@ class Roll:
             if lease is not None:
                 lease.release()
 
-    def _facts(self, run: "_Run", verdicts: Verdicts) -> states.Facts:
+    def _facts(self, run: "Run", verdicts: Verdicts) -> states.Facts:
         """Fresh facts: the stack fetched and the lock read again, the entry point from the
         database record now, what reconciling would do now."""
         one = run.one
@@ -186,16 +142,16 @@ class Roll:
         run.spec = spec = self.entry(base, verdicts)
         found, action = one.decide(spec)
         run.reason, run.action = action.reason, action.kind
-        run.target = target = _target(spec)
+        run.target = target = states.target_of(spec)
         failures, until = self._failures.get(target.key, (0, 0.0))
         return states.Facts(
-            target, _target(run.live.spec), action.kind,
+            target, states.target_of(run.live.spec), action.kind,
             only_entry_point=spec is not base and action.kind == "replace" and
             one.decide(base)[1].kind == "adopt",
             rejected=action.kind == "replace" and one.store.is_rejected(*target.key),
             backoff_until=until, now=self.clock(), failures=failures)
 
-    def _finish(self, state, run: "_Run", verdicts: Verdicts, lease: Optional[Lease]) -> Rolled:
+    def _finish(self, state, run: "Run", verdicts: Verdicts, lease: Optional[Lease]) -> Rolled:
         """What the machine's end means for the node, the stack folder and the records."""
         one, live, why, target = run.one, run.live, run.why, run.target
         cfg = one.cfg
@@ -285,7 +241,7 @@ class Roll:
             if action.kind in ("create", "replace"):  # "go" at once where it is known good
                 canary = verdicts.ask(image, tag, cfg.rollout.lease_ttl)
                 if canary == "stop":
-                    raise _canary_failed(cfg, image)
+                    raise canary_failed(cfg, image)
                 if canary == "wait":
                     if not waited:
                         log.info("rollout.waiting_for_canary", image=image,
@@ -319,71 +275,10 @@ class Roll:
                                       exited=not one.docker.running(container_id))
 
     def once(self, one: Pass):
-        """`run --once`: one pass, but as every start by the daemon: the entry point the shared
-        database allows (an image older than the database's starts with `registry-nomigrate`,
-        never into alembic's "Can't locate revision": exit 255 on real Quay, no Quay), through
-        the canary gate (a version the canary failed is not started; one the cluster has not
-        seen makes this node its canary, and the verdict is recorded), and the database record
-        moved before a migrating start. A Quay that differs only by the entry point is kept."""
-        cfg = one.cfg
-        verdicts = self.verdicts(cfg.stack)
-        claimed = []
-        away = []  # the records could not be read or written: a plain pass, as before them
+        """`run --once` (run_once.run_once): one pass, as every start by the daemon."""
+        from quay_bootstrap.run_once import run_once
 
-        def records(call, *args):
-            if away:
-                return None
-            try:
-                return call(*args)
-            except (ContainerError, _WaitForCanary):
-                raise
-            except Exception as err:  # noqa: BLE001 - any store fault: the records are away
-                log.warning("rollout.records_unavailable", error=str(err),
-                            note="run --once goes on without the canary and database records; "
-                                 "the daemon needs them (write access beside the stack)")
-                away.append(err)
-                return None
-
-        def entry(base):
-            spec = records(self.entry, base, verdicts) or base
-            if spec is not base and one.decide(base)[1].kind == "adopt":
-                return base  # as Roll.apply: behind the database, but serving
-            return spec
-
-        def before_start(spec) -> None:
-            records(gated, spec)
-
-        def gated(spec) -> None:
-            image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
-            verdict = verdicts.ask(image, tag, cfg.rollout.lease_ttl)
-            if verdict == "stop":
-                raise _canary_failed(cfg, image)
-            if verdict == "wait":
-                raise _WaitForCanary(image)
-            if verdict == "canary":
-                claimed.append(spec)
-            if not spec.command:
-                verdicts.migrating(image, tag)
-
-        waited = False
-        while True:  # after another node's canary, the pass is made again from fresh facts
-            try:
-                outcome = one.run(entry=entry, before_start=before_start)
-                break
-            except _WaitForCanary as wait:
-                if not waited:
-                    log.info("rollout.waiting_for_canary", image=wait.image,
-                             canary=verdicts.waiting_for)
-                    waited = True
-                self.sleep(self.poll)
-                one.outcome = Outcome(healthy=False)
-        for spec in claimed:
-            image, tag = spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, "")
-            state = canary_mod.HEALTHY if outcome.healthy else (
-                canary_mod.FAILED_AFTER if self._migrated(one, spec, outcome.container_id)
-                else canary_mod.FAILED_BEFORE)
-            records(verdicts.finish, image, tag, state)
-        return outcome
+        return run_once(self, one)
 
     def _hold(self, new: Live, why: str, probe) -> Rolled:
         """The canary failed after its migration: the old image cannot start against the
@@ -435,42 +330,3 @@ class Roll:
         if where not in self._leases:
             self._leases[where] = self.open_leases(stack)
         return self._leases[where]
-
-
-class _WaitForCanary(Exception):
-    """`run --once` met another node's canary before starting: made again after a wait."""
-
-    def __init__(self, image: str) -> None:
-        super().__init__(image)
-        self.image = image
-
-
-@dataclass
-class _Run:
-    """What one roll learnt so far (the shell's scratch; the machine's state is elsewhere)."""
-
-    one: Pass
-    live: Live
-    why: str
-    spec: object = None
-    target: Optional[states.Target] = None
-    reason: str = ""
-    action: str = ""
-    container_id: str = ""
-    probe: object = None
-    back_spec: object = None
-    waited: bool = False
-
-
-def _target(spec) -> states.Target:
-    return states.Target(spec.labels[STACK_VERSION], spec.labels[IMAGE_DIGEST],
-                         spec.labels.get(IMAGE_TAG, ""),
-                         canary_mod.NOMIGRATE if spec.command else canary_mod.MIGRATING,
-                         spec.labels[SPEC_HASH])
-
-
-def _canary_failed(cfg, image: str) -> ContainerError:
-    return ContainerError(f"the cluster's canary failed on {image}, so it is not started here",
-                          where=cfg.image.lock or "image.reference",
-                          hint="Fix the image or the stack, then change the lock (or "
-                               "image.reference) again")

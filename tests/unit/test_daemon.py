@@ -533,7 +533,7 @@ def test_a_first_start_that_fails_leaves_the_version_open_for_the_next_node():
 def test_a_prober_whose_run_raises_is_restarted_by_the_loop_and_probing_goes_on():
     from prometheus_client import generate_latest
 
-    from quay_bootstrap.daemon import CHECK_THREADS_EVERY
+    from quay_bootstrap.supervise import CHECK_THREADS_EVERY
 
     node = Node().start()
     daemon = node.daemon
@@ -582,7 +582,7 @@ def test_a_prober_whose_run_raises_is_restarted_by_the_loop_and_probing_goes_on(
 
 
 def test_a_thread_that_ends_because_stop_was_set_is_not_restarted():
-    from quay_bootstrap.daemon import Supervisor
+    from quay_bootstrap.supervise import Supervisor
 
     clock, stop = FakeClock(), threading.Event()
     threads = Supervisor(stop, clock, Board().m_thread_restarts)
@@ -597,7 +597,7 @@ def test_a_thread_that_ends_because_stop_was_set_is_not_restarted():
 
 
 def test_a_thread_that_keeps_dying_is_restarted_ever_later():
-    from quay_bootstrap.daemon import Supervisor
+    from quay_bootstrap.supervise import Supervisor
 
     clock, stop, board = FakeClock(), threading.Event(), Board()
     threads = Supervisor(stop, clock, board.m_thread_restarts)
@@ -627,7 +627,7 @@ BOOM = RuntimeError("boom")
 
 
 def _ended(at=100.0, error=BOOM, stopping=False):
-    from quay_bootstrap.daemon import Ended
+    from quay_bootstrap.supervise import Ended
 
     return Ended(at, error, stopping)
 
@@ -653,13 +653,13 @@ def _ended(at=100.0, error=BOOM, stopping=False):
     (0.0, _ended(), 0.0, False, True, 500.0, []),
 ])
 def test_which_threads_to_restart_now(started_at, ended, delay, finishes, stopping, now, due):
-    from quay_bootstrap.daemon import Seen, restarts_due
+    from quay_bootstrap.supervise import Seen, restarts_due
 
     assert restarts_due([Seen("t", started_at, ended, delay, finishes)], now, stopping) == due
 
 
 def test_only_the_dead_threads_are_restarted():
-    from quay_bootstrap.daemon import Seen, restarts_due
+    from quay_bootstrap.supervise import Seen, restarts_due
 
     seen = [Seen("probe", 0.0, _ended()), Seen("docker-events", 0.0),
             Seen("lifecycle", 0.0, _ended(error=None), finishes=True)]
