@@ -171,11 +171,12 @@ class Roll:
             one.store.switch_current(live.stack_version)
             log.debug("rollout.still_rejected" if result == "rejected" else "rollout.backing_off",
                       why=why, version=target.version[:12], image=target.image)
-            return Rolled(result)
+            return Rolled(result, cfg=cfg)  # a SIGHUP's config is kept: the next refresh
+            # reads the source it names (the lock that fixes this, say)
         if result == "stopped":
             one.store.reject(*target.key)
             one.store.switch_current(live.stack_version)
-            return Rolled("stopped")
+            return Rolled("stopped", cfg=cfg)
         if result == "superseded":
             log.warning("rollout.superseded", why=why, version=target.version, image=target.image,
                         error=state.error, note="another node migrated the database past this "

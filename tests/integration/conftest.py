@@ -490,6 +490,57 @@ class Daemon:
             self.proc.wait(timeout=10)
 
 
+# The positive events after which "nothing happened" may be asserted: the agent had its chance
+# to act (a refresh, a probe) and chose not to. Never a sleep.
+
+# How a roll (a refresh's, a SIGHUP's) ends when it leaves Quay alone (debug lines: the test
+# agents log at debug).
+LEFT_ALONE = ("rollout.unchanged", "rollout.still_rejected", "rollout.backing_off")
+
+
+def lines(agent: Daemon, event, since: int = 0) -> list:
+    """The agent's log lines (JSON-decoded) of EVENT (a name or a tuple of names) logged after
+    SINCE (a mark: `len(agent.log)` at that moment)."""
+    names = (event,) if isinstance(event, str) else tuple(event)
+    found = []
+    for line in agent.log[since:].splitlines():
+        if not any(f'"{name}"' in line for name in names):
+            continue
+        try:
+            decoded = json.loads(line)
+        except ValueError:
+            continue
+        if decoded.get("event") in names:
+            found.append(decoded)
+    return found
+
+
+def wait_for_lines(agent: Daemon, event, count: int = 1, since: int = 0,
+                   timeout: float = 30) -> list:
+    """Once the agent has logged COUNT lines of EVENT after SINCE, those lines."""
+    return wait_for(lambda: len(lines(agent, event, since)) >= count and lines(agent, event, since),
+                    timeout, lambda: f"{count} x {event} since the mark; log:\n{agent.log[-3000:]}")
+
+
+def probes(agent: Daemon) -> int:
+    """How many health probes the agent has completed (its probe-latency histogram's count)."""
+    code, body = agent.get("/metrics")
+    for line in body.decode().splitlines() if code == 200 else []:
+        if line.startswith("quay_bootstrap_probe_seconds_count "):
+            return int(float(line.split()[1]))
+    return 0
+
+
+def wait_for_probes(agent: Daemon, more: int, since: Optional[int] = None,
+                    timeout: float = 30) -> int:
+    """Once the agent has completed MORE health probes after SINCE (a count from `probes`; now
+    when None), their count. A probe is counted a moment before the watchdog judges it: ask
+    for one more than must have been judged."""
+    base = probes(agent) if since is None else since
+    return wait_for(lambda: (lambda n: n >= base + more and n)(probes(agent)), timeout,
+                    lambda: f"{more} more probes after {base}; log:\n{agent.log[-3000:]}")
+
+
 @pytest.fixture
 def daemon(node):
     started = []

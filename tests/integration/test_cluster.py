@@ -33,7 +33,13 @@ from tests.integration.cluster import (
     trouble,
     wait_all,
 )
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import (
+    LEFT_ALONE,
+    probes,
+    wait_for,
+    wait_for_lines,
+    wait_for_probes,
+)
 from tests.testbed import faults, quay_standin
 from tests.testbed.quay_standin import HEADS
 
@@ -301,7 +307,9 @@ def test_a_canary_failing_in_validation_goes_back_and_the_others_never_start_it(
     wait_for(lambda: on_image(canary, "v3.10.0")
              and canary.agent_run.status().get("state") == "healthy", 40,
              lambda: "the canary back on v3.10.0; log:\n" + canary.log()[-3000:])
-    time.sleep(3)  # refreshes: the failed version is not tried again
+    marks = {n.name: len(n.agent_run.log) for n in nodes}
+    for node in nodes:  # two refreshes each since: the failed version is not tried again
+        wait_for_lines(node.agent_run, LEFT_ALONE, 2, since=marks[node.name], timeout=15)
     assert len(canary.events("rollout.replacing", began)) == 1
     new = canary.image_id("v3.11.0")
     for node in others:
@@ -335,7 +343,16 @@ def test_a_canary_failing_after_migrating_is_held_out_of_service(cluster):
                       lambda: "the canary's verdict; logs:\n" + "\n".join(n.log()[-2000:] for n in nodes))
     canary = canary_of(cluster, record)
     others = [n for n in nodes if n is not canary]
-    time.sleep(8)  # a rollback, or a restart of anyone, would have happened by now
+    # The canary's roll is over (held, not rolled back) and two refreshes since left it so;
+    # the others' watchdogs judged more probes than failure_threshold since: no restart.
+    probed = {n.name: probes(n.agent_run) for n in others}
+    held = wait_for_lines(canary.agent_run, ("rollout.held", "rollout.rolling_back"), timeout=20)
+    assert held[0]["event"] == "rollout.held", held
+    wait_for_lines(canary.agent_run, LEFT_ALONE, 2,
+                   since=canary.agent_run.log.index('"rollout.held"'), timeout=15)
+    for node in others:
+        wait_for_probes(node.agent_run, HEALTH["failure_threshold"] + 1, since=probed[node.name],
+                        timeout=15)
     everything = "\n".join(n.quay_logs_all() for n in nodes)
     assert "Can't locate revision" not in everything
     found = canary.found()

@@ -14,9 +14,13 @@ import time
 import boto3
 import pytest
 
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import FAST, wait_for, wait_for_probes
 from tests.testbed import faults, quay_standin
 from tests.testbed.quay_standin import HEADS
+
+# Probes judged while a fault lasts, each a chance to restart that the watchdog did not take:
+# twice failure_threshold, and one more (a probe is counted just before it is judged).
+HELD_PROBES = 2 * FAST["failure_threshold"] + 1
 
 
 def started_at(node):
@@ -86,9 +90,8 @@ def test_a_shared_database_outage_is_held_not_restarted(node, daemon, testbed, f
     before = started_at(node)
     with getattr(faults, fault)(testbed["dir"], "postgres"):
         status = agent.wait_state("shared-outage")
-        # Well past failure_threshold x (interval + the time a probe takes).
-        time.sleep(5 if fault == "down" else 8)
-        assert started_at(node) == before
+        wait_for_probes(agent, HELD_PROBES)
+        assert started_at(node) == before and '"container.restarting"' not in agent.log
         assert agent.get("/healthz")[0] == 200 and agent.status()["state"] == "shared-outage"
         assert status["marked_unhealthy"] is False
     assert status["last_probe"]["services"]["database"] is False
@@ -119,8 +122,9 @@ def test_a_database_slow_for_everyone_is_held_not_restarted(node, daemon):
         code, _ = quay_get(node.port, "/health/instance", timeout=20)
         assert code == 503 and time.monotonic() - began >= 5
         status = agent.wait_state("shared-outage", timeout=15)
-        time.sleep(6)  # more slow probes, past failure_threshold x (interval + 5 s)
+        wait_for_probes(agent, HELD_PROBES)  # more slow probes, each a 503 after 5 s
         assert started_at(node) == before and agent.status()["state"] == "shared-outage"
+        assert '"container.restarting"' not in agent.log
         assert status["last_probe"]["services"]["database"] is False
         assert status["marked_unhealthy"] is False
     finally:
@@ -160,8 +164,8 @@ def test_an_rds_failover_is_held_even_when_the_database_is_not_shared(node, daem
     before = started_at(node)
     with faults.down(testbed["dir"], "postgres"):
         agent.wait_state("shared-outage")
-        time.sleep(4)
-        assert started_at(node) == before
+        wait_for_probes(agent, HELD_PROBES)
+        assert started_at(node) == before and '"container.restarting"' not in agent.log
         assert agent.status()["marked_unhealthy"] is False
     assert '"rds.not_available"' in agent.log
     agent.wait_state("healthy")
@@ -308,7 +312,9 @@ def test_sighup_applies_a_new_stack_and_a_bad_config_keeps_quay_watched(node, da
     status = wait_for(lambda: agent.status().get("stack_version") == version and
                       agent.status().get("state") == "healthy" and agent.status(), 20,
                       "healthy on the new stack")
-    time.sleep(3)  # past the start period: a late echo of the replacement would show by now
+    # Probes judged after it: the replacement's Docker events, on the same queue before them,
+    # were judged first.
+    wait_for_probes(agent, 3)
     status = agent.status()
     assert status["restarts_in_window"] == 0 and status["state"] == "healthy"  # not a failure
     assert '"container.restarting"' not in agent.log

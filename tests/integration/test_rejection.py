@@ -2,9 +2,7 @@
 downloaded nor applied again until the source changes, and `current` never points at it."""
 from __future__ import annotations
 
-import time
-
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import wait_for, wait_for_lines
 
 HEALTH = {"interval": "10s", "timeout": "1s", "failure_threshold": 2, "start_period": "4s"}
 
@@ -20,8 +18,8 @@ def test_a_rolled_back_version_is_not_fetched_or_applied_again_after_a_restart(n
 
     again = daemon(health=HEALTH, refresh_interval="1s")  # a restart, e.g. an agent upgrade
     again.wait_state("healthy")
-    time.sleep(4)  # several refreshes
-    assert '"stack.still_rejected"' in again.log
+    # Several refreshes, each of which reads the source and refuses the rejected version.
+    wait_for_lines(again, "stack.still_rejected", 3, timeout=15)
     assert '"rollout.replacing"' not in again.log and '"stack.applied"' not in again.log
     assert node.agent.live()[0] == good  # `current` never moved to the rejected version
     assert node.found().labels["io.quay-bootstrap.stack-version"] == good

@@ -11,7 +11,15 @@ import time
 import boto3
 import pytest
 
-from tests.integration.conftest import BACKOFF, Agent, Daemon, Node, wait_for
+from tests.integration.conftest import (
+    BACKOFF,
+    LEFT_ALONE,
+    Agent,
+    Daemon,
+    Node,
+    wait_for,
+    wait_for_lines,
+)
 from tests.testbed import quay_standin
 from tests.testbed.quay_standin import HEADS
 
@@ -64,7 +72,8 @@ def test_an_invalid_stack_is_never_applied_and_is_reported(node, daemon):
     before_id, (version, _) = node.found().id, node.agent.live()
     node.backend.put("config.yaml", b"SERVER_HOSTNAME: [broken\n")
     wait_for(lambda: '"rollout.failed"' in agent.log, 10, "the failure reported")
-    time.sleep(2)
+    # The next refresh reads the same stack again, and refuses it again.
+    wait_for_lines(agent, "rollout.failed", 2, timeout=10)
     assert node.found().id == before_id and node.agent.live()[0] == version
     assert "not valid YAML" in agent.status()["last_change"]["error"]
     assert agent.status()["state"] == "healthy"
@@ -88,8 +97,9 @@ def test_a_stack_that_makes_quay_unhealthy_is_rolled_back_and_not_retried(node, 
     assert node.found().labels["io.quay-bootstrap.stack-version"] == good_version
     assert node.agent.live()[0] == good_version  # `current` is back too
     assert status["last_change"]["result"] == "rolled back"
-    replaced = agent.log.count('"rollout.replacing"')
-    time.sleep(4)  # several refreshes: the same bad version is not tried again
+    replaced, mark = agent.log.count('"rollout.replacing"'), len(agent.log)
+    # Several refreshes see the same bad version and leave it: it is not tried again.
+    wait_for_lines(agent, "stack.still_rejected", 3, since=mark, timeout=15)
     assert agent.log.count('"rollout.replacing"') == replaced
     assert "quay_bootstrap_rollbacks_total 1.0" in agent.get("/metrics")[1].decode()
     assert status["restarts_in_window"] == 0  # a rollback is not a watchdog restart
@@ -158,7 +168,8 @@ def test_a_failed_canary_stops_the_rollout(node, daemon, moto_endpoint):
     node.configure(image={"lock": lock}, health=ROLL["health"], refresh_interval="1s")
     agent.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: '"rollout.stopped"' in agent.log, 20, "the rollout stopped")
-    time.sleep(2)
+    wait_for_lines(agent, LEFT_ALONE, 2, since=agent.log.index('"rollout.stopped"'),
+                   timeout=10)  # two refreshes since, and neither rolled
     assert node.found().id == before
     # Nothing lost: the old Quay still serves, on a database nobody migrated.
     assert node.found().status == "running" and node.revision() == HEADS["v3.10.0"]
@@ -183,7 +194,8 @@ def test_a_canary_that_failed_after_migrating_is_held_not_rolled_back(node, daem
     wait_for(lambda: '"rollout.rolling_back"' in agent.log or
              "canary" in json.dumps(agent.status().get("last_change") or {}), 20,
              "the canary's verdict")
-    time.sleep(5)
+    # The roll is over: two refreshes since leave the held node as it is.
+    wait_for_lines(agent, LEFT_ALONE, 2, since=len(agent.log), timeout=10)
     # Never the old image against the database the canary migrated: the canary's container is
     # kept (for `docker logs`), the node held out of service.
     assert "Can't locate revision" not in node.logs()

@@ -179,7 +179,7 @@ def test_not_healthy_rolls_back_to_the_old_stack_and_image_and_rejects_the_chang
     node.docker.calls.clear()
     with captured_logs() as logs:
         again = node.apply(V3_IMAGE)
-    assert again == Rolled("rejected")
+    assert again == Rolled("rejected", cfg=node.cfg)
     assert node.docker.mutations() == []
     assert node.quay() == (V1.version, V1.digest, "running")
     assert node.store.current() == V1.version
@@ -293,7 +293,7 @@ def test_a_failed_canary_stops_the_roll_and_nothing_is_replaced():
     node.leases.put("upgrade", upgrade_record(V3, "node-a", "failed", node.clock()))
     with captured_logs() as logs:
         rolled = node.apply(V3)
-    assert rolled == Rolled("stopped")
+    assert rolled == Rolled("stopped", cfg=node.cfg)
     assert node.docker.mutations() == []
     assert node.quay() == (V1.version, V1.digest, "running")
     assert node.store.current() == V1.version
@@ -301,7 +301,7 @@ def test_a_failed_canary_stops_the_roll_and_nothing_is_replaced():
     stopped = events(logs, "rollout.stopped")
     assert stopped[0]["log_level"] == "error" and stopped[0]["canary"] == "node-a"
     # Not asked again until the lock changes.
-    assert node.apply(V3) == Rolled("rejected")
+    assert node.apply(V3) == Rolled("rejected", cfg=node.cfg)
 
 
 def test_a_stale_rolling_record_is_taken_over():
