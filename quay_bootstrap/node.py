@@ -167,11 +167,19 @@ class Node:
                 roll_states.WAIT_FOR_VERDICT, roll_states.RELEASE_AND_WAIT) else \
                 _STEPS.get(type(state).__name__, "planning")
             self.board.update(roll={"step": step, **where})
+            self._roll_metric(step)
             return
         result = getattr(state, "result", "held")
         waiting = result in ("rejected", "backing off", "stopped", "rolled back")
         self.board.update(roll=None, not_applied={
             "why": result, "blame": getattr(state, "blame", None), **where} if waiting else None)
+        self._roll_metric(result if waiting else "none")
+
+    def _roll_metric(self, current: str) -> None:
+        """quay_bootstrap_roll{state}: 1 for `current` only ("none": converged)."""
+        for state in (*_STEPS.values(), "waiting for another node's canary", "rejected",
+                      "backing off", "stopped", "rolled back", "none"):
+            self.board.m_roll.labels(state).set(1 if state == current else 0)
 
     def _show_leases(self) -> None:
         """The slots of the cluster's budget this node holds, in /status."""

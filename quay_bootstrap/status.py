@@ -56,6 +56,9 @@ class Board:
         self.m_thread_restarts = Counter("quay_bootstrap_thread_restarts", "Agent threads "
                                          "(probe, docker-events, lifecycle) restarted after they "
                                          "died", ["thread"], registry=self.registry)
+        self.m_roll = Gauge("quay_bootstrap_roll", "1 for what this node's roll waits for, or why "
+                            "the source's change is not applied here (none: converged)",
+                            ["state"], registry=self.registry)
         self.m_info = Gauge("quay_bootstrap_info", "The live stack version and image digest",
                             ["stack_version", "image_digest"], registry=self.registry)
 

@@ -261,6 +261,9 @@ def test_a_database_outage_that_ends_during_the_rollback_does_not_reject_the_sta
             assert cluster.agents[0].store.rejected == []
             board = cluster.agents[0].node.board.snapshot()
             assert board["last_change"]["blame"] == "shared"
+            metric = cluster.agents[0].node.board.m_roll
+            assert metric.labels("rolled back")._value.get() == 1
+            assert metric.labels("none")._value.get() == 0
             assert board["not_applied"] == {"why": "rolled back", "blame": "shared",
                                             "version": "stack-2", "image": release(
                                                 "stack-2", "v3.9.0").digest,
