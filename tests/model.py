@@ -139,15 +139,18 @@ class ModelDocker(FakeDocker):
                 container.logs += "FAILED: Can't locate revision"
                 container.status = "exited"
                 return
+            record = self.agent.cluster.leases.record() or {}
+            if version > world.database and not by_docker and \
+                    (record.get("image"), record.get("canary")) != (labels[IMAGE_DIGEST],
+                                                                    self.node):
+                # Checked when the agent starts it: a start Docker retries through an outage
+                # migrates later, when the claim may have moved on to a newer image.
+                world.violations.append(f"{self.node} started {tag} to migrate the database "
+                                        f"without being its canary: {record}")
             if version > world.database and world.database_down:
                 # It cannot reach the database: Docker restarts it until it can (database_back).
                 container.pending_migration = True
             elif version > world.database:
-                record = self.agent.cluster.leases.record() or {}
-                if (record.get("image"), record.get("canary")) != (labels[IMAGE_DIGEST],
-                                                                   self.node):
-                    world.violations.append(f"{self.node} migrated to {tag} without being its "
-                                            f"canary: {record}")
                 world.database = version
                 world.migrations.append((tag, self.node))
         if labels.get(IMAGE_DIGEST) in world.bad_images:
