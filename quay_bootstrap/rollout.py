@@ -297,12 +297,15 @@ class Roll:
     def restart_spec(self, live: Live):
         """The spec a restart recreates Quay from: with `registry-nomigrate` once another node
         migrated the shared database past this node's image (it would fail at the migration
-        and leave the node with no Quay); the node then reports itself degraded."""
+        and leave the node with no Quay); the node then reports itself degraded. With the record
+        out of reach it also starts without migrating: a Quay that ran here before needs no
+        migration, and another node may have migrated past it meanwhile (found by the model)."""
         try:
             spec = self.entry(live.spec, self.verdicts(live.cfg.stack))
-        except Exception as err:  # noqa: BLE001 - the store is away: restart as it was
-            log.warning("rollout.database_record_unknown", error=str(err))
-            return live.spec
+        except Exception as err:  # noqa: BLE001 - the store is away: the safe entry point
+            log.warning("rollout.database_record_unknown", error=str(err),
+                        entry_point=canary_mod.NOMIGRATE)
+            return with_entry_point(live.spec, canary_mod.NOMIGRATE)
         if spec.command:
             log.warning("container.degraded", entry_point=spec.command[0],
                         why="the shared database was migrated by a newer Quay than this node "

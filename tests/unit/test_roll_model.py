@@ -301,3 +301,26 @@ def test_two_canaries_of_successive_images_during_an_outage_leave_no_quay_behind
                 assert agent.docker.quay().status == "running"
     finally:
         cluster.close()
+
+
+def test_a_restart_with_the_database_record_out_of_reach_starts_without_migrating():
+    """Found by the model: node-2's canary migrated the database to v3.10.0; node-1's v3.9.0
+    Quay crashed, Docker's restart met the newer database, and the agent's own restart could
+    not read the database record (the store blinked). It must not start `registry`."""
+    cluster = Cluster(3, max_unavailable=1)
+    world = cluster.world
+    try:
+        with quiet_logs():
+            world.tag = "v3.10.0"
+            settled(cluster, "node-2")  # the canary: migrated, waiting for health
+            assert world.database == (3, 10, 0)
+            cluster.leases.fail("get", OSError("the store blinked"))
+            node_1 = cluster.agents[0]
+            found = node_1.docker.quay()
+            node_1.docker.crash(found.name)
+            settled(cluster, "node-1")  # the watch restarts it
+            assert world.violations == []
+            found = node_1.docker.quay()
+            assert found.status == "running" and found.spec.command == ("registry-nomigrate",)
+    finally:
+        cluster.close()
