@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from quay_bootstrap.stores import LeaseStore
 
 log = structlog.get_logger(__name__)
+RENEW_RETRY = 5.0  # seconds after a failed renewal before the next try
 
 
 @dataclass(frozen=True)
@@ -111,12 +112,16 @@ class Budget:
         self._released[slot] = released
 
         def renew() -> None:
-            while not released.wait(self.ttl / 3):
+            wait = self.ttl / 3
+            while not released.wait(wait):
                 try:
                     if not self.renew(slot, reason):
                         return
-                except Exception as err:  # noqa: BLE001 - tried again in a third of ttl
+                    wait = self.ttl / 3
+                except Exception as err:  # noqa: BLE001 - a blink: tried again soon, not in
+                    # a third of ttl, so two blinks in a row do not let the lease run out
                     log.warning("rollout.lease_renew_failed", slot=slot, error=str(err))
+                    wait = min(self.ttl / 3, RENEW_RETRY)
 
         threading.Thread(target=renew, name=f"lease-{slot}", daemon=True).start()
 

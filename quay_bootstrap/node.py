@@ -207,7 +207,8 @@ class Node:
         one = None
         try:  # no systemd keepalive here: the loop goes on pinging, and a wedged loop shows
             one = one_for(cfg)
-            rolled = self.roll.apply(one, self.live, why, touching)
+            rolled = self.roll.apply(one, self.live, why, touching,
+                                     held=self._lease if self.held else None)
             return RollOutcome(why, one, rolled, touched=bool(touched))
         except Exception as err:  # noqa: BLE001 - Interrupted too: the loop decides
             return RollOutcome(why, one, error=err, touched=bool(touched))

@@ -60,12 +60,15 @@ class Roll:
         self.on_step: Callable[..., None] = lambda state, target, todo: None
 
     def apply(self, one: Pass, live: Live, why: str,
-              touching: Callable[[], None] = lambda: None) -> Rolled:
+              touching: Callable[[], None] = lambda: None,
+              held: Optional[Lease] = None) -> Rolled:
         """The shell around roll_states: does what the machine asks, one step at a time, and
         hands it what happened. Every wait (a verdict, a lease) is followed by fresh facts.
 
         Args: the pass for the new config; what the node runs; why (for the log);
-        `touching` is called just before Quay's container is first stopped or replaced."""
+        `touching` is called just before Quay's container is first stopped or replaced; `held`:
+        the lease a held node keeps, which this roll uses and never gives back (the node does,
+        once healthy): a held node is out of service whatever the roll's end."""
         cfg = one.cfg
         verdicts = self.verdicts(cfg.stack)
         run = Run(one, live, why)
@@ -77,7 +80,8 @@ class Roll:
                     log.info("rollout.replanned", why=why, note="the source, the database or "
                              "the canary changed while this node waited: planned again")
                 if todo in (states.RELEASE_AND_GATHER, states.RELEASE_AND_WAIT):
-                    lease.release()
+                    if lease is not held:
+                        lease.release()
                     lease = None
                 if todo in (states.WAIT_FOR_VERDICT, states.RELEASE_AND_WAIT):
                     if not run.waited:
@@ -93,7 +97,7 @@ class Roll:
                                                         cfg.rollout.lease_ttl,
                                                         claim=todo == states.CLAIM))
                 elif todo == states.ACQUIRE:
-                    lease = Lease.take(self.budget(cfg), f"{why}: {run.reason}", self.sleep,
+                    lease = held or Lease.take(self.budget(cfg), f"{why}: {run.reason}", self.sleep,
                                        self.poll, self.held)
                     event = states.LeaseTaken()
                 elif todo == states.REPLACE:
@@ -126,12 +130,12 @@ class Roll:
                     raise states.BadTransition(f"nothing does {todo!r}")
                 state, todo = states.step(state, event, frozenset(cfg.health.shared_services))
                 self.on_step(state, run.target, todo)
-            rolled = self._finish(state, run, verdicts, lease)
+            rolled = self._finish(state, run, verdicts, None if lease is held else lease)
             if isinstance(state, states.Held):
                 lease = None  # a held node stays out of service: its slot stays taken
             return rolled
         finally:
-            if lease is not None:
+            if lease is not None and lease is not held:
                 lease.release()
 
     def _facts(self, run: "Run", verdicts: Verdicts) -> states.Facts:

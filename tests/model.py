@@ -375,11 +375,14 @@ class Cluster:
             self.world.now += step
             seconds -= step
             for budget, slot in list(self.kept):
-                if budget.agent.alive:
+                for _ in range(40):  # Budget.keep tries again RENEW_RETRY after a blink
+                    if not budget.agent.alive:
+                        break
                     try:
                         budget.renew(slot)
+                        break
                     except OSError:
-                        pass
+                        continue
 
     def database(self, down: bool) -> None:
         self.world.database_down = down

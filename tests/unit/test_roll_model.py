@@ -324,3 +324,27 @@ def test_a_restart_with_the_database_record_out_of_reach_starts_without_migratin
             assert found.status == "running" and found.spec.command == ("registry-nomigrate",)
     finally:
         cluster.close()
+
+
+def test_a_held_node_rolling_again_keeps_its_slot_whatever_the_roll_ends_in():
+    """Found by the model: a held node's next roll took its own slot as a new lease and gave it
+    back when that roll rolled back, leaving the node out of service without a slot."""
+    cluster = Cluster(3, max_unavailable=1)
+    world = cluster.world
+    try:
+        with quiet_logs():
+            world.tag = "v3.10.0"
+            world.bad_images.add(release("stack-1", "v3.10.0").digest)
+            settled(cluster, "node-1", "node-1", "node-1")  # the canary, held after migrating
+            held = cluster.agents[0]
+            assert held.node.held and len(cluster.leases.leases()) == 1
+            world.stack = "stack-2"
+            world.bad_stacks.add("stack-2")  # its next roll fails and rolls back
+            for _ in range(4):
+                settled(cluster, "node-1")
+                settled(cluster, "node-2", "node-3")  # they may not take the slot meanwhile
+                assert len(cluster.out_of_service()) <= 1, cluster.out_of_service()
+            assert held.node.held and [lease.holder for lease in
+                                       cluster.leases.leases().values()] == ["node-1/roll"]
+    finally:
+        cluster.close()
