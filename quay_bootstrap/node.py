@@ -124,13 +124,25 @@ class Node:
 
                 with self.systemd.keepalive():
                     created = self.docker.restart_quay(
-                        spec, action.recreate or spec != self.live.spec, action.exited, expect)
+                        spec, action.recreate or spec != self.live.spec or self._drifted(spec),
+                        action.exited, expect)
                 if created:
                     self.live = replace(self.live, spec=spec, container_id=created)
                     self.board.update(degraded=_degraded(spec))
                 self.wake()
             except Exception as err:  # noqa: BLE001 - the loop must survive; retried when due
                 self.feed(watchdog.RestartFailed(self.clock(), str(err), action))
+
+    def _drifted(self, spec) -> bool:
+        """Whether the dead container under Quay's name is not the one this node runs (a roll
+        that failed after replacing it left its own): a restart then recreates what runs,
+        never starts a stranger's spec again (found by the model)."""
+        from quay_bootstrap.container import IMAGE_DIGEST, SPEC_HASH, STACK_VERSION
+
+        found = self.docker.find(spec.name)
+        return found is not None and found.status != "running" and any(
+            found.labels.get(label) != spec.labels.get(label)
+            for label in (STACK_VERSION, IMAGE_DIGEST, SPEC_HASH))
 
     def _take_slot(self, action) -> bool:
         from quay_bootstrap.budget import Lease
@@ -232,8 +244,8 @@ class Node:
         if outcome.error is not None:
             log.error("rollout.failed", why=outcome.why, error=str(outcome.error),
                       note="still watching the Quay that runs")
-            self.board.update(last_change={"why": outcome.why, "result": "failed",
-                                           "error": str(outcome.error)})
+            self.board.update(roll=None, last_change={"why": outcome.why, "result": "failed",
+                                                      "error": str(outcome.error)})
             return
         rolled = outcome.rolled
         if outcome.touched:

@@ -348,3 +348,27 @@ def test_a_held_node_rolling_again_keeps_its_slot_whatever_the_roll_ends_in():
                                        cluster.leases.leases().values()] == ["node-1/roll"]
     finally:
         cluster.close()
+
+
+def test_a_roll_cut_off_by_a_store_fault_after_the_replacement_is_restarted_as_it_was():
+    """Found by the model: the store failed while a roll was rolling back a broken stack; the
+    roll ended in an error with the broken container under Quay's name, and each restart of
+    the watch started that container again (it exited at once) instead of what the node ran."""
+    cluster = Cluster(3, max_unavailable=1)
+    world = cluster.world
+    try:
+        with quiet_logs():
+            world.stack = "stack-2"
+            world.bad_stacks.add("stack-2")
+            node_1 = cluster.agents[0]
+            settled(cluster, "node-1")  # replaced; stack-2 failed its validation and exited
+            assert node_1.docker.quay().labels[STACK_VERSION] == "stack-2"
+            cluster.leases.fail("get", OSError("the store blinked"), times=3)
+            settled(cluster, "node-1")  # rolling back needs the database record: the roll fails
+            assert node_1.node.board.snapshot()["last_change"]["result"] == "failed"
+            assert node_1.node.board.snapshot()["roll"] is None
+            settled(cluster, "node-1")  # the watch: Quay exited
+            found = node_1.docker.quay()
+            assert (found.labels[STACK_VERSION], found.status) == ("stack-1", "running")
+    finally:
+        cluster.close()
