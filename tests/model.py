@@ -228,8 +228,8 @@ class Agent:
     def turn(self, seconds: float) -> None:
         """A wait inside the roll: the turn goes back to the cluster until it resumes this one."""
         if threading.current_thread() is not self.thread:
-            self.world.now += seconds  # the first pass, on the loop's thread
-            return
+            self.cluster.tick(seconds)  # the first pass, on the loop's thread: time passes for
+            return  # every node (their keepers renew their leases meanwhile)
         self._back.release()
         self._go.acquire()
         if not self.alive:
