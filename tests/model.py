@@ -390,20 +390,14 @@ class Cluster:
             for agent in self.agents:
                 agent.docker.database_back()
 
-    def settle(self, rounds: int = 200) -> None:
-        """Changes have stopped: every agent moves, time passes, until nothing has moved for
-        a few rounds."""
-        quiet = 0
+    def settle(self, until=lambda: False, rounds: int = 200) -> None:
+        """Changes have stopped: every agent moves and time passes, round after round (200 of
+        10 s: past any backoff and lease), until `until()` says it is over."""
         for _ in range(rounds):
-            before = [len(agent.docker.calls) for agent in self.agents]
             for agent in self.agents:
                 agent.step()
             self.tick(TURN)
-            moved = any(agent.running_roll or agent.node.live is None or
-                        agent.docker.mutations()[-1:] and len(agent.docker.calls) > was
-                        for agent, was in zip(self.agents, before))
-            quiet = 0 if moved else quiet + 1
-            if quiet >= 3:
+            if until():
                 return
 
     def explains(self, agent: Agent, target: Release) -> bool:
@@ -415,7 +409,8 @@ class Cluster:
         record = self.leases.record() or {}
         if record.get("image") == target.digest and record.get("state") in canary.FAILED:
             return True
-        return bool(agent.node.held or any(
+        snapshot = agent.node.board.snapshot()  # what /status says: not applied, and why
+        return bool(agent.node.held or snapshot.get("not_applied") or any(
             version == target.version for version, _, _ in agent.store.rejected))
 
     def close(self) -> None:

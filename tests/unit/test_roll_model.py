@@ -164,8 +164,15 @@ class RollModel(RuleBasedStateMachine):
         """Every node runs the cluster's stack and image, healthy, or says why not."""
         cluster, world = self.cluster, self.cluster.world
         cluster.database(False)
-        cluster.settle()
         target = release(world.stack, world.tag)
+
+        def done(agent) -> bool:
+            found = agent.docker.quay()
+            runs = found and (found.labels.get(STACK_VERSION), found.labels.get(IMAGE_DIGEST))
+            converged = runs == (target.version, target.digest) and found.status == "running"
+            return not agent.running_roll and (converged or cluster.explains(agent, target))
+
+        cluster.settle(until=lambda: all(done(agent) for agent in cluster.agents))
         for agent in cluster.agents:
             found = agent.docker.quay()
             runs = found and (found.labels.get(STACK_VERSION), found.labels.get(IMAGE_DIGEST))
