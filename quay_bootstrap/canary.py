@@ -92,19 +92,6 @@ class Verdicts:
     def migrated(self) -> Optional[dict]:
         return self._read(DATABASE)[0]
 
-    def gate(self, image: str, tag: str, ttl: float) -> str:
-        """`ask` until it answers: "canary", "go" or "stop" (waits while another node's canary
-        is rolling; SIGTERM ends the wait)."""
-        waited = False
-        while True:
-            answer = self.ask(image, tag, ttl)
-            if answer != "wait":
-                return answer
-            if not waited:
-                log.info("rollout.waiting_for_canary", image=image, canary=self.waiting_for)
-                waited = True
-            self.sleep(self.poll)
-
     def ask(self, image: str, tag: str, ttl: float, claim: bool = True) -> str:
         """Before this node starts `image` for the first time, once, without waiting: "canary"
         (this node goes first; the record says so), "go" (the canary was healthy), "stop" (it
@@ -164,13 +151,6 @@ class Verdicts:
                 self.sleep(self.poll)
         raise RuntimeError(f"the database record beside the leases changed {attempts} times "
                            "while this node tried to write it; not started")
-
-    def touch(self, image: str) -> None:
-        """While the canary waits for a lease: its claim is alive, not stale."""
-        record, got = self._read(UPGRADE)
-        if record and (record.get("image"), record.get("canary"), record.get("state")) == \
-                (image, self.me, ROLLING):
-            swap(self.leases, UPGRADE, got, self._body(image, record.get("tag", ""), ROLLING))
 
     def finish(self, image: str, tag: str, state: str) -> None:
         """The canary's verdict, only over this node's own claim of this image."""

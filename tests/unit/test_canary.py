@@ -77,14 +77,23 @@ def test_the_database_record_only_moves_to_newer_versions():
 def test_a_verdict_decides_for_the_other_nodes(state, verdict):
     leases, clock = MemoryLeases(), FakeClock()
     verdicts = Verdicts(leases, "node-a", clock.sleep, clock)
-    assert verdicts.gate("img-b", "v3.10.0", ttl=600) == "canary"
+    assert verdicts.ask("img-b", "v3.10.0", ttl=600) == "canary"
     verdicts.finish("img-b", "v3.10.0", state)
     assert leases.record()["state"] == state
-    assert Verdicts(leases, "node-b", clock.sleep, clock).gate("img-b", "v3.10.0", ttl=600) == verdict
+    assert Verdicts(leases, "node-b", clock.sleep, clock).ask("img-b", "v3.10.0", ttl=600) == verdict
+
+
+def test_another_node_s_rolling_canary_is_waited_for_and_read_without_a_claim():
+    leases, clock = MemoryLeases(), FakeClock()
+    assert Verdicts(leases, "node-a", clock.sleep, clock).ask("img-b", "v3.10.0", 600) == "canary"
+    node_b = Verdicts(leases, "node-b", clock.sleep, clock)
+    assert node_b.ask("img-b", "v3.10.0", 600) == "wait" and node_b.waiting_for == "node-a"
+    assert node_b.ask("img-c", "v3.11.0", 600, claim=False) == "free"
+    assert leases.record()["canary"] == "node-a"  # a peek writes nothing
 
 
 def test_a_verdict_is_only_written_over_this_node_s_own_claim():
     leases, clock = MemoryLeases(), FakeClock()
-    Verdicts(leases, "node-b", clock.sleep, clock).gate("img-b", "v3.10.0", ttl=600)
+    Verdicts(leases, "node-b", clock.sleep, clock).ask("img-b", "v3.10.0", ttl=600)
     Verdicts(leases, "node-a", clock.sleep, clock).finish("img-b", "v3.10.0", HEALTHY)
     assert leases.record()["state"] == "rolling" and leases.record()["canary"] == "node-b"
