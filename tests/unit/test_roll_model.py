@@ -193,6 +193,17 @@ test_roll_model = RollModel.TestCase
 
 # --- counterexamples the model found, kept by name ------------------------------------------
 
+@contextlib.contextmanager
+def a_cluster(size: int = 3, max_unavailable: int = 1):
+    """A simulated cluster with quiet logs, its roll threads ended afterwards."""
+    cluster = Cluster(size, max_unavailable)
+    try:
+        with quiet_logs():
+            yield cluster
+    finally:
+        cluster.close()
+
+
 def settled(cluster: Cluster, *names: str) -> None:
     """Each named agent moves once, in that order."""
     for name in names:
@@ -203,85 +214,73 @@ def test_a_plan_made_before_a_lease_wait_is_not_applied_after_the_database_moved
     """The interleaving of issue 17: node-3 plans a stack roll on v3.9.0, waits for the lease
     while node-2's canary migrates the database to v3.10.0, and must not then start v3.9.0
     with `registry` (alembic's "Can't locate revision"), nor blame the stack."""
-    cluster = Cluster(3, max_unavailable=1)
-    world = cluster.world
-    try:
-        with quiet_logs():
-            world.stack = "stack-2"
-            settled(cluster, "node-2")  # takes the lease, replaces, waits for health
-            settled(cluster, "node-3")  # planned stack-2 on v3.9.0; waits for the lease
-            assert cluster.agents[2].node.board.snapshot()["roll"] == {
-                "step": "waiting for a lease", "version": "stack-2",
-                "image": release("stack-2", "v3.9.0").digest, "entry_point": "registry"}
-            world.tag = "v3.10.0"
-            settled(cluster, "node-2", "node-2")  # healthy: applied, lease released
-            settled(cluster, "node-2")  # the canary of v3.10.0: takes the lease, migrates
-            settled(cluster, "node-2", "node-2")  # healthy: verdict recorded, lease released
-            settled(cluster, "node-3", "node-3", "node-3", "node-3")
-            assert world.violations == []
-            assert world.migrations[-1] == ("v3.10.0", "node-2")
-            assert all(agent.store.rejected == [] for agent in cluster.agents)
-            cluster.settle()
-            for agent in cluster.agents:
-                found = agent.docker.quay()
-                assert (found.labels[STACK_VERSION], found.labels[IMAGE_DIGEST]) == \
-                    ("stack-2", release("stack-2", "v3.10.0").digest), agent.name
-            assert world.violations == []
-    finally:
-        cluster.close()
+    with a_cluster(max_unavailable=1) as cluster:
+        world = cluster.world
+        world.stack = "stack-2"
+        settled(cluster, "node-2")  # takes the lease, replaces, waits for health
+        settled(cluster, "node-3")  # planned stack-2 on v3.9.0; waits for the lease
+        assert cluster.agents[2].node.board.snapshot()["roll"] == {
+            "step": "waiting for a lease", "version": "stack-2",
+            "image": release("stack-2", "v3.9.0").digest, "entry_point": "registry"}
+        world.tag = "v3.10.0"
+        settled(cluster, "node-2", "node-2")  # healthy: applied, lease released
+        settled(cluster, "node-2")  # the canary of v3.10.0: takes the lease, migrates
+        settled(cluster, "node-2", "node-2")  # healthy: verdict recorded, lease released
+        settled(cluster, "node-3", "node-3", "node-3", "node-3")
+        assert world.violations == []
+        assert world.migrations[-1] == ("v3.10.0", "node-2")
+        assert all(agent.store.rejected == [] for agent in cluster.agents)
+        cluster.settle()
+        for agent in cluster.agents:
+            found = agent.docker.quay()
+            assert (found.labels[STACK_VERSION], found.labels[IMAGE_DIGEST]) == \
+                ("stack-2", release("stack-2", "v3.10.0").digest), agent.name
+        assert world.violations == []
 
 
 def test_a_database_outage_during_a_canary_rejects_neither_the_stack_nor_the_image():
     """Found by the model: the database went down while node-1 was the canary of v3.10.0.
     Its Quay failed for a shared cause; the stack and the image are fine."""
-    cluster = Cluster(3, max_unavailable=1)
-    world = cluster.world
-    try:
-        with quiet_logs():
-            world.tag = "v3.10.0"
-            world.database_down = True
-            settled(cluster, "node-1", "node-1")
-            assert all(agent.store.rejected == [] for agent in cluster.agents)
-            cluster.database(False)
-            cluster.settle()
-            for agent in cluster.agents:
-                found = agent.docker.quay()
-                assert found.labels[IMAGE_DIGEST] == release("stack-1", "v3.10.0").digest
-            assert world.violations == []
-    finally:
-        cluster.close()
+    with a_cluster(max_unavailable=1) as cluster:
+        world = cluster.world
+        world.tag = "v3.10.0"
+        world.database_down = True
+        settled(cluster, "node-1", "node-1")
+        assert all(agent.store.rejected == [] for agent in cluster.agents)
+        cluster.database(False)
+        cluster.settle()
+        for agent in cluster.agents:
+            found = agent.docker.quay()
+            assert found.labels[IMAGE_DIGEST] == release("stack-1", "v3.10.0").digest
+        assert world.violations == []
 
 
 def test_a_database_outage_that_ends_during_the_rollback_does_not_reject_the_stack():
     """Found by the model: the database went down while node-1's new stack started and came
     back while the old one did; the old one healthy is not yet evidence against the new."""
-    cluster = Cluster(3, max_unavailable=1)
-    world = cluster.world
-    try:
-        with quiet_logs():
-            world.stack = "stack-2"
-            settled(cluster, "node-1")  # lease, replaced, waiting for health
-            cluster.database(True)
-            settled(cluster, "node-1")  # failed on the database: rolling back
-            cluster.database(False)
-            settled(cluster, "node-1")  # the old stack healthy again
-            assert cluster.agents[0].store.rejected == []
-            board = cluster.agents[0].node.board.snapshot()
-            assert board["last_change"]["blame"] == "shared"
-            metric = cluster.agents[0].node.board.m_roll
-            assert metric.labels("rolled back")._value.get() == 1
-            assert metric.labels("none")._value.get() == 0
-            assert board["not_applied"] == {"why": "rolled back", "blame": "shared",
-                                            "version": "stack-2", "image": release(
-                                                "stack-2", "v3.9.0").digest,
-                                            "entry_point": "registry"}
-            cluster.tick(rs.BACKOFF_FIRST)
-            cluster.settle()  # tried again after the backoff: applied everywhere
-            for agent in cluster.agents:
-                assert agent.docker.quay().labels[STACK_VERSION] == "stack-2", agent.name
-            assert world.violations == []
-    finally:
-        cluster.close()
+    with a_cluster(max_unavailable=1) as cluster:
+        world = cluster.world
+        world.stack = "stack-2"
+        settled(cluster, "node-1")  # lease, replaced, waiting for health
+        cluster.database(True)
+        settled(cluster, "node-1")  # failed on the database: rolling back
+        cluster.database(False)
+        settled(cluster, "node-1")  # the old stack healthy again
+        assert cluster.agents[0].store.rejected == []
+        board = cluster.agents[0].node.board.snapshot()
+        assert board["last_change"]["blame"] == "shared"
+        metric = cluster.agents[0].node.board.m_roll
+        assert metric.labels("rolled back")._value.get() == 1
+        assert metric.labels("none")._value.get() == 0
+        assert board["not_applied"] == {"why": "rolled back", "blame": "shared",
+                                        "version": "stack-2", "image": release(
+                                            "stack-2", "v3.9.0").digest,
+                                        "entry_point": "registry"}
+        cluster.tick(rs.BACKOFF_FIRST)
+        cluster.settle()  # tried again after the backoff: applied everywhere
+        for agent in cluster.agents:
+            assert agent.docker.quay().labels[STACK_VERSION] == "stack-2", agent.name
+        assert world.violations == []
 
 
 def test_two_canaries_of_successive_images_during_an_outage_leave_no_quay_behind():
@@ -289,96 +288,80 @@ def test_two_canaries_of_successive_images_during_an_outage_leave_no_quay_behind
     of v3.10.0, the lock moved to v3.11.0 and node-1 became its canary; when the database came
     back, v3.11.0 migrated first and Docker's restart of v3.10.0 met a newer database. The
     agents must end on v3.11.0, each started by them with the entry point the database allows."""
-    cluster = Cluster(3, max_unavailable=2)
-    world = cluster.world
-    try:
-        with quiet_logs():
-            cluster.database(True)
-            world.tag = "v3.10.0"
-            settled(cluster, "node-2")
-            world.tag = "v3.11.0"
-            settled(cluster, "node-1")
-            cluster.database(False)
-            cluster.settle()
-            assert world.violations == []
-            assert world.migrations == [("v3.9.0", "node-1"), ("v3.11.0", "node-1")]
-            for agent in cluster.agents:
-                assert agent.docker.quay().labels[IMAGE_DIGEST] == release(
-                    "stack-1", "v3.11.0").digest, agent.name
-                assert agent.docker.quay().status == "running"
-    finally:
-        cluster.close()
+    with a_cluster(max_unavailable=2) as cluster:
+        world = cluster.world
+        cluster.database(True)
+        world.tag = "v3.10.0"
+        settled(cluster, "node-2")
+        world.tag = "v3.11.0"
+        settled(cluster, "node-1")
+        cluster.database(False)
+        cluster.settle()
+        assert world.violations == []
+        assert world.migrations == [("v3.9.0", "node-1"), ("v3.11.0", "node-1")]
+        for agent in cluster.agents:
+            assert agent.docker.quay().labels[IMAGE_DIGEST] == release(
+                "stack-1", "v3.11.0").digest, agent.name
+            assert agent.docker.quay().status == "running"
 
 
 def test_a_restart_with_the_database_record_out_of_reach_starts_without_migrating():
     """Found by the model: node-2's canary migrated the database to v3.10.0; node-1's v3.9.0
     Quay crashed, Docker's restart met the newer database, and the agent's own restart could
     not read the database record (the store blinked). It must not start `registry`."""
-    cluster = Cluster(3, max_unavailable=1)
-    world = cluster.world
-    try:
-        with quiet_logs():
-            world.tag = "v3.10.0"
-            settled(cluster, "node-2")  # the canary: migrated, waiting for health
-            assert world.database == (3, 10, 0)
-            cluster.leases.fail("get", OSError("the store blinked"))
-            node_1 = cluster.agents[0]
-            found = node_1.docker.quay()
-            node_1.docker.crash(found.name)
-            settled(cluster, "node-1")  # the watch restarts it
-            assert world.violations == []
-            found = node_1.docker.quay()
-            assert found.status == "running" and found.spec.command == ("registry-nomigrate",)
-    finally:
-        cluster.close()
+    with a_cluster(max_unavailable=1) as cluster:
+        world = cluster.world
+        world.tag = "v3.10.0"
+        settled(cluster, "node-2")  # the canary: migrated, waiting for health
+        assert world.database == (3, 10, 0)
+        cluster.leases.fail("get", OSError("the store blinked"))
+        node_1 = cluster.agents[0]
+        found = node_1.docker.quay()
+        node_1.docker.crash(found.name)
+        settled(cluster, "node-1")  # the watch restarts it
+        assert world.violations == []
+        found = node_1.docker.quay()
+        assert found.status == "running" and found.spec.command == ("registry-nomigrate",)
 
 
 def test_a_held_node_rolling_again_keeps_its_slot_whatever_the_roll_ends_in():
     """Found by the model: a held node's next roll took its own slot as a new lease and gave it
     back when that roll rolled back, leaving the node out of service without a slot."""
-    cluster = Cluster(3, max_unavailable=1)
-    world = cluster.world
-    try:
-        with quiet_logs():
-            world.tag = "v3.10.0"
-            world.bad_images.add(release("stack-1", "v3.10.0").digest)
-            settled(cluster, "node-1", "node-1", "node-1")  # the canary, held after migrating
-            held = cluster.agents[0]
-            assert held.node.held and len(cluster.leases.leases()) == 1
-            world.stack = "stack-2"
-            world.bad_stacks.add("stack-2")  # its next roll fails and rolls back
-            for _ in range(4):
-                settled(cluster, "node-1")
-                settled(cluster, "node-2", "node-3")  # they may not take the slot meanwhile
-                assert len(cluster.out_of_service()) <= 1, cluster.out_of_service()
-            assert held.node.held and [lease.holder for lease in
-                                       cluster.leases.leases().values()] == ["node-1/roll"]
-    finally:
-        cluster.close()
+    with a_cluster(max_unavailable=1) as cluster:
+        world = cluster.world
+        world.tag = "v3.10.0"
+        world.bad_images.add(release("stack-1", "v3.10.0").digest)
+        settled(cluster, "node-1", "node-1", "node-1")  # the canary, held after migrating
+        held = cluster.agents[0]
+        assert held.node.held and len(cluster.leases.leases()) == 1
+        world.stack = "stack-2"
+        world.bad_stacks.add("stack-2")  # its next roll fails and rolls back
+        for _ in range(4):
+            settled(cluster, "node-1")
+            settled(cluster, "node-2", "node-3")  # they may not take the slot meanwhile
+            assert len(cluster.out_of_service()) <= 1, cluster.out_of_service()
+        assert held.node.held and [lease.holder for lease in
+                                   cluster.leases.leases().values()] == ["node-1/roll"]
 
 
 def test_a_roll_cut_off_by_a_store_fault_after_the_replacement_is_restarted_as_it_was():
     """Found by the model: the store failed while a roll was rolling back a broken stack; the
     roll ended in an error with the broken container under Quay's name, and each restart of
     the watch started that container again (it exited at once) instead of what the node ran."""
-    cluster = Cluster(3, max_unavailable=1)
-    world = cluster.world
-    try:
-        with quiet_logs():
-            world.stack = "stack-2"
-            world.bad_stacks.add("stack-2")
-            node_1 = cluster.agents[0]
-            settled(cluster, "node-1")  # replaced; stack-2 failed its validation and exited
-            assert node_1.docker.quay().labels[STACK_VERSION] == "stack-2"
-            cluster.leases.fail("get", OSError("the store blinked"), times=3)
-            settled(cluster, "node-1")  # rolling back needs the database record: the roll fails
-            assert node_1.node.board.snapshot()["last_change"]["result"] == "failed"
-            assert node_1.node.board.snapshot()["roll"] is None
-            settled(cluster, "node-1")  # the watch: Quay exited
-            found = node_1.docker.quay()
-            assert (found.labels[STACK_VERSION], found.status) == ("stack-1", "running")
-    finally:
-        cluster.close()
+    with a_cluster(max_unavailable=1) as cluster:
+        world = cluster.world
+        world.stack = "stack-2"
+        world.bad_stacks.add("stack-2")
+        node_1 = cluster.agents[0]
+        settled(cluster, "node-1")  # replaced; stack-2 failed its validation and exited
+        assert node_1.docker.quay().labels[STACK_VERSION] == "stack-2"
+        cluster.leases.fail("get", OSError("the store blinked"), times=3)
+        settled(cluster, "node-1")  # rolling back needs the database record: the roll fails
+        assert node_1.node.board.snapshot()["last_change"]["result"] == "failed"
+        assert node_1.node.board.snapshot()["roll"] is None
+        settled(cluster, "node-1")  # the watch: Quay exited
+        found = node_1.docker.quay()
+        assert (found.labels[STACK_VERSION], found.status) == ("stack-1", "running")
 
 
 @pytest.mark.xfail(strict=True, reason="open (issue 17's note): a roll skips a node whose Quay "
@@ -388,16 +371,12 @@ def test_a_node_killed_mid_roll_into_a_broken_stack_takes_the_next_fixed_stack()
     """Found by the model (5 steps): stack-2 is broken; node-1's agent is killed while stack-2's
     Quay fails its validation; the restarted agent starts it again (it exits); stack-3 fixes it.
     node-1 should then roll to stack-3."""
-    cluster = Cluster(3, max_unavailable=1)
-    world = cluster.world
-    try:
-        with quiet_logs():
-            world.stack = "stack-2"
-            world.bad_stacks.add("stack-2")
-            settled(cluster, "node-1")
-            cluster.restart_agent(0)
-            world.stack = "stack-3"
-            cluster.settle()
-            assert cluster.agents[0].docker.quay().labels[STACK_VERSION] == "stack-3"
-    finally:
-        cluster.close()
+    with a_cluster(max_unavailable=1) as cluster:
+        world = cluster.world
+        world.stack = "stack-2"
+        world.bad_stacks.add("stack-2")
+        settled(cluster, "node-1")
+        cluster.restart_agent(0)
+        world.stack = "stack-3"
+        cluster.settle()
+        assert cluster.agents[0].docker.quay().labels[STACK_VERSION] == "stack-3"
