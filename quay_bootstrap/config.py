@@ -206,10 +206,29 @@ class ReportConfig(_Section):
         return checks.argv(value)
 
 
+class BalancerConfig(_Section):
+    """The load balancer in front of the nodes, as its health check is set up: how often it
+    checks the agent's /ready and after how many failed checks it stops sending a node new
+    connections. The drain period follows from them (drain.drain_period)."""
+
+    check_interval: PositiveDuration = 10.0
+    fall: PositiveInt = 3
+    # The longest request to let finish once no new one arrives (a large push's upload).
+    in_flight: Duration = 15.0
+
+
 class RolloutConfig(_Section):
     max_unavailable: PositiveInt = 1
     # Renewed while held, so it only bounds how long a node that died mid-roll blocks the others.
     lease_ttl: PositiveDuration = 600.0
+    # Leave the load balancer before every planned stop of Quay (a roll, an upgrade, a restart
+    # the agent chose, a termination). Off: Quay is stopped at once (a measured comparison).
+    drain: bool = True
+    # None: from `balancer` (check_interval x (fall + 1) + in_flight); no wait without it.
+    drain_period: Optional[Duration] = None
+    # On AWS: EnterStandby before a planned stop and ExitStandby once healthy, so the group's
+    # target groups deregister the node (their deregistration delay lets requests finish).
+    standby: bool = False
 
 
 class LoggingConfig(_Section):
@@ -227,6 +246,7 @@ class Config(_Section):
     restart: RestartConfig = Field(default_factory=RestartConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    balancer: Optional[BalancerConfig] = None
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
@@ -235,12 +255,16 @@ class Config(_Section):
                 k.startswith("net.") for k in self.container.sysctls or {}):
             raise ValueError("container.sysctls: net.* sysctls cannot be set with network_mode "
                              "host; remove them or use the default bridge network")
-        # A lease must outlive a replacement (stop, then Quay's start), or a second node could
-        # take the slot while this one is still down.
-        floor = self.container.stop_timeout + self.health.start_period
+        # A lease must outlive a replacement (drain, stop, then Quay's start), or a second node
+        # could take the slot while this one is still down.
+        from quay_bootstrap.drain import drain_period
+
+        drain = drain_period(self)
+        floor = drain + self.container.stop_timeout + self.health.start_period
         if self.rollout.lease_ttl <= floor:
             raise ValueError(f"rollout.lease_ttl ({self.rollout.lease_ttl:g}s) must be longer "
-                             f"than container.stop_timeout + health.start_period ({floor:g}s)")
+                             f"than {'rollout.drain_period + ' if drain else ''}"
+                             f"container.stop_timeout + health.start_period ({floor:g}s)")
         return self
 
     def secrets(self) -> List[str]:

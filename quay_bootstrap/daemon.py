@@ -48,6 +48,8 @@ class Daemon:
         self.reload_config = reload_config
         self.events: "queue.SimpleQueue" = queue.SimpleQueue()  # put() is signal-safe
         self.systemd = systemd or status.Systemd(redact=redact)
+        # What the previous run last said, read before this run's board overwrites it.
+        self.previous = status.read_previous(cfg.report.state_file) if board is None else {}
         self.board = board or status.Board(cfg.report.state_file, redact)
         self.escalation = escalation or Escalation(lambda: targets_from_config(self.cfg, redact),
                                                    self.board.update)
@@ -90,28 +92,45 @@ class Daemon:
 
     def run(self) -> int:
         self.systemd.notify("STATUS=starting: fetching conf/stack and starting Quay")
-        try:
-            with self.systemd.keepalive():  # errors here are start-up errors: the CLI's to map
-                self._first_pass()
-        except Interrupted:
-            log.info("agent.stopped", during="the first pass")
-            return 0
+        self._carry_over()
+        # Listening before the first pass: a load balancer's checks of /ready are answered
+        # through an agent restart (drain.carried), and /status shows the first pass.
         endpoint = Endpoint(self.board, self.cfg.report.listen).start()
         log.info("agent.listening", address=endpoint.address)
-        self._start_threads()
         try:
-            while not self.stop.is_set() and self.handle(self._next_item()):
-                self.tend()
+            try:
+                with self.systemd.keepalive():  # errors here are start-up errors: the CLI's
+                    self._first_pass()
+            except Interrupted:
+                log.info("agent.stopped", during="the first pass")
+                return 0
+            if self.live.container_id != self.previous.get("container_id"):
+                self.board.update(ready_carried_until=None)  # not the Quay it was about
+            self._start_threads()
+            try:
+                while not self.stop.is_set() and self.handle(self._next_item()):
+                    self.tend()
+            finally:
+                self.systemd.notify("STOPPING=1", "STATUS=stopping; Quay keeps running")
+                if self.node.rolling:  # never leave a replacement half-done
+                    log.info("agent.finishing_roll")
+                    while self.node.rolling and not self._settle(timeout=90):
+                        pass
+                log.info("agent.stopped", container=self.cfg.container.name,
+                         note="the Quay container was left running")
         finally:
-            self.systemd.notify("STOPPING=1", "STATUS=stopping; Quay keeps running")
             endpoint.stop()
-            if self.node.rolling:  # never leave a replacement half-done
-                log.info("agent.finishing_roll")
-                while self.node.rolling and not self._settle(timeout=90):
-                    pass
-            log.info("agent.stopped", container=self.cfg.container.name,
-                     note="the Quay container was left running")
+            self.node.balancer.close()
         return 0
+
+    def _carry_over(self) -> None:
+        """/ready answers as the previous run last did while this one has not probed yet, when
+        that verdict is recent and healthy (drain.carried)."""
+        from quay_bootstrap.drain import carried
+
+        until = carried(self.previous, time.time(), 2 * self.cfg.health.interval + 5)
+        if until is not None:
+            self.board.update(ready_carried_until=until)
 
     def _start_threads(self) -> None:
         """The loop's long-lived threads; `tend` restarts one that dies."""

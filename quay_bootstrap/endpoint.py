@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 import structlog
 
+from quay_bootstrap.drain import ready
 from quay_bootstrap.status import Board
 
 log = structlog.get_logger(__name__)
@@ -35,7 +36,9 @@ _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 
 
 class Endpoint:
-    """GET or HEAD /healthz (200 fine, 503 once marked), /status (JSON), /metrics (Prometheus).
+    """GET or HEAD /healthz (200 fine, 503 once marked: what autohealing checks), /ready (200
+    while Quay is healthy and not draining: what a load balancer checks), /status (JSON),
+    /metrics (Prometheus).
 
     One asyncio loop in one thread serves every connection, so slow clients cost a socket each,
     never a thread. Each connection is closed after one answer (`Connection: close`); one that
@@ -233,6 +236,9 @@ def _answers(board: Board):
         head_only = method == b"HEAD"
         try:
             status = board.snapshot()
+            if target == b"/ready":  # the load balancer's check (drain.ready)
+                code, word = ready(status, time.time())
+                return code, word.encode() + b"\n", "text/plain", head_only
             if target == b"/healthz":
                 marked = status.get("marked_unhealthy")
                 return (503 if marked else 200, b"unhealthy\n" if marked else b"ok\n",

@@ -124,6 +124,18 @@ def gunicorns_alive(url: str, *, tls_verify: bool = False, timeout: float = PING
     return True
 
 
+def endtoend_url(url: str) -> str:
+    """Quay's /health/endtoend (the shared services only: database, redis, storage, auth) at
+    the health URL's origin."""
+    return urlsplit(url)._replace(path="/health/endtoend", query="", fragment="").geturl()
+
+
+def shared_down(answer: Probe) -> bool:
+    """Whether a /health/endtoend answer says a shared service is down: Quay answered, not 200,
+    naming services that failed. Nothing answering (no Quay here yet) says nothing."""
+    return answer.status is not None and not answer.ok and bool(answer.failing_services)
+
+
 def wait_healthy(url: str, *, within: float, interval: float, timeout: float,
                  tls_verify: bool = False, still_running: Callable[[], bool] = lambda: True,
                  sleep: Callable[[float], None] = time.sleep,

@@ -34,12 +34,17 @@ class RollOutcome:
 class Node:
     """Args: the roll (rollout.Roll); the status board; systemd; `feed`, the loop's way to tell
     the watchdog; `wake`, to probe at once; a clock; `spawn(fn)` runs a roll beside the loop
-    (a thread; tests run it in place); `deliver` puts its outcome on the loop's queue."""
+    (a thread; tests run it in place); `deliver` puts its outcome on the loop's queue; `drain`
+    (drain.Drain) takes the node out of the load balancer before a planned stop."""
 
     def __init__(self, roll, board, systemd, feed: Callable, wake: Callable[[], None],
-                 clock: Callable[[], float], spawn: Callable, deliver: Callable) -> None:
+                 clock: Callable[[], float], spawn: Callable, deliver: Callable,
+                 drain=None) -> None:
+        from quay_bootstrap.drain import Drain
+
         self.roll, self.board, self.systemd, self.feed, self.wake = roll, board, systemd, feed, wake
         self.clock, self.spawn, self.deliver = clock, spawn, deliver
+        self.balancer = drain or Drain(board, roll.sleep)
         self.live: Optional[Live] = None
         self.docker = self.store = self.held = None
         self.replacing = threading.Event()  # a roll stops or replaces Quay: the watch waits
@@ -49,6 +54,7 @@ class Node:
         self._lease = None  # budget.Lease: a restart's, or a held node's, until it is healthy
         self.canary = None  # a first start's canary, judged by the watch (first_verdict)
         roll.on_step = self._show_roll
+        roll.on_endtoend = self._show_endtoend
 
     # --- what runs ----------------------------------------------------------------------------
     def first_pass(self, one) -> bool:
@@ -66,7 +72,7 @@ class Node:
         self.feed(watchdog.Applied(now, started_at, quiet_until=now + ROLL_ECHO))
         self.board.update(state="starting", stack_version=live.stack_version,
                           image_digest=live.spec.labels[IMAGE_DIGEST],
-                          container=live.cfg.container.name)
+                          container=live.cfg.container.name, container_id=live.container_id)
         self.wake()
 
     def apply(self, rolled) -> None:
@@ -123,9 +129,14 @@ class Node:
                                               echoes))
 
                 with self.systemd.keepalive():
-                    created = self.docker.restart_quay(
-                        spec, action.recreate or spec != self.live.spec or self._drifted(spec),
-                        action.exited, expect)
+                    try:
+                        if not (action.exited or action.recreate):  # it runs: planned, drained
+                            self.balancer.leave(self.live.cfg, f"restart: {action.reason}")
+                        created = self.docker.restart_quay(
+                            spec, action.recreate or spec != self.live.spec or self._drifted(spec),
+                            action.exited, expect)
+                    finally:
+                        self.balancer.back()
                 if created:
                     self.live = replace(self.live, spec=spec, container_id=created)
                     self.board.update(degraded=_degraded(spec))
@@ -157,11 +168,19 @@ class Node:
         """The instance is leaving: no roll starts a replacement any more, one in progress
         finishes first (the lock), then Quay stops and the group hears CONTINUE."""
         self.stopping.set()
+        cfg = self.live.cfg
+
+        def drained_stop() -> None:
+            self.balancer.leave(cfg, "terminating")
+            stop_quay()
+
         with self._lock:
-            lifecycle.drain(stop_quay)
+            lifecycle.drain(drained_stop)
 
     def healthy(self) -> None:
-        """Quay answers again: a restart's slot goes back to the cluster."""
+        """Quay answers again: a restart's slot goes back to the cluster, and an instance put in
+        Standby for a planned stop goes back InService."""
+        self.balancer.healthy()
         if self._lease is not None:
             lease, self._lease = self._lease, None
             lease.release()
@@ -182,16 +201,26 @@ class Node:
             self._roll_metric(step)
             return
         result = getattr(state, "result", "held")
-        waiting = result in ("rejected", "backing off", "stopped", "rolled back")
+        waiting = result in _NOT_APPLIED
         self.board.update(roll=None, not_applied={
             "why": result, "blame": getattr(state, "blame", None), **where} if waiting else None)
         self._roll_metric(result if waiting else "none")
 
     def _roll_metric(self, current: str) -> None:
         """quay_bootstrap_roll{state}: 1 for `current` only ("none": converged)."""
-        for state in (*_STEPS.values(), "waiting for another node's canary", "rejected",
-                      "backing off", "stopped", "rolled back", "none"):
+        for state in (*_STEPS.values(), "waiting for another node's canary", *_NOT_APPLIED,
+                      "none"):
             self.board.m_roll.labels(state).set(1 if state == current else 0)
+
+    def _show_endtoend(self, answer) -> None:
+        """/status `endtoend` and quay_bootstrap_endtoend_up: Quay's last answer on the shared
+        services, read before a new image rolls."""
+        import time
+
+        self.board.update(endtoend={"ok": answer.ok, "status": answer.status,
+                                    "error": answer.error, "services": dict(answer.services),
+                                    "at": time.time()})
+        self.board.m_endtoend.set(1 if answer.ok else 0)
 
     def _show_leases(self) -> None:
         """The slots of the cluster's budget this node holds, in /status."""
@@ -215,6 +244,7 @@ class Node:
             if self.stopping.is_set():  # SIGTERM or a drain: never start a replacement now
                 raise Interrupted()
             self.replacing.set()
+            self.balancer.leave(one.cfg, f"{why}: roll")  # out of the load balancer first
 
         one = None
         try:  # no systemd keepalive here: the loop goes on pinging, and a wedged loop shows
@@ -234,6 +264,7 @@ class Node:
         if outcome.touched:  # a replacement's die, destroy and start were the roll's own
             self.feed(watchdog.Expect(self.clock(), self.clock() + ROLL_ECHO, everything=True))
         self.replacing.clear()
+        self.balancer.back()  # /ready follows the watch again: 200 once the new Quay is healthy
         if isinstance(outcome.error, Interrupted):
             return
         if outcome.error is not None and outcome.touched:
@@ -257,6 +288,10 @@ class Node:
             self.live = replace(self.live, cfg=rolled.cfg)
         self.apply(rolled)
 
+
+# The ends of a roll that leave the source's change not applied here (/status not_applied).
+_NOT_APPLIED = ("rejected", "backing off", "stopped", "rolled back",
+                "waiting: shared services down")
 
 # What /status says a roll is doing, by roll_states' state.
 _STEPS = {"Planning": "planning", "Gating": "reading the canary record",

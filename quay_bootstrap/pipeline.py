@@ -147,6 +147,11 @@ class Pass:
             still_running=lambda: self.docker.running(container_id, restarts), sleep=self.sleep,
             clock=self.clock)
 
+    def endtoend(self) -> health.Probe:
+        """One probe of this node's Quay's /health/endtoend (the shared services)."""
+        return health.probe(health.endtoend_url(self.health_url), timeout=self.cfg.health.timeout,
+                            tls_verify=self.cfg.health.tls_verify)
+
     def _timed(self, outcome: Outcome, name: str, call):
         started = self.clock()
         value = call()

@@ -38,6 +38,8 @@ STACK, IMAGE, BOTH, ENTRY_POINT, SHARED, THIS_NODE, SUPERSEDED = (
     "stack", "image", "stack and image", "entry point", "shared", "this node",
     "the database moved on")
 BACKOFF_FIRST, BACKOFF_MAX = 120.0, 3600.0
+# A Done result: a new image waits while Quay's /health/endtoend says a shared service is down.
+WAITING_SHARED = "waiting: shared services down"
 # A stack whose Quay failed only on shared services (the database, redis, storage) while the
 # previous one was healthy again: a wrong DB_URI, or an outage that ended in between. Rejected
 # only at this many such failures in a row, a backoff apart.
@@ -82,10 +84,18 @@ class Facts:
     backoff_until: float = 0.0
     now: float = 0.0
     failures: int = 0  # this target's failures so far that rejected nothing
+    # Quay's /health/endtoend answered 503 with shared services false (read for a new image).
+    shared_down: bool = False
 
     @property
     def new_image(self) -> bool:
         return self.target.image != self.running.image
+
+    @property
+    def waits_for_shared(self) -> bool:
+        """A new image (a migration, a canary) waits while the shared services are down; a
+        change of the stack or the container goes ahead: it may be the fix for the outage."""
+        return self.shared_down and self.new_image
 
 
 # --- states -----------------------------------------------------------------------------------
@@ -162,7 +172,8 @@ class Done:
     `backoff`: when a target that failed without evidence is tried again; `verdict`: the
     canary's verdict to record; `pending`: a canary whose verdict the watch gives."""
 
-    # unchanged, skipped, rejected, backing off, stopped, applied, rolled back, superseded
+    # unchanged, skipped, rejected, backing off, stopped, applied, rolled back, superseded,
+    # WAITING_SHARED
     result: str
     target: Optional[Target] = None
     behind: bool = False
@@ -248,7 +259,8 @@ def step(state: State, event: Event, shared_services: FrozenSet[str] = frozenset
     if isinstance(state, Confirming) and isinstance(event, Gathered):
         facts = event.facts
         if facts.target != state.target or facts.action != "replace" or facts.rejected or \
-                facts.only_entry_point or facts.backoff_until > facts.now:
+                facts.only_entry_point or facts.backoff_until > facts.now or \
+                facts.waits_for_shared:
             return Planning(waited=True), RELEASE_AND_GATHER  # the world moved while it waited
         if facts.new_image:
             return Claiming(state.target, facts.running, facts.failures), CLAIM
@@ -287,6 +299,8 @@ def _plan(facts: Facts) -> Tuple[State, str]:
         return Done("rejected", target), FINISH
     if facts.backoff_until > facts.now:
         return Done("backing off", target), FINISH
+    if facts.waits_for_shared:
+        return Done(WAITING_SHARED, target), FINISH
     if facts.new_image:
         return Gating(target), PEEK
     return Leasing(target), ACQUIRE

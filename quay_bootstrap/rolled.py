@@ -22,7 +22,9 @@ class Rolled:
     """What a roll did. `live` is what the node runs afterwards when the container changed
     (applied, or rolled back); `cfg` the config to watch with from now on, when it changed."""
 
-    result: str  # unchanged, skipped, rejected, stopped, applied, rolled back, held
+    # unchanged, skipped, rejected, stopped, applied, rolled back, held,
+    # roll_states.WAITING_SHARED
+    result: str
     live: Optional[Live] = None
     cfg: Optional[Config] = None
     change: Optional[Dict[str, str]] = None  # for the status board's last_change
@@ -34,7 +36,9 @@ class Rolled:
     behind: bool = False
     # A first start that is the canary: (verdicts, image, tag), judged by the watch.
     canary: Optional[tuple] = None
-    lease: Optional[Lease] = None  # what a held node keeps while it is out of service
+    # The slot a node keeps while it is out of service: held, or rolled back to a Quay that is
+    # not healthy either (released once it is: node.Node.healthy).
+    lease: Optional[Lease] = None
 
     def report(self, board, held: Optional[str] = None) -> Optional[str]:
         """On the status board first, then in the log, so what the log says /status says.
@@ -79,4 +83,5 @@ class Run:
     container_id: str = ""
     probe: object = None
     back_spec: object = None
+    back_ok: bool = True  # the previous Quay was healthy again after a roll back
     waited: bool = False

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 import structlog
 
 from quay_bootstrap import canary as canary_mod
+from quay_bootstrap import health
 from quay_bootstrap import roll_states as states
 from quay_bootstrap.budget import Budget, Lease
 from quay_bootstrap.canary import Verdicts
@@ -58,6 +59,8 @@ class Roll:
         # Told each state the roll enters, its target and what it does next (node.Node shows
         # it in /status).
         self.on_step: Callable[..., None] = lambda state, target, todo: None
+        # Told each /health/endtoend answer read before a new image rolls (shown in /status).
+        self.on_endtoend: Callable[..., None] = lambda probe: None
 
     def apply(self, one: Pass, live: Live, why: str,
               touching: Callable[[], None] = lambda: None,
@@ -125,14 +128,15 @@ class Roll:
                     one.store.switch_current(live.stack_version)
                     run.back_spec = self.entry(live.spec, verdicts)
                     _, run.container_id = one.reconcile(one.docker, run.back_spec)
-                    event = states.RolledBack(one.wait_healthy(run.container_id).ok)
+                    run.back_ok = one.wait_healthy(run.container_id).ok
+                    event = states.RolledBack(run.back_ok)
                 else:
                     raise states.BadTransition(f"nothing does {todo!r}")
                 state, todo = states.step(state, event, frozenset(cfg.health.shared_services))
                 self.on_step(state, run.target, todo)
             rolled = self._finish(state, run, verdicts, None if lease is held else lease)
-            if isinstance(state, states.Held):
-                lease = None  # a held node stays out of service: its slot stays taken
+            if rolled.lease is not None:
+                lease = None  # out of service still: the node keeps the slot until healthy
             return rolled
         finally:
             if lease is not None and lease is not held:
@@ -148,12 +152,17 @@ class Roll:
         run.reason, run.action = action.reason, action.kind
         run.target = target = states.target_of(spec)
         failures, until = self._failures.get(target.key, (0, 0.0))
+        shared_down = False
+        if action.kind == "replace" and target.image != states.target_of(run.live.spec).image:
+            answer = one.endtoend()  # a new image migrates: only while the shared services answer
+            self.on_endtoend(answer)
+            shared_down = health.shared_down(answer)
         return states.Facts(
             target, states.target_of(run.live.spec), action.kind,
             only_entry_point=spec is not base and action.kind == "replace" and
             one.decide(base)[1].kind == "adopt",
             rejected=action.kind == "replace" and one.store.is_rejected(*target.key),
-            backoff_until=until, now=self.clock(), failures=failures)
+            backoff_until=until, now=self.clock(), failures=failures, shared_down=shared_down)
 
     def _finish(self, state, run: "Run", verdicts: Verdicts, lease: Optional[Lease]) -> Rolled:
         """What the machine's end means for the node, the stack folder and the records."""
@@ -171,6 +180,12 @@ class Roll:
         if result == "skipped":  # missing, stopped or not ours: the watchdog's business
             log.info("rollout.skipped", why=why, action=run.action, reason=run.reason)
             return Rolled("skipped")
+        if result == states.WAITING_SHARED:
+            one.store.switch_current(live.stack_version)
+            log.info("rollout.waiting_for_shared_services", why=why, image=target.image,
+                     note="Quay's /health/endtoend says a shared service is down: a new image "
+                          "(a migration) waits; tried again at the next refresh")
+            return Rolled(result, cfg=cfg)
         if result in ("rejected", "backing off"):
             one.store.switch_current(live.stack_version)
             log.debug("rollout.still_rejected" if result == "rejected" else "rollout.backing_off",
@@ -213,14 +228,18 @@ class Roll:
             wait = states.backoff(failures)
             self._failures[target.key] = (failures, self.clock() + wait)
             note = f"no evidence against the change ({state.blame}): tried again in {wait:g}s"
+        if not run.back_ok:
+            note += "; the previous Quay is not healthy either: this node keeps its slot of " \
+                    "the budget until it is, so the next node does not start"
         return Rolled("rolled back", replace(live, spec=run.back_spec,
                                              container_id=run.container_id), live.cfg,
                       {"why": why, "result": "rolled back", "rejected_version": target.version,
                        "rejected_image": target.image, "error": state.error,
-                       "blame": state.blame},
+                       "blame": state.blame, "healthy": run.back_ok},
                       ("warning", "rollout.rolled_back",
-                       {"version": live.stack_version, "healthy": state.blame != states.SHARED,
-                        "rejected": target.version, "blame": state.blame, "note": note}))
+                       {"version": live.stack_version, "healthy": run.back_ok,
+                        "rejected": target.version, "blame": state.blame, "note": note}),
+                      lease=None if run.back_ok else lease)
 
     def first(self, one: Pass) -> Tuple[Live, bool, Rolled]:
         """The daemon's first pass after the agent (re)starts. A running Quay that drifted (a

@@ -59,6 +59,9 @@ class Board:
         self.m_roll = Gauge("quay_bootstrap_roll", "1 for what this node's roll waits for, or why "
                             "the source's change is not applied here (none: converged)",
                             ["state"], registry=self.registry)
+        self.m_endtoend = Gauge("quay_bootstrap_endtoend_up", "Quay's /health/endtoend (the "
+                                "shared services) at its last reading before a new image "
+                                "rolls: 1 answered 200", registry=self.registry)
         self.m_info = Gauge("quay_bootstrap_info", "The live stack version and image digest",
                             ["stack_version", "image_digest"], registry=self.registry)
 
@@ -100,6 +103,18 @@ class Board:
             os.replace(tmp, self.state_file)
         except OSError as err:
             log.warning("status.persist_failed", path=str(self.state_file), error=str(err))
+
+
+def read_previous(state_file: Optional[Path]) -> Dict[str, Any]:
+    """What the previous run of the agent last wrote to the state file ({} when nothing)."""
+    if not state_file:
+        return {}
+    try:
+        with open(state_file, encoding="utf-8") as handle:
+            found = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 class Systemd:
@@ -144,12 +159,13 @@ def publish(board: Board, systemd: Systemd, state, before=None, probed: bool = T
             all(getattr(state, f) == getattr(before, f) for f in watched):
         return
     probe = state.last_probe
+    fields = {"ready_carried_until": None} if probed else {}  # this agent's own verdict now
     board.update(
         state=state.phase, consecutive_failures=state.failures,
         restarts_in_window=len(state.restarts), backoff_seconds=state.backoff,
         last_probe=None if probe is None else {
             "ok": probe.ok, "status": probe.status, "error": probe.error,
-            "services": dict(probe.services)})
+            "services": dict(probe.services), "at": time.time()}, **fields)
     line = f"STATUS={state.phase}"
     if probe is not None and not probe.ok:
         line += f": {probe.error}"

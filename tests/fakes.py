@@ -428,6 +428,8 @@ class FakePass(_Loud):
         self.verdicts = list(verdicts)
         self.prepare_error = prepare_error
         self.waited: List[str] = []  # the container ids health was awaited for
+        # Quay's /health/endtoend: the shared services (a test sets a failing answer).
+        self.shared = health.Probe(True, 200, {"database": True, "redis": True})
         self.outcome = Outcome(healthy=False)
         self.clock = lambda: 0.0  # step timings in the summary: not what these tests read
 
@@ -441,6 +443,9 @@ class FakePass(_Loud):
         self.health_url = "http://127.0.0.1:8080/health/instance"
         self.outcome.stack_version, self.outcome.image_digest = release.version, release.digest
         return self.spec
+
+    def endtoend(self) -> health.Probe:
+        return self.shared
 
     def wait_healthy(self, container_id: str) -> health.Probe:
         self.waited.append(container_id)

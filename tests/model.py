@@ -187,6 +187,12 @@ class ModelPass(FakePass):
         self.release = self.world.release()
         return super().prepare()
 
+    def endtoend(self):
+        if self.world.database_down:
+            return health.Probe(False, 503, {"database": False, "redis": True},
+                                error="HTTP 503, failing: database")
+        return self.shared
+
     def wait_healthy(self, container_id: str):
         self.waited.append(container_id)
         self.turn(TURN)
