@@ -235,3 +235,199 @@ class Rds:
         if status != "available":
             log.info("rds.not_available", db_instance=self.db_instance, status=status)
         return status != "available"
+
+
+# Standby: out of the target groups' rotation for a planned stop of Quay, and back after.
+
+STANDBY_IAM = ("the instance role needs autoscaling:EnterStandby, autoscaling:ExitStandby and "
+               "autoscaling:DescribeAutoScalingInstances")
+
+# standby_step's answers: what to do next.
+CALL, WAIT, DONE, FAIL = "call", "wait", "done", "fail"
+_RETURNING = ("Pending", "Pending:Wait", "Pending:Proceed")
+
+
+def standby_step(goal: str, state: Optional[str], called: bool) -> str:
+    """The next step towards GOAL ("enter": Standby; "exit": InService).
+
+    Args: STATE is the instance's LifecycleState (None: it is in no group); CALLED says whether
+    this attempt has already sent EnterStandby or ExitStandby.
+    Returns: CALL (send it), WAIT (look again later), DONE or FAIL.
+    """
+    if goal == "enter":
+        if state == "Standby":
+            return DONE
+        # Right after the call DescribeAutoScalingInstances may still say InService.
+        if state == "EnteringStandby" or (state == "InService" and called):
+            return WAIT
+        return CALL if state == "InService" else FAIL
+    if state == "InService":
+        return DONE
+    # EnteringStandby: an earlier enter still draining; ExitStandby only takes a Standby one.
+    if state in _RETURNING or state == "EnteringStandby" or (state == "Standby" and called):
+        return WAIT
+    return CALL if state == "Standby" else FAIL
+
+
+_TRANSIENT = frozenset({
+    "Throttling", "ThrottlingException", "RequestLimitExceeded", "ResourceContention",
+    "ServiceUnavailable", "InternalFailure", "InternalError", "RequestTimeout",
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError"})
+_DENIED = frozenset({
+    "AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "NoCredentialsError",
+    "InvalidClientTokenId", "ExpiredToken", "UnrecognizedClientException"})
+
+
+def standby_error(code: str) -> tuple[bool, str]:
+    """For an AWS error code (or a botocore exception's class name): (worth retrying before the
+    deadline, the problem's name for `standby.failed`)."""
+    if code in _TRANSIENT:
+        return True, "unavailable"
+    if code in _DENIED:
+        return False, "access_denied"
+    if code == "ValidationError":
+        return False, "rejected"
+    return False, "error"
+
+
+STANDBY_HINTS = {
+    "no_instance_id": f"IMDSv2 did not answer; check {IMDS_ENV} and the instance's metadata options",
+    "not_in_group": f"standby needs the instance in an Auto Scaling group; {STANDBY_IAM}",
+    "access_denied": f"{STANDBY_IAM} (and credentials: an instance profile)",
+    "rejected": "Auto Scaling refused: EnterStandby needs the instance InService and the group's "
+                "DesiredCapacity above its MinSize (it is decremented by one); ExitStandby needs "
+                "it in Standby",
+    "wrong_state": "only an InService instance can enter Standby, only a Standby one can leave it",
+    "unavailable": "Auto Scaling did not answer in time; the stop goes ahead without standby",
+    "timeout": "EnteringStandby lasts until the target groups' deregistration delay has passed "
+               "(300 s by default): allow for it, or shorten it; an instance returning in "
+               "Pending:Wait waits for a launch lifecycle hook to be completed",
+    "error": STANDBY_IAM,
+}
+
+
+def error_code(err: BaseException) -> str:
+    """A ClientError's AWS code ("AccessDenied"), else the exception's class name."""
+    response = getattr(err, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return code or type(err).__name__
+
+
+class Standby:
+    """Moves this instance into Standby in its Auto Scaling group before a planned stop of Quay
+    (the group's target groups deregister it, letting in-flight requests finish, and the group
+    neither health-checks nor replaces it), and back InService once Quay is healthy again.
+
+    Never raises for AWS's errors: each call says True or False and logs why; a planned stop
+    without standby still happens (the caller decides). SLEEP may be a stop event's `wait`.
+    """
+
+    def __init__(self, region: Optional[str] = None,
+                 id_lookup: Callable[[], Optional[str]] = instance_id,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] = time.sleep) -> None:
+        self.region = region or None
+        self._id_lookup = id_lookup
+        self.clock = clock
+        self.sleep = sleep
+        self._client = None
+        self._instance: Optional[str] = None
+        self._group: Optional[str] = None
+        self._in_standby = False
+        # exit() has work: this object sent EnterStandby, or found the instance (entering) Standby.
+        self._owed = False
+
+    @property
+    def in_standby(self) -> bool:
+        """True from an enter() that returned True until an exit() that returned True."""
+        return self._in_standby
+
+    def enter(self, reason: str, timeout: float = 120.0, every: float = 2.0) -> bool:
+        """Moves the instance into Standby and waits (up to TIMEOUT, looking every EVERY seconds)
+        until Auto Scaling says it is there. Returns True when it is (already was, too)."""
+        return self._move("enter", timeout, every, reason=reason)
+
+    def exit(self, timeout: float = 120.0, every: float = 2.0) -> bool:
+        """Moves the instance back InService when enter() put (or found) it in Standby, and waits
+        until it is. Returns True when it is InService or there was nothing to undo."""
+        if not self._owed:
+            return True
+        return self._move("exit", timeout, every)
+
+    def _where(self):
+        if self._client is None:
+            import boto3
+
+            # Its own session: boto3's default one is not safe to share across threads.
+            self._client = boto3.session.Session().client("autoscaling", region_name=self.region)
+        if not self._instance:
+            self._instance = self._id_lookup()
+        return self._client, self._instance
+
+    def _lifecycle_state(self, client, instance: str) -> Optional[str]:
+        found = client.describe_auto_scaling_instances(
+            InstanceIds=[instance]).get("AutoScalingInstances", [])
+        if not found:
+            return None
+        self._group = found[0]["AutoScalingGroupName"]
+        return found[0]["LifecycleState"]
+
+    def _call(self, goal: str, client, instance: str) -> None:
+        if goal == "exit":
+            client.exit_standby(InstanceIds=[instance], AutoScalingGroupName=self._group)
+            return
+        # Decrement: otherwise the group, one InService instance short of its desired capacity,
+        # launches a replacement, which outlives this short stop (and is scaled in after).
+        client.enter_standby(InstanceIds=[instance], AutoScalingGroupName=self._group,
+                             ShouldDecrementDesiredCapacity=True)
+        self._owed = True
+
+    def _move(self, goal: str, timeout: float, every: float, **fields) -> bool:
+        began = self.clock()
+        called = False
+        state: Optional[str] = None
+        error: Optional[str] = None
+        while True:
+            try:
+                client, instance = self._where()
+                if not instance:
+                    return self._failed(goal, "no_instance_id", fields)
+                state = self._lifecycle_state(client, instance)
+                step = standby_step(goal, state, called)
+                if goal == "enter" and state in ("EnteringStandby", "Standby"):
+                    self._owed = True
+                if step == CALL:
+                    self._call(goal, client, instance)
+                    called = True
+                    continue
+                if step == DONE:
+                    return self._done(goal, called, self.clock() - began, fields)
+                if step == FAIL:
+                    return self._failed(goal, "not_in_group" if state is None else "wrong_state",
+                                        fields, state=state)
+            except Exception as err:  # noqa: BLE001 - AWS's errors never stop a planned stop
+                retry, problem = standby_error(error_code(err))
+                error = str(err)
+                if not retry:
+                    return self._failed(goal, problem, fields, state=state, error=error)
+                log.debug("standby.retrying", action=goal, error=error)
+            if self.clock() - began >= timeout:
+                return self._failed(goal, "timeout", fields, state=state, error=error,
+                                    timeout=timeout)
+            self.sleep(every)
+
+    def _done(self, goal: str, called: bool, waited: float, fields) -> bool:
+        where = {"instance": self._instance, "group": self._group, "waited": round(waited, 1),
+                 "already": not called, **fields}
+        if goal == "enter":
+            self._in_standby = True
+            log.info("standby.entered", **where)
+        else:
+            self._in_standby = self._owed = False
+            log.info("standby.exited", **where)
+        return True
+
+    def _failed(self, goal: str, problem: str, fields, **more) -> bool:
+        log.warning("standby.failed", action=goal, problem=problem, instance=self._instance,
+                    group=self._group, hint=STANDBY_HINTS[problem], **fields, **more)
+        return False

@@ -198,7 +198,7 @@ class Daemon:
         for action in actions:
             self._do(action)
         if self.state.phase == "healthy":
-            self.node.healthy()
+            self.node.healthy(probed=isinstance(seen, watchdog.Probed))
         self.node.first_verdict(self.state.phase)
         self.prober.follow(self.state, self.cfg.health.start_period, self.clock())
         status.publish(self.board, self.systemd, self.state, before,

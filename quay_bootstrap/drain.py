@@ -21,6 +21,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import structlog
 
 log = structlog.get_logger(__name__)
+# How long EnterStandby may take: the instance stays EnteringStandby until its target groups'
+# deregistration delay has passed (300 s by default on AWS).
+STANDBY_WAIT = 330.0
 
 
 def drain_period(cfg) -> float:
@@ -105,7 +108,7 @@ class Drain:
         self.board.update(draining={"why": why, "since": now, "until": now + wait})
         if cfg.rollout.standby and self._standby is None:
             standby = self._make_standby(cfg)
-            if standby.enter(why):
+            if standby.enter(why, timeout=STANDBY_WAIT):
                 self._standby = standby
         if wait > 0:
             log.info("drain.leaving", why=why, seconds=round(wait, 1),

@@ -177,10 +177,11 @@ class Node:
         with self._lock:
             lifecycle.drain(drained_stop)
 
-    def healthy(self) -> None:
-        """Quay answers again: a restart's slot goes back to the cluster, and an instance put in
-        Standby for a planned stop goes back InService."""
-        self.balancer.healthy()
+    def healthy(self, probed: bool = True) -> None:
+        """Quay answers again: a restart's slot goes back to the cluster, and (on a probe's
+        word) an instance put in Standby for a planned stop goes back InService."""
+        if probed:
+            self.balancer.healthy()
         if self._lease is not None:
             lease, self._lease = self._lease, None
             lease.release()

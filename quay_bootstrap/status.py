@@ -24,7 +24,8 @@ class Board:
     """What the agent knows, shared by the loop (writer) and the endpoint (reader)."""
 
     def __init__(self, state_file: Optional[Path] = None,
-                 redact: Optional[Callable[[Any, str], Any]] = None) -> None:
+                 redact: Optional[Callable[[Any, str], Any]] = None,
+                 clock: Callable[[], float] = time.time) -> None:
         """Args:
             state_file: where every change is persisted (0640), for `status` when the agent is
                 down.
@@ -35,7 +36,8 @@ class Board:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self._lock = threading.Lock()
-        self._status: Dict[str, Any] = {"state": "starting", "since": time.time(),
+        self._clock = clock  # wall-clock: `since` is compared with other nodes' and the LB's
+        self._status: Dict[str, Any] = {"state": "starting", "since": clock(),
                                         "marked_unhealthy": False}
         self.state_file = state_file
         self._redact = redact
@@ -70,7 +72,7 @@ class Board:
             fields = {key: self._redact(value, key) for key, value in fields.items()}
         with self._lock:
             if "state" in fields and fields["state"] != self._status.get("state"):
-                fields.setdefault("since", time.time())
+                fields.setdefault("since", self._clock())
                 for name in ("starting", "healthy", "failing", "shared-outage"):
                     self.m_state.labels(name).set(1 if name == fields["state"] else 0)
             if "stack_version" in fields or "image_digest" in fields:

@@ -64,7 +64,7 @@ class Node:
 
     def __post_init__(self) -> None:
         self.cfg = make_config(SETTINGS + self.extra)
-        self.board = Board()
+        self.board = Board(clock=self.clock)
         self.daemon = Daemon(
             self.cfg, self.make_pass, threading.Event(), clock=self.clock, board=self.board,
             systemd=self.systemd,

@@ -143,6 +143,17 @@ def test_healthz_says_ok_then_unhealthy_once_marked(serve, board):
     assert (code, headers["content-type"], body) == (503, "text/plain", b"unhealthy\n")
 
 
+def test_ready_is_what_a_load_balancer_checks(serve, board):
+    _, port = serve()
+    assert get(port, "/ready")[::2] == (200, b"ready\n")
+    board.update(draining={"why": "refresh: roll"})
+    assert get(port, "/ready")[::2] == (503, b"draining\n")
+    assert get(port, "/healthz")[::2] == (200, b"ok\n")  # autohealing must not replace it
+    board.update(draining=None, state="starting")
+    assert get(port, "/ready")[::2] == (503, b"starting\n")
+    assert ask(port, b"HEAD /ready HTTP/1.1\r\nHost: x\r\n\r\n")[::2] == (503, b"")
+
+
 def test_status_is_the_board_as_json(serve, board):
     _, port = serve()
     code, headers, body = get(port, "/status")
