@@ -229,11 +229,13 @@ class Sampler:
 def running_cluster(*, s3, s3_bucket, s3_backend, docker_client, testbed, images, database: str,
                     bucket: str, tmp_path, monkeypatch, moto_endpoint: str, tag: str,
                     kind: type = None, boot: float = 60, sampling: Optional[dict] = None,
-                    health: Optional[dict] = None, together: bool = False):
+                    health: Optional[dict] = None, together: bool = False,
+                    prepare=None):
     """Three healthy nodes on TAG (KIND: ClusterNode, the stand-in, or RealClusterNode), their
     agents started within BOOT seconds (the first alone creates the schema, unless TOGETHER:
-    then the canary gate decides), HEALTH over the cluster's settings, the sampler running
-    (SAMPLING: its period and timeout); every agent stopped and container removed after."""
+    then the canary gate decides), HEALTH over the cluster's settings, PREPARE(node) called
+    before each node's config is written, the sampler running (SAMPLING: its period and
+    timeout); every agent stopped and container removed after."""
     proxy = faults.SlowProxy(("127.0.0.1", testbed["postgres_port"]), 0.0).__enter__()
     dsn = database.replace(f":{testbed['postgres_port']}/", f":{proxy.port}/")
     asg, instances = make_group(moto_endpoint, 4)
@@ -248,6 +250,8 @@ def running_cluster(*, s3, s3_bucket, s3_backend, docker_client, testbed, images
     made = Cluster(nodes, sampler, proxy, testbed, s3, s3_bucket, asg, spare)
     try:
         for node in nodes:
+            if prepare is not None:
+                prepare(node)
             node.setup(health=health)
         if together:
             start_agents(nodes, boot)

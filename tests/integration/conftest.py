@@ -187,6 +187,7 @@ class Node:
                        "state_file": str(tmp_path / "status.json")}
         self.restart = {}
         self.rollout = {}
+        self.extra: dict = {}  # more top-level sections of the agent config (balancer)
 
     def configure(self, *, image=None, container=None, health=None, report=None, restart=None,
                   rollout=None, **stack):
@@ -209,6 +210,7 @@ class Node:
         config["report"] = self.report
         config["restart"] = self.restart
         config["rollout"] = self.rollout
+        config.update(self.extra)
         self.agent.config_path.write_text(yaml.safe_dump(config))
 
     def container_defaults(self) -> dict:

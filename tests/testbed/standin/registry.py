@@ -585,6 +585,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(301, b"", {"Location": location, "Content-Type": "text/html"})
             return
         path = self.path.split("?", 1)[0]
+        if path == "/v2/":
+            # Load for the cluster's balancer (tests/loadgen.py): the registry API's version
+            # check, answered at once, touching no shared service (real Quay asks for auth).
+            self._send(200, b"{}", {"Content-Type": "application/json",
+                                    "Docker-Distribution-API-Version": "registry/2.0"})
+            return
         pinged = {"/_internal_ping": "web_gunicorn", "/v1/_internal_ping": "registry_gunicorn"}
         if path in pinged:
             # Quay's own liveness pings (endpoints/web.py, endpoints/v1): answered by each
@@ -612,6 +618,43 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(status, body, {"Content-Type": "application/json", "Cache-Control": "no-cache"})
 
     do_HEAD = do_GET
+
+    def do_PUT(self):  # noqa: N802 - http.server's naming
+        # Load for the cluster's balancer (tests/loadgen.py): a blob-upload-like request whose
+        # body is read in full (it may trickle in for seconds) and counted.
+        if self.redirect_to is not None:
+            self.close_connection = True  # the body is not read
+            self._send(301, b"", {"Location": f"https://{self.redirect_to}{self.path}",
+                                  "Content-Type": "text/html", "Connection": "close"})
+            return
+        if self.path.split("?", 1)[0] != "/load/upload":
+            self.close_connection = True
+            self._send(404, b"", {"Content-Type": "text/html", "Connection": "close"})
+            return
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True
+            self._send(411, b"", {"Content-Type": "text/html", "Connection": "close"})
+            return
+        left = int(length)
+        try:
+            while left:
+                chunk = self.rfile.read1(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+        if left:
+            # The client went away mid-body: nothing to answer. nginx logs 400 for it
+            # ("client prematurely closed connection").
+            self.close_connection = True
+            self.log_request(400)
+            return
+        body = json.dumps({"received": int(length)}).encode()
+        self._send(201, body, {"Content-Type": "application/json"})
+
+    do_PATCH = do_PUT
 
 
 def serve(config: dict) -> None:
