@@ -28,7 +28,8 @@ def main() -> int:
     benchmarks = {"once_vs_init_script": rounds, "roll": rounds, "fetch_vs_sync": rounds,
                   "cli_startup": ["--rounds", str(args.runs)],
                   "watchdog": rounds + ["--idle-seconds", args.idle_seconds],
-                  "real_quay": ["--rounds", str(min(args.rounds, 3))]}
+                  "real_quay": ["--rounds", str(min(args.rounds, 3))],
+                  "drain": ["--rounds", "1"]}
     codes, results = {}, {}
     for name, extra in benchmarks.items():
         path = RESULTS / f"{name}.json"
