@@ -25,6 +25,9 @@ log = structlog.get_logger(__name__)
 _STOP = object()
 _RELOAD = object()
 _TERMINATE = object()
+# The longest a restarted agent's first pass may answer /ready with the previous run's verdict
+# (a fetch retrying against a slow store); the pass's own deadlines end it sooner.
+FIRST_PASS_CARRY = 600.0
 
 
 
@@ -104,8 +107,11 @@ class Daemon:
             except Interrupted:
                 log.info("agent.stopped", during="the first pass")
                 return 0
-            if self.live.container_id != self.previous.get("container_id"):
-                self.board.update(ready_carried_until=None)  # not the Quay it was about
+            if self._carried_now():
+                # Until the first probe, which comes now; not the Quay it was about: none.
+                same = self.live.container_id == self.previous.get("container_id")
+                self.board.update(ready_carried_until=time.time() + self._carry_limit()
+                                  if same else None)
             self._start_threads()
             try:
                 while not self.stop.is_set() and self.handle(self._next_item()):
@@ -128,9 +134,16 @@ class Daemon:
         that verdict is recent and healthy (drain.carried)."""
         from quay_bootstrap.drain import carried
 
-        until = carried(self.previous, time.time(), 2 * self.cfg.health.interval + 5)
-        if until is not None:
-            self.board.update(ready_carried_until=until)
+        if carried(self.previous, time.time(), self._carry_limit()) is not None:
+            # For the whole first pass (a slow fetch must not flip every node of an agent
+            # upgrade to 503 at once), then the limit again once it adopted the same Quay.
+            self.board.update(ready_carried_until=time.time() + FIRST_PASS_CARRY)
+
+    def _carry_limit(self) -> float:
+        return 2 * self.cfg.health.interval + 5
+
+    def _carried_now(self) -> bool:
+        return self.board.snapshot().get("ready_carried_until") is not None
 
     def _start_threads(self) -> None:
         """The loop's long-lived threads; `tend` restarts one that dies."""

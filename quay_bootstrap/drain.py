@@ -24,6 +24,8 @@ log = structlog.get_logger(__name__)
 # How long EnterStandby may take: the instance stays EnteringStandby until its target groups'
 # deregistration delay has passed (300 s by default on AWS).
 STANDBY_WAIT = 330.0
+# At the agent's stop, how long ExitStandby may take before the agent exits anyway.
+STANDBY_EXIT_ON_STOP = 20.0
 
 
 def drain_period(cfg) -> float:
@@ -57,10 +59,15 @@ def ready(status: Dict[str, Any], now: float) -> Tuple[int, str]:
 
 
 def out_since(status: Dict[str, Any], now: float) -> Optional[float]:
-    """Since when /ready has answered 503 (None: it answers 200)."""
+    """Since when /ready has answered 503 (None: it answers 200). A carried verdict kept it
+    at 200 until it ran out."""
     if ready(status, now)[0] == 200:
         return None
-    return status.get("since")
+    since = status.get("since")
+    carried_until = status.get("ready_carried_until")
+    if since is not None and carried_until is not None:
+        return max(since, carried_until)
+    return since
 
 
 def remaining(period: float, now: float, since: Optional[float]) -> float:
@@ -105,11 +112,15 @@ class Drain:
         period = drain_period(cfg)
         now = self.clock()
         wait = remaining(period, now, out_since(self.board.snapshot(), now))
-        self.board.update(draining={"why": why, "since": now, "until": now + wait})
+        self.board.update(draining={"why": why, "since": now, "until": now + wait},
+                          ready_carried_until=None)
         if cfg.rollout.standby and self._standby is None:
-            standby = self._make_standby(cfg)
-            if standby.enter(why, timeout=STANDBY_WAIT):
-                self._standby = standby
+            # Kept even when entering failed or timed out: EnterStandby may have been sent, and
+            # exit() undoes only what was done. Its waits end on SIGTERM (the stop-aware sleep).
+            self._standby = self._make_standby(cfg, self.sleep)
+            self._standby.enter(why, timeout=STANDBY_WAIT)
+            # EnteringStandby lasted the target groups' deregistration delay: that counts.
+            wait = max(0.0, wait - (self.clock() - now))
         if wait > 0:
             log.info("drain.leaving", why=why, seconds=round(wait, 1),
                      note="/ready answers 503 draining: the load balancer sends new requests "
@@ -129,13 +140,15 @@ class Drain:
             threading.Thread(target=standby.exit, name="standby-exit", daemon=True).start()
 
     def close(self) -> None:
-        """The agent stops: an instance it put in Standby goes back (Quay keeps running)."""
+        """The agent stops: an instance it put in Standby goes back (Quay keeps running), with
+        a plain sleep (the stop-aware one ends at once now) and a short bound."""
         standby, self._standby = self._standby, None
         if standby is not None:
-            standby.exit()
+            standby.sleep = time.sleep
+            standby.exit(timeout=STANDBY_EXIT_ON_STOP)
 
 
-def _aws_standby(cfg):
+def _aws_standby(cfg, sleep):
     from quay_bootstrap.aws import Standby
 
-    return Standby(cfg.stack.region)
+    return Standby(cfg.stack.region, sleep=sleep)

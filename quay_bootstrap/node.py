@@ -250,8 +250,10 @@ class Node:
         one = None
         try:  # no systemd keepalive here: the loop goes on pinging, and a wedged loop shows
             one = one_for(cfg)
-            rolled = self.roll.apply(one, self.live, why, touching,
-                                     held=self._lease if self.held else None)
+            # A slot the node keeps (held, rolled back to a Quay not healthy yet, a restart's
+            # until healthy) is the roll's too: taking a second one and giving it back at the
+            # roll's end would free the slot the node still needs (found in review).
+            rolled = self.roll.apply(one, self.live, why, touching, held=self._lease)
             return RollOutcome(why, one, rolled, touched=bool(touched))
         except Exception as err:  # noqa: BLE001 - Interrupted too: the loop decides
             return RollOutcome(why, one, error=err, touched=bool(touched))
@@ -265,6 +267,8 @@ class Node:
         if outcome.touched:  # a replacement's die, destroy and start were the roll's own
             self.feed(watchdog.Expect(self.clock(), self.clock() + ROLL_ECHO, everything=True))
         self.replacing.clear()
+        if outcome.touched:  # whatever runs now has not been probed: /ready 503 until it is
+            self.board.update(state="starting", ready_carried_until=None)
         self.balancer.back()  # /ready follows the watch again: 200 once the new Quay is healthy
         if isinstance(outcome.error, Interrupted):
             return

@@ -4,6 +4,8 @@ running Quay drain first, a crash does not, and a roll back to a Quay that is no
 the node's slot of the budget."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from quay_bootstrap import drain
@@ -86,19 +88,21 @@ def test_what_a_restarted_agent_carries_over(previous, until):
 
 
 class FakeStandby:
-    def __init__(self, works: bool = True) -> None:
-        self.works, self.calls = works, []
+    """aws.Standby's surface: `acts` is the node's list (the order against Docker's acts)."""
+
+    def __init__(self, acts: list, works: bool = True) -> None:
+        self.acts, self.works, self.sleep = acts, works, None
 
     def enter(self, reason: str, timeout: float = 120.0) -> bool:
-        self.calls.append(("enter", reason))
+        self.acts.append(("enter standby", reason))
         return self.works
 
-    def exit(self) -> bool:
-        self.calls.append(("exit",))
+    def exit(self, timeout: float = 120.0) -> bool:
+        self.acts.append(("exit standby",))
         return True
 
 
-def drained_node(extra: str = BALANCER, standby=None) -> Node:
+def drained_node(extra: str = BALANCER, standby: bool = True) -> Node:
     """A node behind a balancer whose drain sleeps on the fake clock and records each act on
     Docker and each drain wait in one list, in order."""
     node = Node(extra=extra)
@@ -109,8 +113,9 @@ def drained_node(extra: str = BALANCER, standby=None) -> Node:
         acts.append(("drain", seconds, node.board.snapshot().get("draining", {}).get("why")))
         sleep(seconds)
 
+    node.standby = FakeStandby(acts, works=standby)
     node.daemon.node.balancer = Drain(node.board, recorded_sleep, clock=node.clock,
-                                      standby=lambda cfg: standby)
+                                      standby=lambda cfg, sleep: node.standby)
     original = node.docker._call
 
     def call(method: str, *args) -> None:
@@ -156,7 +161,7 @@ def test_with_drain_off_a_roll_stops_quay_at_once():
     assert node.docker.named("quay").labels[STACK_VERSION] == V2.version
 
 
-def test_the_agent_restarting_a_running_quay_drains_only_what_is_left_of_the_period():
+def test_the_agent_restarting_a_running_quay_that_said_ready_drains_the_whole_period():
     node = drained_node().start().after(20)
     node.probe()
     node.acts.clear()
@@ -196,18 +201,27 @@ def test_a_crashed_quay_is_restarted_at_once_without_a_drain():
     assert [act for act in node.acts if act[0] == "drain"] == []
 
 
-def test_standby_is_entered_before_the_stop_and_left_once_quay_is_healthy():
-    standby = FakeStandby()
-    node = drained_node(BALANCER + "rollout: {standby: true}", standby).start().after(20)
-    node.probe()
-    node.release = V2
-    node.roll("refresh")
-    assert standby.calls == [("enter", "refresh: roll")]
-    node.probe()  # healthy on the new stack: back InService (off the loop's thread)
-    for thread in __import__("threading").enumerate():
+def join_standby_exit() -> None:
+    for thread in threading.enumerate():
         if thread.name == "standby-exit":
             thread.join(timeout=2)
-    assert standby.calls == [("enter", "refresh: roll"), ("exit",)]
+
+
+@pytest.mark.parametrize("entered", [True, False], ids=["entered", "timed-out"])
+def test_standby_is_entered_before_the_stop_and_left_once_quay_is_healthy(entered):
+    """Left even when entering timed out: EnterStandby may have been sent (exit() undoes only
+    what was done)."""
+    node = drained_node(BALANCER + "rollout: {standby: true}", standby=entered)
+    node.start().after(20).probe()
+    node.acts.clear()
+    node.release = V2
+    node.roll("refresh")
+    assert node.acts[:3] == [("enter standby", "refresh: roll"),
+                             ("drain", 12.0, "refresh: roll"), ("docker", "stop")]
+    assert ("exit standby",) not in node.acts  # not on the roll's own health check
+    node.probe()  # healthy on the new stack, by the watch: back InService, off the loop
+    join_standby_exit()
+    assert node.acts[-1] == ("exit standby",)
 
 
 def test_a_node_rolled_back_to_a_quay_that_is_not_healthy_keeps_its_slot_until_it_is():
@@ -254,6 +268,33 @@ def test_a_new_image_waits_while_endtoend_says_the_database_is_down():
     node.roll("refresh")
     assert node.docker.named("quay").labels[STACK_VERSION] == V3.version
     assert node.board.registry.get_sample_value("quay_bootstrap_endtoend_up") == 1
+
+
+def test_a_node_that_keeps_its_slot_keeps_it_through_its_next_failed_roll():
+    """Found in review: the next roll took a second copy of the slot and gave it back."""
+    node = drained_node().start().after(20)
+    node.probe()
+    node.release = V2
+    node.verdicts = [False, False]
+    node.roll("refresh")
+    node.after(200)  # past the backoff: the same stack is tried again, and fails again
+    node.verdicts = [False, False]
+    node.roll("refresh")
+    assert node.docker.named("quay").labels[STACK_VERSION] == V1.version
+    assert [lease.holder for lease in node.leases.leases().values() if lease] == \
+        ["node-a/roll"]
+    assert len(node.status()["leases"]) == 1
+    node.probe()
+    assert [lease for lease in node.leases.leases().values() if lease] == []
+
+
+def test_ready_is_503_after_a_roll_that_touched_quay_until_a_probe_says_healthy():
+    node = drained_node().start().after(20)
+    node.probe()
+    node.release = V2
+    node.verdicts = [False, False]
+    node.roll("refresh")  # rolled back; the old container runs, not probed by the watch yet
+    assert drain.ready(node.status(), node.clock()) == (503, "starting")
 
 
 def test_a_stack_change_rolls_while_endtoend_says_the_database_is_down():

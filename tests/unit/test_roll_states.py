@@ -47,8 +47,12 @@ def facts(target=STACK, action="replace", **kw) -> Facts:
     (facts(backoff_until=90.0), Leasing(STACK), rs.ACQUIRE),  # the backoff is over
     (facts(), Leasing(STACK), rs.ACQUIRE),  # a stack change needs no canary
     (facts(IMAGE), Gating(IMAGE), rs.PEEK),  # a new image: the canary record first
+    (facts(IMAGE, shared_down=True), Done(rs.WAITING_SHARED, IMAGE), rs.FINISH),
+    (facts(BOTH, shared_down=True), Done(rs.WAITING_SHARED, BOTH), rs.FINISH),
+    (facts(shared_down=True), Leasing(STACK), rs.ACQUIRE),  # a stack change may be the fix
 ], ids=["unchanged", "behind", "missing", "stopped", "rejected", "backing-off", "backoff-over",
-        "new-stack", "new-image"])
+        "new-stack", "new-image", "image-waits-for-shared", "both-wait-for-shared",
+        "stack-rolls-in-outage"])
 def test_planning_from_fresh_facts(seen, state, todo):
     assert rs.step(Planning(), Gathered(seen)) == (state, todo)
 
@@ -80,9 +84,19 @@ def test_a_lease_is_followed_by_fresh_facts_before_anything_is_applied():
     (facts(action="adopt"), Planning(waited=True), rs.RELEASE_AND_GATHER),  # someone did it
     (facts(rejected=True), Planning(waited=True), rs.RELEASE_AND_GATHER),
     (facts(backoff_until=200.0), Planning(waited=True), rs.RELEASE_AND_GATHER),
-], ids=["same", "new-lock", "database-moved", "already-there", "rejected", "backing-off"])
+    (facts(shared_down=True), rs.Replacing(STACK, OLD, False), rs.REPLACE),  # may be the fix
+], ids=["same", "new-lock", "database-moved", "already-there", "rejected", "backing-off",
+        "stack-in-outage"])
 def test_a_plan_that_the_world_outran_during_the_wait_is_dropped(seen, after, todo):
     assert rs.step(Confirming(STACK), Gathered(seen)) == (after, todo)
+
+
+def test_a_new_image_whose_shared_services_went_down_during_the_wait_is_dropped():
+    seen = facts(IMAGE, shared_down=True)
+    assert rs.step(Confirming(IMAGE), Gathered(seen)) == (Planning(waited=True),
+                                                         rs.RELEASE_AND_GATHER)
+    assert rs.step(Planning(waited=True), Gathered(seen)) == (Done(rs.WAITING_SHARED, IMAGE),
+                                                              rs.FINISH)
 
 
 def test_a_new_image_under_a_lease_claims_the_canary():
