@@ -353,10 +353,15 @@ class Cluster:
                 found[item["Key"].rsplit("/", 1)[-1]] = {"unreadable": body.decode(errors="replace")}
         return found
 
-    def upgrade(self) -> Optional[dict]:
-        """The upgrade record (the canary and its verdict), or None."""
+    def upgrade(self, tag: Optional[str] = None) -> Optional[dict]:
+        """The upgrade record (the canary and its verdict), or None; with TAG, only a record
+        of that release (the first start's record of the old one says "healthy" until the
+        upgrade's canary claims it: a wait for a verdict must not take that one)."""
         records = self.rollout_records()
-        return next((v for k, v in records.items() if "upgrade" in k), None)
+        found = next((v for k, v in records.items() if "upgrade" in k), None)
+        if tag is not None and (found or {}).get("tag") != tag:
+            return None
+        return found
 
     def health_statuses(self) -> Dict[str, str]:
         ids = [n.imds.instance_id for n in self.nodes + self.extra]

@@ -379,12 +379,13 @@ def test_a_fourth_node_booting_during_an_upgrade_waits_for_the_canary(cluster):
     for node in nodes:
         node.setup(image_tag="v3.11.0", env=slow, health={"start_period": "20s"})
     sighup_all(nodes)
-    wait_for(lambda: cluster.upgrade() is not None, 30, "the canary's claim")
+    wait_for(lambda: cluster.upgrade("v3.11.0") is not None, 30, "the canary's claim")
     fourth = cluster.add_node("v3.11.0")
     fourth.setup(image_tag="v3.11.0", env=slow, health={"start_period": "20s"})
     fourth.start_agent()
-    record = wait_for(lambda: (passed(cluster.upgrade()) or failed(cluster.upgrade()))
-                      and cluster.upgrade(), 60, "the canary's verdict")
+    record = wait_for(lambda: (passed(cluster.upgrade("v3.11.0")) or
+                               failed(cluster.upgrade("v3.11.0"))) and cluster.upgrade(), 60,
+                      "the canary's verdict")
     verdict_at = time.time()
     assert passed(record), record
     everyone = nodes + [fourth]

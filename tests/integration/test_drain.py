@@ -241,3 +241,42 @@ def test_a_stack_that_fixes_a_moved_database_rolls_out_during_the_outage_it_fixe
     applied = sorted(n.events("rollout.applied", began)[0]["at"] for n in cluster.nodes)
     assert all(a <= b for a, b in zip(applied, replaced[1:])), (replaced, applied)  # one by one
     report("drain: a stack fixing DB_URI during the outage", seconds=round(time.time() - began, 1))
+
+
+def test_with_standby_each_node_leaves_its_group_for_its_roll_and_comes_back(fronted):
+    """rollout.standby: EnterStandby before the stop, ExitStandby once healthy, on moto's Auto
+    Scaling (the group's MinSize lowered: AWS refuses EnterStandby at MinSize)."""
+    cluster, lb, side = fronted
+    if side != "drain":
+        pytest.skip("standby is part of draining")
+    cluster.asg.update_auto_scaling_group(AutoScalingGroupName="quay", MinSize=1)
+    desired = cluster.asg.describe_auto_scaling_groups(
+        AutoScalingGroupNames=["quay"])["AutoScalingGroups"][0]["DesiredCapacity"]
+    for node in cluster.nodes:
+        node.setup(rollout={"standby": True})
+    sighup(cluster.nodes)
+    load = load_through(lb)
+    steady(load)
+    began = time.time()
+    robots = b"User-agent: *\nDisallow: /standby\n"
+    cluster.nodes[0].backend.put("robots.txt", robots)
+
+    def back_in_service(n) -> bool:
+        entered, exited = n.events("standby.entered", began), n.events("standby.exited", began)
+        return n.agent.live()[1].get("robots.txt") == robots and len(entered) == 1 and \
+            len(exited) == 1 and n.agent_run.status().get("state") == "healthy"
+
+    wait_all(back_in_service, cluster.nodes, 150, "every node rolled, through Standby and back")
+    ids = [n.imds.instance_id for n in cluster.nodes]
+    found = cluster.asg.describe_auto_scaling_instances(InstanceIds=ids)["AutoScalingInstances"]
+    assert {i["LifecycleState"] for i in found} == {"InService"}, found
+    group = cluster.asg.describe_auto_scaling_groups(AutoScalingGroupNames=["quay"])
+    assert group["AutoScalingGroups"][0]["DesiredCapacity"] == desired
+    for node in cluster.nodes:  # in Standby before its Quay stopped, back after it was healthy
+        entered = node.events("standby.entered", began)[0]["at"]
+        replaced = node.events("rollout.replacing", began)[0]["at"]
+        exited = node.events("standby.exited", began)[0]["at"]
+        applied = node.events("rollout.applied", began)[0]["at"]
+        assert replaced <= entered <= exited and applied <= exited + 0.5, node.name
+    wait_all(lambda n: lb.states().get(n.name) == "UP", cluster.nodes, 15, "every node UP")
+    finish("stack roll with standby", side, load, began, lb)

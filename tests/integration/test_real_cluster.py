@@ -89,7 +89,7 @@ def test_an_upgrade_through_the_canary_and_a_killed_old_node_coming_back_without
         began = time.time()
         nodes[0].setup(image_tag="v3.18.0")
         sighup(nodes[:1])
-        wait_for(lambda: passed(cluster.upgrade()), 300,
+        wait_for(lambda: passed(cluster.upgrade("v3.18.0")), 300,
                  lambda: "the canary's verdict; log:\n" + nodes[0].log()[-4000:])
         canary_done = time.time()
         assert quay_standin.db_revision(nodes[0].database) == head
