@@ -96,12 +96,32 @@ def check_stack(names: Collection[str], config_yaml: Optional[bytes],
         warnings.append(("config.yaml: SECRET_KEY", "is missing: every Quay process then makes "
                          "its own random key and sessions break across nodes; set it, the same "
                          "on every node"))
+    warnings += _s3_region_over_endpoint(config)
     if "DISTRIBUTED_STORAGE_PREFERENCE" not in config and \
             "QUAY_DISTRIBUTED_STORAGE_PREFERENCE" not in environ:
         warnings.append(("config.yaml: DISTRIBUTED_STORAGE_PREFERENCE", "is missing (and "
                          "container.env has no QUAY_DISTRIBUTED_STORAGE_PREFERENCE)"))
     return StackCheck(errors=tuple(errors), warnings=tuple(warnings), secrets=frozenset(secrets),
                       settings=config)
+
+
+def _s3_region_over_endpoint(config: dict) -> List[Tuple[str, str]]:
+    """S3Storage with `s3_region` goes to AWS's endpoint for that region and ignores
+    `endpoint_url` and `host` (storage/cloud.py, v3.17.4 and v3.18.0): an S3-compatible store
+    (Ceph RGW, MinIO) configured so is silently not used."""
+    found = []
+    locations = config.get("DISTRIBUTED_STORAGE_CONFIG")
+    for name, location in (locations.items() if isinstance(locations, dict) else ()):
+        if not (isinstance(location, list) and len(location) == 2 and
+                location[0] == "S3Storage" and isinstance(location[1], dict)):
+            continue
+        params = location[1]
+        if params.get("s3_region") and (params.get("endpoint_url") or params.get("host")):
+            found.append((f"config.yaml: DISTRIBUTED_STORAGE_CONFIG.{name}",
+                          "S3Storage has s3_region and endpoint_url (or host): Quay then uses "
+                          "AWS S3 in that region and ignores endpoint_url; for an S3-compatible "
+                          "store remove s3_region (or use RadosGWStorage)"))
+    return found
 
 
 def _storage_preference(config: dict, environ: Mapping[str, str]) -> List[Tuple[str, str]]:

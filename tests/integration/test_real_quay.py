@@ -23,6 +23,10 @@ INSTANCE_OK = {"data": {"services": {"auth": True, "database": True, "disk_space
                                      "registry_gunicorn": True, "service_key": True,
                                      "web_gunicorn": True}},
                "status_code": 200}
+# /health/endtoend: the shared services only. Its storage check writes to the bed's SeaweedFS
+# (an S3Storage config with s3_region sent it to AWS instead: quay_standin.config).
+ENDTOEND_OK = {"data": {"services": {"auth": True, "database": True, "redis": True,
+                                     "storage": True}}, "status_code": 200}
 
 
 def get(port: int, path: str = "/health/instance", timeout: float = 20):
@@ -191,6 +195,7 @@ def test_a_node_s_first_boot_through_run_once_on_real_quay(real_node):
     code, out, err = real_node.agent.run("run", "--once")
     assert code == 0, err[-3000:]
     assert get(real_node.port) == (200, INSTANCE_OK)
+    assert get(real_node.port, "/health/endtoend") == (200, ENDTOEND_OK)
     head, count = real_quay.heads("v3.18.0")
     assert real_node.logs().count("Running upgrade") == count
     assert real_node.revision() == head

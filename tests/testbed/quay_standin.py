@@ -196,10 +196,12 @@ def config(state: dict[str, Any], *, database: str, bucket: str, **overrides: An
         "DB_URI": database,
         "BUILDLOGS_REDIS": dict(redis),
         "USER_EVENTS_REDIS": dict(redis),
-        # S3Storage takes no is_secure (real Quay: a TypeError at import): a full endpoint_url.
+        # S3Storage takes no is_secure (real Quay: a TypeError at import): a full endpoint_url,
+        # and no s3_region: with it, real Quay ignores endpoint_url and goes to AWS (its
+        # /health/endtoend storage check did, before this was found).
         "DISTRIBUTED_STORAGE_CONFIG": {"default": ["S3Storage", {
             "endpoint_url": state["seaweedfs_endpoint"], "s3_bucket": bucket,
-            "storage_path": "/datastorage/registry", "s3_region": "us-east-1",
+            "storage_path": "/datastorage/registry",
             "s3_access_key": state["seaweedfs_access_key"],
             "s3_secret_key": state["seaweedfs_secret_key"]}]},
         "DISTRIBUTED_STORAGE_PREFERENCE": ["default"],

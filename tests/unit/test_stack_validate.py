@@ -134,6 +134,23 @@ def test_warnings_do_not_block():
                                                 "config.yaml: DISTRIBUTED_STORAGE_PREFERENCE"]
 
 
+@pytest.mark.parametrize("params, warned", [
+    ({"s3_region": "us-east-1", "endpoint_url": "http://minio:9000"}, True),
+    ({"s3_region": "us-east-1", "host": "rgw.example.com"}, True),
+    ({"endpoint_url": "http://minio:9000"}, False),
+    ({"s3_region": "eu-west-1"}, False),
+])
+def test_s3_region_beside_an_endpoint_is_a_warning(params, warned):
+    """Quay's S3Storage ignores endpoint_url when s3_region is set (found when real Quay's
+    /health/endtoend reached for AWS from the test bed)."""
+    config = dict(GOOD, DISTRIBUTED_STORAGE_CONFIG={"default": ["S3Storage", {
+        "s3_access_key": "AKIA1234", "s3_secret_key": "S3Secret!!", "s3_bucket": "b", **params}]})
+    checked = check_stack(FILES, dump(config))
+    assert checked.ok
+    assert [w for w, _ in checked.warnings] == (
+        ["config.yaml: DISTRIBUTED_STORAGE_CONFIG.default"] if warned else [])
+
+
 def test_the_storage_preference_may_come_from_the_container_s_environment():
     config = {k: v for k, v in GOOD.items() if k != "DISTRIBUTED_STORAGE_PREFERENCE"}
     checked = check_stack(FILES, dump(config),
