@@ -229,6 +229,9 @@ class RolloutConfig(_Section):
     # On AWS: EnterStandby before a planned stop and ExitStandby once healthy, so the group's
     # target groups deregister the node (their deregistration delay lets requests finish).
     standby: bool = False
+    # A new image rolls only while Quay's /health/endtoend answers (a migration needs the
+    # database). False: an operator's way past a check that fails for a reason of its own.
+    wait_for_shared_services: bool = True
 
 
 class LoggingConfig(_Section):

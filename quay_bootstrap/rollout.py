@@ -153,7 +153,8 @@ class Roll:
         run.target = target = states.target_of(spec)
         failures, until = self._failures.get(target.key, (0, 0.0))
         shared_down = False
-        if action.kind == "replace" and target.image != states.target_of(run.live.spec).image:
+        if action.kind == "replace" and one.cfg.rollout.wait_for_shared_services and \
+                target.image != states.target_of(run.live.spec).image:
             answer = one.endtoend()  # a new image migrates: only while the shared services answer
             self.on_endtoend(answer)
             shared_down = health.shared_down(answer)

@@ -297,6 +297,26 @@ def test_ready_is_503_after_a_roll_that_touched_quay_until_a_probe_says_healthy(
     assert drain.ready(node.status(), node.clock()) == (503, "starting")
 
 
+def test_an_operator_may_roll_an_image_past_a_failing_endtoend():
+    from quay_bootstrap import health
+    from tests.fakes import V3
+
+    node = drained_node(BALANCER + "rollout: {wait_for_shared_services: false}").start()
+    node.after(20).probe()
+    node.release = V3
+    original = node.make_pass
+
+    def make_pass(cfg, sleep):
+        one = original(cfg, sleep)
+        one.shared = health.Probe(False, 503, {"storage": False}, error="HTTP 503")
+        return one
+
+    node.daemon.make_pass = make_pass
+    node.roll("refresh")
+    assert node.docker.named("quay").labels[STACK_VERSION] == V3.version
+    assert "endtoend" not in node.status()  # not even read
+
+
 def test_a_stack_change_rolls_while_endtoend_says_the_database_is_down():
     """It may be the fix (a DB_URI that moved): its own Quay's health decides."""
     from quay_bootstrap import health
