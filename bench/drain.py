@@ -4,10 +4,10 @@ Usage: python bench/drain.py [--rounds 1] [--json PATH]
 
 Set-up (tests/integration/test_drain.py, run by pytest with QB_DRAIN_COMPARE=1): three agents,
 each running the Quay stand-in on its own port, behind HAProxy in TCP mode checking each agent's
-/ready every second (fall 3, rise 2); a load of 8 clients through HAProxy (5 short GETs back to
+/ready every second (fall 5, rise 2); a load of 8 clients through HAProxy (5 short GETs back to
 back, 3 uploads of 2 s), every request on a new connection. Scenarios: a stack roll across the 3
 nodes, an image upgrade through its canary, every agent restarted at once, an Auto Scaling
-termination of one node; each with `rollout.drain` on (the default: 7 s drain here) and off, side
+termination of one node; each with `rollout.drain` on (the default: 9 s drain here) and off, side
 by side within one pytest run (each scenario's two sides one after the other, on fresh clusters),
 and a crash of one node (not planned: no drain). Reported per scenario and side: requests, failed
 (refused or an error answer) and cut (in flight when Quay stopped), and failures per 1,000
@@ -62,7 +62,7 @@ def body(args, _bed) -> dict:
         return f"{1000 * (seen['failed'] + seen['cut']) / max(seen['total'], 1):.2f}"
 
     out = ["## Draining behind a TCP load balancer (`bench/drain.py`)", "",
-           "HAProxy (TCP, checks /ready every 1 s, fall 3) in front of 3 stand-in nodes; 8 clients "
+           "HAProxy (TCP, checks /ready every 1 s, fall 5) in front of 3 stand-in nodes; 8 clients "
            "(5 GETs back to back, 3 two-second uploads), each request on a new connection. "
            f"{args.rounds} run(s) of every scenario per side.", "",
            "| scenario | side | requests | failed | cut | lost per 1,000 |", "|---|---|---|---|---|---|"]
