@@ -124,6 +124,15 @@ def drained_node(extra: str = BALANCER, standby: bool = True) -> Node:
         original(method, *args)
 
     node.docker._call = call
+    node.shared = None  # Quay's /health/endtoend answer for the next passes (None: healthy)
+    made = node.daemon.make_pass
+
+    def make_pass(cfg, sleep):
+        one = made(cfg, sleep)
+        one.shared = node.shared or one.shared
+        return one
+
+    node.daemon.make_pass = make_pass
     return node
 
 
@@ -247,15 +256,7 @@ def test_a_new_image_waits_while_endtoend_says_the_database_is_down():
     node = drained_node().start().after(20)
     node.probe()
     node.release = V3
-    down = health.Probe(False, 503, {"database": False, "redis": True}, error="HTTP 503")
-    original = node.make_pass
-
-    def make_pass(cfg, sleep):
-        one = original(cfg, sleep)
-        one.shared = down
-        return one
-
-    node.daemon.make_pass = make_pass
+    node.shared = health.Probe(False, 503, {"database": False, "redis": True}, error="HTTP 503")
     node.acts.clear()
     node.roll("refresh")
     status = node.status()
@@ -264,7 +265,7 @@ def test_a_new_image_waits_while_endtoend_says_the_database_is_down():
     assert node.board.registry.get_sample_value("quay_bootstrap_endtoend_up") == 0
     assert node.acts == []  # nothing drained, nothing touched
     assert node.docker.named("quay").labels[STACK_VERSION] == V1.version
-    node.daemon.make_pass = original  # the database answers again: it rolls
+    node.shared = None  # the database answers again: it rolls
     node.roll("refresh")
     assert node.docker.named("quay").labels[STACK_VERSION] == V3.version
     assert node.board.registry.get_sample_value("quay_bootstrap_endtoend_up") == 1
@@ -304,14 +305,7 @@ def test_an_operator_may_roll_an_image_past_a_failing_endtoend():
     node = drained_node(BALANCER + "rollout: {wait_for_shared_services: false}").start()
     node.after(20).probe()
     node.release = V3
-    original = node.make_pass
-
-    def make_pass(cfg, sleep):
-        one = original(cfg, sleep)
-        one.shared = health.Probe(False, 503, {"storage": False}, error="HTTP 503")
-        return one
-
-    node.daemon.make_pass = make_pass
+    node.shared = health.Probe(False, 503, {"storage": False}, error="HTTP 503")
     node.roll("refresh")
     assert node.docker.named("quay").labels[STACK_VERSION] == V3.version
     assert "endtoend" not in node.status()  # not even read
@@ -323,14 +317,7 @@ def test_a_stack_change_rolls_while_endtoend_says_the_database_is_down():
 
     node = drained_node().start().after(20)
     node.release = V2
-    original = node.make_pass
-
-    def make_pass(cfg, sleep):
-        one = original(cfg, sleep)
-        one.shared = health.Probe(False, 503, {"database": False}, error="HTTP 503")
-        return one
-
-    node.daemon.make_pass = make_pass
+    node.shared = health.Probe(False, 503, {"database": False}, error="HTTP 503")
     node.roll("refresh")
     assert node.docker.named("quay").labels[STACK_VERSION] == V2.version
 
