@@ -11,7 +11,7 @@ import structlog
 
 from quay_bootstrap import status, watchdog
 from quay_bootstrap.config import Config
-from quay_bootstrap.endpoint import Endpoint
+from quay_bootstrap.endpoint import Endpoint, inherited_socket
 from quay_bootstrap.errors import Interrupted
 from quay_bootstrap.node import Node, RollOutcome
 from quay_bootstrap.periodic import Periodic
@@ -97,8 +97,10 @@ class Daemon:
         self.systemd.notify("STATUS=starting: fetching conf/stack and starting Quay")
         self._carry_over()
         # Listening before the first pass: a load balancer's checks of /ready are answered
-        # through an agent restart (drain.carried), and /status shows the first pass.
-        endpoint = Endpoint(self.board, self.cfg.report.listen).start()
+        # through an agent restart (drain.carried), and /status shows the first pass. On
+        # systemd's socket (quay-bootstrap.socket) the checks made while no agent runs wait.
+        listen = self.cfg.report.listen
+        endpoint = Endpoint(self.board, listen, sock=inherited_socket(listen)).start()
         log.info("agent.listening", address=endpoint.address)
         try:
             try:

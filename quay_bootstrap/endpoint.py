@@ -7,6 +7,7 @@ import contextlib
 import email.utils
 import http
 import json
+import os
 import re
 import socket
 import threading
@@ -35,6 +36,57 @@ _WARN_EVERY = 60.0  # seconds between two warnings about slow or shed clients
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 
 
+def inherited_socket(listen: str) -> Optional[socket.socket]:
+    """The listening socket systemd passed (quay-bootstrap.socket), or None.
+
+    systemd holds it open while the agent restarts (an agent upgrade reaches every node at
+    once): a load balancer's check made meanwhile waits in its queue and is answered by the
+    next agent instead of being refused. LISTEN_PID must be this process (sd_listen_fds(3))."""
+    from systemd import daemon
+
+    fds = daemon.listen_fds()  # also clears LISTEN_* so nothing this agent runs inherits them
+    if not fds:
+        return None
+    for extra in fds[1:]:
+        os.close(extra)
+    sock = socket.socket(fileno=fds[0])
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM \
+            or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.close()
+        log.warning("endpoint.inherited_unusable", fds=len(fds),
+                    hint="quay-bootstrap.socket must have one ListenStream=; "
+                         f"listening on report.listen ({listen}) instead")
+        return None
+    port = sock.getsockname()[1]
+    wanted = int(listen.rpartition(":")[2])
+    log.info("endpoint.inherited", port=port, note="held by systemd across agent restarts")
+    if wanted not in (0, port):
+        log.warning("endpoint.inherited_port_differs", port=port, listen=listen,
+                    hint="quay-bootstrap.socket's ListenStream= wins; make it and report.listen "
+                         "the same port, the one the load balancer checks")
+    return sock
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if host.startswith("[") else socket.AF_INET,
+                         socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        # A burst of connections waits in the kernel's queue (which costs this process no
+        # descriptor) rather than having its SYNs dropped and retried a second later.
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
 class Endpoint:
     """GET or HEAD /healthz (200 fine, 503 once marked: what autohealing checks), /ready (200
     while Quay is healthy and not draining: what a load balancer checks), /status (JSON),
@@ -50,25 +102,20 @@ class Endpoint:
         board: the status board the answers are read from.
         listen: HOST:PORT, an IPv6 host in brackets ("[::1]:9101"); port 0 picks a free port,
             which `address` then names.
+        sock: a listening socket to serve instead (systemd's, from `inherited_socket`).
     """
 
-    def __init__(self, board: Board, listen: str, *, max_connections: int = MAX_CONNECTIONS,
-                 head_timeout: float = HEAD_TIMEOUT, write_timeout: float = WRITE_TIMEOUT) -> None:
+    def __init__(self, board: Board, listen: str, *, sock: Optional[socket.socket] = None,
+                 max_connections: int = MAX_CONNECTIONS, head_timeout: float = HEAD_TIMEOUT,
+                 write_timeout: float = WRITE_TIMEOUT) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         host, _, port = listen.rpartition(":")
-        sock = socket.socket(socket.AF_INET6 if host.startswith("[") else socket.AF_INET,
-                             socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host.strip("[]"), int(port)))
-            # A burst of connections waits in the kernel's queue (which costs this process no
-            # descriptor) rather than having its SYNs dropped and retried a second later.
-            sock.listen(socket.SOMAXCONN)
+        if sock is None:
+            sock = _bind(host, int(port))
+        else:  # systemd's (inherited_socket): it outlives this agent
             sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
+            host = _host(sock.getsockname()[0])
         self._sock = sock
         self.address = f"{host}:{sock.getsockname()[1]}"
         self.max_connections = max_connections

@@ -30,6 +30,8 @@ fi
 install -d -m 0755 "$BINDIR" "$UNITDIR"
 ln -sf "$PREFIX/bin/quay-bootstrap" "$BINDIR/quay-bootstrap"
 install -m 0644 "$here/quay-bootstrap.service" "$UNITDIR/quay-bootstrap.service"
+# Installed, not enabled: where a load balancer checks /ready (see the file).
+install -m 0644 "$here/quay-bootstrap.socket" "$UNITDIR/quay-bootstrap.socket"
 install -d -m 0750 "$CONFDIR"
 install -m 0640 "$here/config.example.yaml" "$CONFDIR/config.example.yaml"
 

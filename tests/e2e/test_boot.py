@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -220,6 +221,30 @@ def test_a_killed_agent_is_restarted_by_systemd_and_adopts_quay(booted, world, d
     wait_for(lambda: restarts() > before_kill, 30, "systemd restarting it")
     wait_for(lambda: booted.show("ActiveState") == "active", 60, "the unit active again")
     assert quay_started_at(docker_client, world) == before
+
+
+def test_on_its_socket_a_check_made_while_the_agent_is_stopped_is_answered(booted, world,
+                                                                         docker_client):
+    """quay-bootstrap.socket, enabled as the README says: systemd holds /ready's socket, and a
+    load balancer's check sent while no agent runs starts the agent and gets its 200."""
+    before = quay_started_at(docker_client, world)
+    booted.sh("mkdir -p /etc/systemd/system/quay-bootstrap.socket.d && printf '[Socket]\\n"
+              f"ListenStream=\\nListenStream=127.0.0.1:{world['listen']}\\n' "
+              "> /etc/systemd/system/quay-bootstrap.socket.d/listen.conf")
+    booted.sh(f"systemctl stop {UNIT} && systemctl daemon-reload && "
+              f"systemctl enable --now quay-bootstrap.socket && systemctl start {UNIT}")
+    assert "endpoint.inherited" in booted.sh(f"journalctl -u {UNIT} --no-pager -n 200")
+    booted.sh(f"systemctl stop {UNIT}")
+    assert booted.show("ActiveState") == "inactive"
+    try:
+        with socket.create_connection(("127.0.0.1", world["listen"]), timeout=60) as check:
+            check.sendall(b"GET /ready HTTP/1.1\r\nHost: lb\r\n\r\n")
+            answer = check.makefile("rb").readline()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        wait_for(lambda: booted.show("ActiveState") == "active", 60, "the agent started by it")
+        assert quay_started_at(docker_client, world) == before
+    finally:  # as the other steps expect the machine: the socket not enabled
+        booted.sh("systemctl disable --now quay-bootstrap.socket")
 
 
 def test_a_broken_config_fails_with_78_and_does_not_restart_loop(booted, world, docker_client):

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -50,6 +51,8 @@ class ClusterNode(StandinNode):
         self.identity = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": imds.url + "/",
                          "AWS_ENDPOINT_URL": moto}
         self.runs: List[Daemon] = []
+        # Systemd's socket (conftest.held_socket), passed to every agent run, when set.
+        self.listen_socket: Optional[socket.socket] = None
         canary = self.control / "canary"
         canary.mkdir()
         canary.chmod(0o777)
@@ -80,7 +83,7 @@ class ClusterNode(StandinNode):
         return self.runs[-1]
 
     def start_agent(self) -> Daemon:
-        made = Daemon(self, self.identity)
+        made = Daemon(self, self.identity, self.listen_socket)
         self.runs.append(made)
         return made
 

@@ -132,14 +132,22 @@ class Agent:
         out, err = self.capsys.readouterr()
         return code, out, err
 
-    def spawn(self, *args: str, log_level: str = "info",
-              log_format: str = "json") -> subprocess.Popen:
-        """The CLI as its own process, as systemd runs it."""
+    def spawn(self, *args: str, log_level: str = "info", log_format: str = "json",
+              listen_socket: Optional[socket.socket] = None) -> subprocess.Popen:
+        """The CLI as its own process, as systemd runs it; given LISTEN_SOCKET as systemd's
+        socket activation passes one (fd 3, LISTEN_FDS, LISTEN_PID: the shell's pid, which
+        exec keeps)."""
         env = {**os.environ, **self.env}
-        return subprocess.Popen(
-            [sys.executable, "-m", "quay_bootstrap", "--config", str(self.config_path), *args,
-             "--log-level", log_level, "--log-format", log_format],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        command = [sys.executable, "-m", "quay_bootstrap", "--config", str(self.config_path), *args,
+                   "--log-level", log_level, "--log-format", log_format]
+        fds: Tuple[int, ...] = ()
+        if listen_socket is not None:
+            fd = listen_socket.fileno()
+            command = ["/bin/bash", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&{fd} {fd}<&-',
+                       "bash", *command]
+            fds = (fd,)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                text=True, pass_fds=fds)
 
     def live(self) -> Tuple[Optional[str], Dict[str, bytes]]:
         """The version `current` points at and every file in it."""
@@ -452,11 +460,22 @@ def wait_for(check, timeout, what, every: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
 
 
+def held_socket(listen: str) -> socket.socket:
+    """A listening socket on LISTEN, as systemd's quay-bootstrap.socket holds one open across
+    agent restarts (pass it to `Daemon`)."""
+    host, _, port = listen.rpartition(":")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, int(port)))
+    sock.listen(socket.SOMAXCONN)
+    return sock
+
+
 class Daemon:
-    def __init__(self, node, env=None):
+    def __init__(self, node, env=None, listen_socket: Optional[socket.socket] = None):
         self.node = node
         node.agent.env.update(env or {})
-        self.proc = node.agent.spawn("run", log_level="debug")
+        self.proc = node.agent.spawn("run", log_level="debug", listen_socket=listen_socket)
         self._out = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -547,10 +566,10 @@ def wait_for_probes(agent: Daemon, more: int, since: Optional[int] = None,
 def daemon(node):
     started = []
 
-    def start(env=None, **config):
+    def start(env=None, listen_socket=None, **config):
         node.configure(health={**FAST, **config.pop("health", {})},
                        restart={**BACKOFF, **config.pop("restart", {})}, **config)
-        made = Daemon(node, env)
+        made = Daemon(node, env, listen_socket)
         started.append(made)
         return made
 

@@ -14,7 +14,7 @@ import time
 import boto3
 import pytest
 
-from tests.integration.conftest import FAST, wait_for, wait_for_probes
+from tests.integration.conftest import FAST, held_socket, lines, wait_for, wait_for_probes
 from tests.testbed import faults, quay_standin
 from tests.testbed.quay_standin import HEADS
 
@@ -266,6 +266,28 @@ def test_sigterm_stops_at_once_and_leaves_quay_running_for_the_next_agent(node, 
     again.wait_state("healthy")
     assert started_at(node) == before and len(node.starts()) == 1
     assert '"action": "adopt"' in again.log
+
+
+def test_on_systemds_socket_a_check_made_while_no_agent_runs_is_answered_by_the_next(node, daemon):
+    """quay-bootstrap.socket: systemd holds the listening socket across an agent restart (an
+    agent upgrade reaches every node at once), so a load balancer's check is never refused."""
+    held = held_socket(node.listen)
+    try:
+        agent = daemon(listen_socket=held)
+        agent.wait_state("healthy")
+        assert lines(agent, "endpoint.inherited")
+        agent.proc.send_signal(signal.SIGTERM)
+        assert agent.proc.wait(timeout=5) == 0
+        host, _, port = node.listen.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=2) as check:  # no agent runs
+            check.sendall(b"GET /ready HTTP/1.1\r\nHost: lb\r\n\r\n")
+            again = daemon(listen_socket=held)
+            check.settimeout(30)
+            answer = check.makefile("rb").readline()
+        assert answer.startswith(b"HTTP/1.1 200"), (answer, again.log[-2000:])
+        assert node.found().status == "running"
+    finally:
+        held.close()
 
 
 def test_status_command_reads_the_running_agent(node, daemon):

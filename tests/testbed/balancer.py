@@ -53,7 +53,9 @@ class Balancer:
     Args:
         servers: (name, quay_port, check_port) per node, all on 127.0.0.1: connections go to
             quay_port; `GET check_path` on check_port must answer 2xx/3xx for the node to be UP.
-        inter: seconds between two health checks of a node (also the check's read timeout).
+        inter: seconds between two health checks of a node.
+        check_timeout: seconds a connected check waits for its answer (HAProxy's `timeout
+            check`; the connect itself gets min(timeout connect, inter)); default `inter`.
         fall: consecutive failed checks that take an UP node DOWN.
         rise: consecutive passed checks that bring a DOWN node UP.
         check_path: the path of the readiness check.
@@ -68,7 +70,7 @@ class Balancer:
 
     def __init__(self, servers: Sequence[tuple[str, int, int]], *, inter: float = 1.0,
                  fall: int = 2, rise: int = 2, check_path: str = "/ready",
-                 workdir: str | Path):
+                 check_timeout: float | None = None, workdir: str | Path):
         if not servers:
             raise ValueError("a balancer needs at least one server")
         if not check_path.startswith("/") or any(c.isspace() for c in check_path):
@@ -78,6 +80,7 @@ class Balancer:
             raise ValueError(f"server names must be unique: {names}")
         self.servers = [(str(name), int(quay), int(check)) for name, quay, check in servers]
         self.inter, self.fall, self.rise = inter, fall, rise
+        self.check_timeout = inter if check_timeout is None else check_timeout
         self.check_path = check_path
         self.workdir = Path(workdir)
         self.port: int | None = None
@@ -119,8 +122,8 @@ class Balancer:
             "    timeout connect 2s",
             "    timeout client 60s",
             "    timeout server 60s",
-            # Used as the check's read timeout once connected (min(inter, timeout check)).
-            f"    timeout check {_ms(self.inter)}",
+            # The check's read timeout once connected.
+            f"    timeout check {_ms(self.check_timeout)}",
             "    retries 3",
             "    option redispatch",
             "",

@@ -15,7 +15,7 @@ from typing import Iterator, List, Optional, Tuple
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from quay_bootstrap.endpoint import MAX_CONNECTIONS, Endpoint
+from quay_bootstrap.endpoint import MAX_CONNECTIONS, Endpoint, inherited_socket
 from quay_bootstrap.status import Board
 
 PARTIAL = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"  # a request whose blank line never comes
@@ -223,6 +223,66 @@ def test_the_address_names_the_port_picked_and_stop_closes_it(board):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
+
+
+def systemd_passes(monkeypatch, sock: socket.socket) -> None:
+    """As if systemd's socket activation had passed a copy of SOCK (sd_listen_fds)."""
+    from systemd import daemon
+
+    fd = os.dup(sock.fileno())
+    monkeypatch.setattr(daemon, "listen_fds", lambda: [fd])
+
+
+def test_systemds_socket_is_served_and_outlives_the_agent(board, monkeypatch):
+    import structlog
+
+    held = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = held.getsockname()[1]
+        for _ in range(2):  # two agents in turn on the socket systemd holds
+            systemd_passes(monkeypatch, held)
+            with structlog.testing.capture_logs() as logs:
+                sock = inherited_socket(f"127.0.0.1:{port}")
+            assert [e["event"] for e in logs] == ["endpoint.inherited"]
+            endpoint = Endpoint(board, f"127.0.0.1:{port}", sock=sock).start()
+            assert endpoint.address == f"127.0.0.1:{port}"
+            assert get(port, "/ready")[0] == 200
+            endpoint.stop()
+    finally:
+        held.close()
+
+
+def test_systemds_socket_on_another_port_than_report_listen_wins_with_a_warning(monkeypatch):
+    import structlog
+
+    held = socket.create_server(("127.0.0.1", 0))
+    systemd_passes(monkeypatch, held)
+    with structlog.testing.capture_logs() as logs:
+        sock = inherited_socket("127.0.0.1:1")
+    try:
+        assert sock.getsockname() == held.getsockname()
+        differs = [e for e in logs if e["event"] == "endpoint.inherited_port_differs"]
+        assert differs and "ListenStream=" in differs[0]["hint"]
+    finally:
+        sock.close()
+        held.close()
+
+
+def test_a_passed_socket_that_does_not_listen_is_ignored_and_report_listen_used(monkeypatch):
+    import structlog
+
+    datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    systemd_passes(monkeypatch, datagram)
+    with structlog.testing.capture_logs() as logs:
+        assert inherited_socket("127.0.0.1:9101") is None
+    datagram.close()
+    assert [e["event"] for e in logs] == ["endpoint.inherited_unusable"]
+
+
+def test_without_systemds_socket_nothing_is_inherited(monkeypatch):
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))  # meant for another process
+    assert inherited_socket("127.0.0.1:9101") is None
 
 
 def test_a_cap_below_one_is_refused(board):
