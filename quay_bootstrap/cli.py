@@ -66,6 +66,33 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--stack", metavar="DIR",
                           help="also check this conf/stack folder; without --config, only it")
     validate.set_defaults(func=cmd_validate)
+    publish = commands.add_parser(
+        "publish", parents=[common],
+        help="validate a conf/stack folder and make it the published version, atomically "
+             "(nodes apply exactly that version)")
+    publish.add_argument("dir", metavar="DIR", help="the conf/stack folder")
+    publish.add_argument("--to", metavar="URL",
+                         help="the stack source to publish to (default: the config's stack.source)")
+    publish.add_argument("--sign", metavar="KEY", help="sign with this ed25519 private key (PEM)")
+    publish.set_defaults(func=cmd_publish)
+    history = commands.add_parser("history", parents=[common],
+                                  help="the published versions, newest first")
+    history.add_argument("--to", metavar="URL", help="the stack source (default: stack.source)")
+    history.add_argument("--json", action="store_true", help="print the pointer as JSON")
+    history.set_defaults(func=cmd_history)
+    diff = commands.add_parser("diff", parents=[common],
+                               help="what changed between two published versions (secrets masked)")
+    diff.add_argument("a", metavar="A", help="a version id (6+ characters) `history` shows")
+    diff.add_argument("b", metavar="B", help="another one")
+    diff.add_argument("--to", metavar="URL", help="the stack source (default: stack.source)")
+    diff.set_defaults(func=cmd_diff)
+    rollback = commands.add_parser(
+        "rollback", parents=[common],
+        help="publish an earlier version again (it rolls through the budget like any change)")
+    rollback.add_argument("version", metavar="VERSION", help="a version id `history` shows")
+    rollback.add_argument("--to", metavar="URL", help="the stack source (default: stack.source)")
+    rollback.add_argument("--sign", metavar="KEY", help="sign with this ed25519 private key (PEM)")
+    rollback.set_defaults(func=cmd_rollback)
     version = commands.add_parser("version", parents=[common], help="print the version")
     version.set_defaults(func=cmd_version)
     return parser
@@ -266,6 +293,88 @@ def cmd_validate(args: argparse.Namespace, redactor) -> int:
             raise ConfigError(f"the conf/stack has {len(checked.errors)} problem(s)",
                               where=args.stack, problems=checked.errors)
         print(f"stack ok: {args.stack}")
+    return EXIT_OK
+
+
+def _publisher(args: argparse.Namespace, redactor):
+    from quay_bootstrap.publish import Publisher, uploader
+    from quay_bootstrap.stack.plan import Limits
+    from quay_bootstrap.stack.published import open_published
+
+    cfg = _load(args, redactor)
+    leases = open_published(cfg.stack, getattr(args, "to", None))
+    limits = Limits(cfg.stack.max_files, cfg.stack.max_bytes)
+    return cfg, Publisher(leases, limits, uploader(leases))
+
+
+def _key(path: Optional[str]) -> Optional[bytes]:
+    if not path:
+        return None
+    try:
+        return open(path, "rb").read()
+    except OSError as err:
+        raise ConfigError(f"the signing key cannot be read: {err.strerror}", where=path,
+                          hint="Name the ed25519 private key (PEM) to sign with") from err
+
+
+def _published_line(outcome, url: str) -> str:
+    pointer = outcome.pointer
+    if not outcome.published:
+        return (f"version {pointer.version[:12]} is already the published one (serial "
+                f"{pointer.serial}); nothing changed")
+    return (f"published version {pointer.version[:12]} as serial {pointer.serial} to {url}: "
+            f"{len(pointer.changed)} file(s) changed{', signed' if pointer.signature else ''}")
+
+
+def cmd_publish(args: argparse.Namespace, redactor) -> int:
+    from pathlib import Path
+
+    from quay_bootstrap.publish import read_folder, stack_secrets, validator
+
+    cfg, publisher = _publisher(args, redactor)
+    files = read_folder(Path(args.dir), publisher.limits)
+    redactor.add(stack_secrets(files, cfg.container.env))
+    outcome = publisher.publish(files, _key(args.sign), validator(cfg.container.env))
+    print(_published_line(outcome, publisher.url))
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace, redactor) -> int:
+    from quay_bootstrap.publish import validator
+
+    cfg, publisher = _publisher(args, redactor)
+    outcome = publisher.rollback(args.version, _key(args.sign), validator(cfg.container.env))
+    print(_published_line(outcome, publisher.url))
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace, redactor) -> int:
+    from quay_bootstrap.publish import history_lines
+
+    _, publisher = _publisher(args, redactor)
+    pointer, _ = publisher.current()
+    if args.json:
+        print(pointer.to_json().decode() if pointer else "null")
+        return EXIT_OK
+    if pointer is None:
+        print(f"nothing is published at {publisher.url}")
+        return EXIT_OK
+    print("serial  version       published at          by  changes")
+    for line in history_lines(pointer):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace, redactor) -> int:
+    from quay_bootstrap.publish import diff_lines, stack_secrets
+
+    cfg, publisher = _publisher(args, redactor)
+    old, new = publisher.version(args.a), publisher.version(args.b)
+    a, b = publisher.files(old), publisher.files(new)
+    secrets = stack_secrets(a, cfg.container.env) + stack_secrets(b, cfg.container.env)
+    redactor.add(secrets)
+    lines = diff_lines(a, b, secrets, old.version[:12], new.version[:12])
+    sys.stdout.write("".join(lines) if lines else "no difference\n")
     return EXIT_OK
 
 

@@ -57,6 +57,9 @@ class StackConfig(_Section):
     concurrency: Annotated[int, Field(ge=1, le=64)] = 16
     retry_deadline: Duration = 120.0
     keep_versions: Annotated[int, Field(ge=1)] = 3
+    # An ed25519 public key (PEM): only versions published with `publish --sign` and this key's
+    # private half are applied; hand-uploaded files never are.
+    verify_key: Optional[Path] = None
 
     @field_validator("source")
     @classmethod

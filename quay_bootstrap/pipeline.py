@@ -22,7 +22,14 @@ from quay_bootstrap.container import (
     health_url,
 )
 from quay_bootstrap.engine import Docker
-from quay_bootstrap.errors import ContainerError, LockViolation, SourceError, TransientError, Unavailable
+from quay_bootstrap.errors import (
+    ConfigError,
+    ContainerError,
+    LockViolation,
+    SourceError,
+    TransientError,
+    Unavailable,
+)
 from quay_bootstrap.image import ensure_image, registry_auth
 from quay_bootstrap.lock import Resolved, resolve
 from quay_bootstrap.stack.fetch import Fetcher, FetchResult
@@ -234,10 +241,26 @@ def fetcher(cfg: Config, store: StackStore, add_secrets: Callable, cache: Option
         cache[key] = open_source(stack.source, stack, concurrency=stack.concurrency)
     # Every fetch: an instance profile's keys change as they are refreshed.
     add_secrets(cache[key].secrets())
+    published = ("published",) + key[1:]
+    if published not in cache:  # the pointer beside the source (stack/published.py)
+        from quay_bootstrap.stack.published import open_published
+
+        cache[published] = open_published(stack, concurrency=2)
     return Fetcher(source=cache[key], store=store, limits=Limits(stack.max_files, stack.max_bytes),
                    concurrency=stack.concurrency, deadline=stack.retry_deadline,
                    keep_versions=stack.keep_versions, add_secrets=add_secrets, sleep=sleep,
-                   clock=clock, container_env=cfg.container.env)
+                   clock=clock, container_env=cfg.container.env, published=cache[published],
+                   verify_key=_verify_key(stack.verify_key))
+
+
+def _verify_key(path) -> Optional[bytes]:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"stack.verify_key cannot be read: {err.strerror}", where=str(path),
+                          hint="Install the publisher's ed25519 public key (PEM) there") from err
 
 
 def open_stack_store(cfg: Config, add_secrets: Callable) -> StackStore:

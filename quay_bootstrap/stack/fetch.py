@@ -22,6 +22,7 @@ from quay_bootstrap.errors import (
     TransientError,
     Unavailable,
 )
+from quay_bootstrap.stack import published
 from quay_bootstrap.stack.plan import Limits, ManifestEntry, checksum_mismatch, plan_fetch, stack_version
 from quay_bootstrap.stack.store import StackStore
 from quay_bootstrap.stack.validate import StackCheck, check_stack
@@ -71,6 +72,10 @@ class Fetcher:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     container_env: Mapping[str, str] = field(default_factory=dict)
+    # The `.published` prefix beside the source (stack/published.py): a pointer there wins over
+    # the files under the source. None: hand-uploaded stacks only.
+    published: Optional[object] = None
+    verify_key: Optional[bytes] = None  # stack.verify_key: only signed publications apply
 
     def fetch(self) -> FetchResult:
         """Bring the live stack up to date with the source.
@@ -86,6 +91,16 @@ class Fetcher:
         give_up_at = started + self.deadline
         with self.store:
             previous = self.store.current()
+            if self.published is not None:
+                pointer = self._retrying(give_up_at, published.read_pointer, self.published)
+                if pointer is not None:
+                    return self._fetch_published(pointer, previous, give_up_at, started)
+            if self.verify_key is not None:
+                raise SourceError("stack.verify_key is set, and nothing is published: refusing "
+                                  "the files under stack.source, which carry no signature",
+                                  where=published.published_url(self.source.url),
+                                  hint="Publish the stack with `quay-bootstrap publish --sign "
+                                       "KEY`; the live stack was left in place")
             objects = self._retrying(give_up_at, self.source.list, self.limits.max_files)
             if len(objects) > self.limits.max_files:
                 raise SourceError(f"the stack has more than stack.max_files "
@@ -153,6 +168,51 @@ class Fetcher:
             # manifest, so the next refresh does not download it again.
             self.store.write_manifest(version, manifest, self.source.url)
             return self._result(version, previous, False, plan, started)
+        pruned = self._check_and_commit(staging, version, manifest, self.source.url)
+        result = self._result(version, previous, True, plan, started)
+        log.info("stack.applied", version=version, previous=previous, files=result.files,
+                 bytes=result.bytes, downloaded=result.downloaded, reused=result.reused,
+                 pruned=pruned, seconds=round(result.seconds, 3))
+        return result
+
+    def _fetch_published(self, pointer, previous, give_up_at, started) -> FetchResult:
+        """Exactly the version the pointer names: its bundle in one read, every file checked
+        against the manifest, signed when stack.verify_key says so; validated as any stack."""
+        where = f"{self.published.url}/{published.POINTER}"
+        if self.verify_key is not None:
+            published.verify(pointer, self.verify_key, where)
+        size = sum(1 for _ in pointer.manifest)
+        tokens = {key: f"published:{pointer.version}" for key in pointer.manifest}
+        rejected = self.store.rejected_listing(tokens)
+        if pointer.version == previous or (rejected and previous):
+            if rejected:
+                log.info("stack.still_rejected", version=rejected[:12], live=previous[:12],
+                         note="Quay was not healthy on it; fetched again once another "
+                              "version is published")
+            else:
+                log.debug("stack.unchanged", version=previous, published=pointer.serial)
+            return FetchResult(previous, previous, False, size, 0, 0, 0, self.clock() - started,
+                               self.store.path(previous))
+        files = self._retrying(give_up_at, published.read_bundle, self.published, pointer,
+                               self.limits)
+        manifest = {key: ManifestEntry(len(data), tokens[key], pointer.manifest[key])
+                    for key, data in files.items()}
+        staging = self.store.new_staging()
+        try:
+            for key, data in files.items():
+                self.store.write_file(staging, key, data)
+            pruned = self._check_and_commit(staging, pointer.version, manifest, where)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        total = sum(len(data) for data in files.values())
+        log.info("stack.applied", version=pointer.version, previous=previous,
+                 published=pointer.serial, by=pointer.published_by, files=len(files),
+                 bytes=total, pruned=pruned, seconds=round(self.clock() - started, 3))
+        return FetchResult(pointer.version, previous, True, len(files), total, len(files), 0,
+                           self.clock() - started, self.store.path(pointer.version))
+
+    def _check_and_commit(self, staging, version, manifest, where) -> list:
+        """Validate the staged stack as Quay will, then make it live; the versions pruned."""
         config = staging / "config.yaml"
         checked = check_stack(list(manifest), config.read_bytes() if config.is_file() else None,
                               lambda name: (staging / name).read_bytes(), self.container_env)
@@ -160,14 +220,9 @@ class Fetcher:
         # Operators debugging a node want to see the settings that go live; the redactor
         # masks the secrets among them.
         log.debug("stack.settings", version=version, settings=checked.settings)
-        _report(checked, self.source.url)
-        self.store.commit(staging, version, manifest, self.source.url)
-        pruned = self.store.prune(self.keep_versions)
-        result = self._result(version, previous, True, plan, started)
-        log.info("stack.applied", version=version, previous=previous, files=result.files,
-                 bytes=result.bytes, downloaded=result.downloaded, reused=result.reused,
-                 pruned=pruned, seconds=round(result.seconds, 3))
-        return result
+        _report(checked, where)
+        self.store.commit(staging, version, manifest, where)
+        return self.store.prune(self.keep_versions)
 
     def _result(self, version, previous, changed, plan, started) -> FetchResult:
         return FetchResult(version, previous, changed, len(plan.objects), plan.total_bytes,
