@@ -241,6 +241,9 @@ def diff_lines(a: Dict[str, bytes], b: Dict[str, bytes], secrets: List[str],
             out.append(f"~ {name}: content not shown (binary or a private key): "
                        f"{digest(old)} -> {digest(new)}\n")
             continue
+        if old_text == new_text:
+            out.append(f"~ {name}: only secret values changed (masked)\n")
+            continue
         out.extend(difflib.unified_diff(old_text, new_text, f"{label_a}/{name}",
                                         f"{label_b}/{name}"))
     return out

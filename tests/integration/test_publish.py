@@ -4,7 +4,10 @@ node applies, and that a failed or lost publication leaves nothing half-done."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from quay_bootstrap.errors import SourceError
 from quay_bootstrap.publish import Publisher, uploader
 from quay_bootstrap.stack.plan import Limits, stack_version
 from quay_bootstrap.stack.published import manifest_of, open_published, read_pointer
-from tests.integration.conftest import PREFIX, Backend
+from tests.integration.conftest import PREFIX, Backend, free_port, wait_for
 from tests.testbed.stacks import SECRETS, sample_stack
 
 pytest_plugins = ["tests.integration.stores_fixtures"]
@@ -245,3 +248,47 @@ def test_history_as_json_is_the_pointer(agent, store, tmp_path):
     doc = json.loads(out)
     assert code == 0 and doc["version"] == version_of(files) and doc["serial"] == 1
     assert doc["published_by"] and doc["manifest"] == manifest_of(files)
+
+
+def test_a_publisher_who_may_only_read_is_told_and_nothing_changes(agent, s3_backend, tmp_path,
+                                                                   monkeypatch):
+    """A second moto that enforces IAM: a user allowed s3:GetObject and s3:ListBucket only."""
+    import boto3
+
+    moto = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    port = free_port()
+    # The first four requests (the user, its policy, its key, the bucket) are not checked.
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+    proc = subprocess.Popen([moto, "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(port), 15, "the IAM-enforcing moto")
+        admin = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="reader")
+        iam.put_user_policy(UserName="reader", PolicyName="read", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Resource": "*",
+                                                    "Action": ["s3:GetObject", "s3:ListBucket"]}]}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        boto3.client("s3", **admin).create_bucket(Bucket="guarded")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        agent.write_config(s3_backend, source="s3://guarded/conf/stack", endpoint_url=endpoint)
+        code, _, err = publish(agent, folder(tmp_path, sample_stack()))
+        assert code == 1, err
+        assert "no permission to write the published stack; nothing nodes see changed" in err
+        assert "s3://guarded/conf/stack.published/bundles/" in err and "s3:PutObject" in err
+        assert pointer_of(agent) is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
