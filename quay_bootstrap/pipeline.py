@@ -245,7 +245,7 @@ def fetcher(cfg: Config, store: StackStore, add_secrets: Callable, cache: Option
     if published not in cache:  # the pointer beside the source (stack/published.py)
         from quay_bootstrap.stack.published import open_published
 
-        cache[published] = open_published(stack, concurrency=2)
+        cache[published] = open_published(stack, client=getattr(cache[key], "client", None))
     return Fetcher(source=cache[key], store=store, limits=Limits(stack.max_files, stack.max_bytes),
                    concurrency=stack.concurrency, deadline=stack.retry_deadline,
                    keep_versions=stack.keep_versions, add_secrets=add_secrets, sleep=sleep,
