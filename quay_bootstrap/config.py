@@ -60,6 +60,9 @@ class StackConfig(_Section):
     # An ed25519 public key (PEM): only versions published with `publish --sign` and this key's
     # private half are applied; hand-uploaded files never are.
     verify_key: Optional[Path] = None
+    # Files copied by hand under `source` are taken only once a second listing this much later
+    # shows the same objects (published versions never wait); 0 turns it off.
+    settle: Duration = 5.0
 
     @field_validator("source")
     @classmethod

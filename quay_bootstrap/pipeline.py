@@ -250,7 +250,7 @@ def fetcher(cfg: Config, store: StackStore, add_secrets: Callable, cache: Option
                    concurrency=stack.concurrency, deadline=stack.retry_deadline,
                    keep_versions=stack.keep_versions, add_secrets=add_secrets, sleep=sleep,
                    clock=clock, container_env=cfg.container.env, published=cache[published],
-                   verify_key=_verify_key(stack.verify_key))
+                   verify_key=_verify_key(stack.verify_key), settle=stack.settle)
 
 
 def _verify_key(path) -> Optional[bytes]:

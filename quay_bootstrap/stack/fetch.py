@@ -76,6 +76,9 @@ class Fetcher:
     # the files under the source. None: hand-uploaded stacks only.
     published: Optional[object] = None
     verify_key: Optional[bytes] = None  # stack.verify_key: only signed publications apply
+    # stack.settle: a hand-uploaded change is taken only once a second listing this many
+    # seconds later shows exactly the same objects (an upload still running changes it).
+    settle: float = 0.0
 
     def fetch(self) -> FetchResult:
         """Bring the live stack up to date with the source.
@@ -117,6 +120,10 @@ class Fetcher:
                                    self.clock() - started, self.store.path(previous))
             plan = plan_fetch(self.source.url, objects, self.limits,
                               self.store.manifest(previous))
+            if self.settle > 0 and not (plan.unchanged and previous):
+                objects = self._settled(objects, give_up_at)
+                plan = plan_fetch(self.source.url, objects, self.limits,
+                                  self.store.manifest(previous))
             if plan.unchanged and previous:
                 log.debug("stack.unchanged", version=previous, files=len(plan.objects))
                 return FetchResult(previous, previous, False, len(plan.objects), plan.total_bytes,
@@ -174,6 +181,28 @@ class Fetcher:
                  bytes=result.bytes, downloaded=result.downloaded, reused=result.reused,
                  pruned=pruned, seconds=round(result.seconds, 3))
         return result
+
+    def _settled(self, objects, give_up_at: float):
+        """The listing once two listings `settle` seconds apart agree (same keys, same tokens):
+        files copied by hand are taken only after the copy has stopped changing them."""
+        def tokens(listed):
+            return sorted((o.key, o.token) for o in listed)
+
+        while True:
+            self.sleep(self.settle)
+            again = self._retrying(give_up_at, self.source.list, self.limits.max_files)
+            if tokens(again) == tokens(objects):
+                return again
+            if self.clock() >= give_up_at:
+                raise Unavailable(f"the files under stack.source kept changing for "
+                                  f"{self.deadline:.0f}s (stack.retry_deadline): an upload still "
+                                  "running?", where=self.source.url,
+                                  hint="Wait for the upload to finish, or publish with "
+                                       "`quay-bootstrap publish`, which nodes see all at once; "
+                                       "the live stack was left in place")
+            log.info("stack.settling", files=len(again), settle=self.settle,
+                     note="the listing changed meanwhile; waiting for it to stay the same")
+            objects = again
 
     def _fetch_published(self, pointer, previous, give_up_at, started) -> FetchResult:
         """Exactly the version the pointer names: its bundle in one read, every file checked

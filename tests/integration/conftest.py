@@ -120,6 +120,7 @@ class Agent:
 
     def write_config(self, backend: Backend, **stack: object) -> None:
         options = {"source": backend.url, "dir": str(self.stack_dir), "retry_deadline": "5s",
+                   "settle": "0s",  # tests/unit/test_stores.py and test_publish.py wait for it
                    **backend.stack_options, **stack}
         config = {"stack": options, "image": {"reference": "quay.io/projectquay/quay:v3.9.0"}}
         self.config_path.write_text(yaml.safe_dump(config))
