@@ -306,8 +306,23 @@ def read_pointer(leases) -> Optional[Pointer]:
     except (SourceError, TransientError):
         raise
     except Exception as err:  # noqa: BLE001 - each SDK's own errors, sorted by what they say
-        raise store_error(err, where, "read") from err
+        raise _as_the_source_says(leases, err, where) from err
     return None if got is None else parse_pointer(got[0], where)
+
+
+def _as_the_source_says(leases, err: Exception, where: str) -> Exception:
+    """The error a stack source reading the pointer gives (its provider's own messages: denied
+    with the permissions to check, an unknown bucket, a TLS certificate not accepted), by
+    asking once more the way a source asks; else `store_error`'s reading of ERR."""
+    from quay_bootstrap.stores import provider
+
+    try:
+        provider(leases.url).Source(leases.url, client_of(leases)).get(POINTER)
+    except (SourceError, TransientError) as mapped:
+        return mapped
+    except Exception:  # noqa: BLE001 - not one the provider knows: read ERR itself
+        return store_error(err, where, "read")
+    return TransientError(f"{where}: {err}")  # it answered this time: ask again
 
 
 def store_error(err: Exception, where: str, action: str) -> Exception:
