@@ -276,3 +276,28 @@ def test_a_killed_lease_holder_delays_the_others_only_until_its_lease_expires(cl
     assert firsts[0] >= taken + 10 - 1.0  # waited for the dead holder's lease to run out
     assert firsts[0] < taken + 10 + 10  # ... and not much longer
     assert any(_events(a, "rollout.lease_taken_over") for a in others)
+
+
+@pytest.mark.standin
+def test_a_published_version_rolls_in_is_rolled_back_when_bad_and_not_retried(node, daemon):
+    """The daemon on a published stack: a good publication rolls in; one that makes Quay
+    unhealthy is rolled back and left until another version is published."""
+    from tests.integration.test_publish import publisher
+
+    agent = start(node, daemon)
+    _, files = node.agent.live()
+    good = {**files, "robots.txt": b"User-agent: *\nDisallow: /published\n"}
+    first = publisher(node.agent).publish(good).pointer
+    wait_for(lambda: '"rollout.applied"' in agent.log, 30, "the published version rolled in")
+    agent.wait_state("healthy", timeout=20)
+    assert node.agent.live()[0] == first.version
+    assert node.found().labels["io.quay-bootstrap.stack-version"] == first.version
+
+    bad = {**good, "config.yaml": node.config_yaml(DISKSPACE_HEALTH_THRESHOLD=1.0)}
+    publisher(node.agent).publish(bad)
+    wait_for(lambda: '"rollout.rolled_back"' in agent.log, 40, "the rollback")
+    agent.wait_state("healthy", timeout=20)
+    assert node.agent.live()[0] == first.version
+    mark = len(agent.log)
+    wait_for_lines(agent, "stack.still_rejected", 3, since=mark, timeout=15)
+    assert node.found().labels["io.quay-bootstrap.stack-version"] == first.version
