@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", metavar="URL", help="the stack source (default: stack.source)")
     rollback.add_argument("--sign", metavar="KEY", help="sign with this ed25519 private key (PEM)")
     rollback.set_defaults(func=cmd_rollback)
+    cluster = commands.add_parser(
+        "cluster", parents=[common],
+        help="every node's last status, the leases, the canary and the published version, read "
+             "from the object store (exit 0 when every fresh node is healthy on that version)")
+    cluster.add_argument("--to", metavar="URL", help="the stack source (default: stack.source)")
+    cluster.add_argument("--json", action="store_true", help="print JSON")
+    cluster.add_argument("--wait", metavar="TIMEOUT", help="read again every 5 s until ok or "
+                         "TIMEOUT (e.g. 10m) is up")
+    cluster.set_defaults(func=cmd_cluster)
     version = commands.add_parser("version", parents=[common], help="print the version")
     version.set_defaults(func=cmd_version)
     return parser
@@ -376,6 +385,19 @@ def cmd_diff(args: argparse.Namespace, redactor) -> int:
     lines = diff_lines(a, b, secrets, old.version[:12], new.version[:12])
     sys.stdout.write("".join(lines) if lines else "no difference\n")
     return EXIT_OK
+
+
+def cmd_cluster(args: argparse.Namespace, redactor) -> int:
+    from quay_bootstrap.cluster_view import run_cluster
+    from quay_bootstrap.units import parse_duration
+
+    cfg = _load(args, redactor)
+    try:
+        wait = parse_duration(args.wait) if args.wait else None
+    except ValueError as err:
+        raise ConfigError(f"--wait: {err}", where="--wait",
+                          hint="A duration such as 90s or 10m") from err
+    return run_cluster(cfg.stack, args.json, wait, sys.stdout, url=getattr(args, "to", None))
 
 
 def cmd_version(args: argparse.Namespace, redactor=None) -> int:

@@ -14,6 +14,7 @@ from quay_bootstrap.config import Config
 from quay_bootstrap.endpoint import Endpoint, inherited_socket
 from quay_bootstrap.errors import Interrupted
 from quay_bootstrap.node import Node, RollOutcome
+from quay_bootstrap.node_record import NodeRecorder
 from quay_bootstrap.periodic import Periodic
 from quay_bootstrap.pipeline import Live, Pass
 from quay_bootstrap.supervise import CHECK_THREADS_EVERY, Supervisor
@@ -41,7 +42,7 @@ class Daemon:
                  reload_config: Optional[Callable[[], Config]] = None,
                  clock: Callable[[], float] = time.monotonic, board=None, systemd=None,
                  escalation=None, roll=None, spawn: Optional[Callable] = None,
-                 redact: Optional[Callable] = None) -> None:
+                 redact: Optional[Callable] = None, recorder=None) -> None:
         from quay_bootstrap import health, stores
         from quay_bootstrap.aws import node_id
         from quay_bootstrap.escalation import Escalation, targets_from_config
@@ -71,6 +72,8 @@ class Daemon:
         self.threads = Supervisor(stop, clock, self.board.m_thread_restarts)
         self.check_threads = Periodic("agent.thread_check_failed", self.threads.check,
                                       CHECK_THREADS_EVERY, clock=clock)
+        # This node's record beside the leases, for `quay-bootstrap cluster` (node_record.py).
+        self.recorder = recorder or NodeRecorder(self._put_record, self.node.roll.me)
 
     @property
     def live(self) -> Optional[Live]:
@@ -160,9 +163,16 @@ class Daemon:
                 self.stop, lambda: self.events.put(_TERMINATE)), finishes=True)
 
     def tend(self) -> None:
-        """At each turn of the loop: feed systemd's watchdog; restart a thread that died."""
+        """At each turn of the loop: feed systemd's watchdog; restart a thread that died; write
+        this node's record when it changed (or every 5 minutes)."""
         self.ping.run_if_due()
         self.check_threads.run_if_due()
+        self.recorder.tend(self.board.snapshot())
+
+    def _put_record(self, key: str, data: bytes) -> None:
+        from quay_bootstrap.stores.put import uploader
+
+        uploader(self.node.roll.leases_for(self.cfg.stack))(key, data)
 
     def handle(self, item) -> bool:
         """One thing the loop heard; False to stop."""

@@ -23,6 +23,7 @@ import structlog
 from quay_bootstrap.errors import ConfigError, SourceError
 from quay_bootstrap.stack import published as pub
 from quay_bootstrap.stack.plan import Limits, stack_version, unsafe_key_reason
+from quay_bootstrap.stores.put import uploader as uploader
 
 log = structlog.get_logger(__name__)
 
@@ -272,65 +273,3 @@ def validator(environ) -> Callable[[Dict[str, bytes]], None]:
                               hint="Fix it (`quay-bootstrap validate --stack DIR` shows the same "
                                    "checks), then publish again", problems=checked.errors)
     return check
-
-
-def uploader(leases) -> Callable[[str, bytes], None]:
-    """upload(key, data) under the `.published` prefix, with the store's own client: S3
-    put_object, GCS upload, or a file renamed into place (file:// is for debugging)."""
-    from quay_bootstrap.stack.published import client_of
-
-    url: str = leases.url
-    scheme = url.partition("://")[0]
-    if scheme == "file":
-        from quay_bootstrap.paths import make_dirs
-        from quay_bootstrap.stores.file import directory
-
-        root = directory(url)
-
-        def put_file(key: str, data: bytes) -> None:
-            target = root / key
-            make_dirs(target.parent, mode=0o755)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-        return _denied_is_clear(put_file, url)
-    if scheme == "s3":
-        from quay_bootstrap.stores import split_bucket_url
-
-        bucket, prefix = split_bucket_url(url)
-
-        def put_s3(key: str, data: bytes) -> None:
-            client_of(leases).put_object(Bucket=bucket, Key=prefix + key, Body=data)
-        return _denied_is_clear(put_s3, url)
-    if scheme == "gs":
-        from quay_bootstrap.stores import split_bucket_url
-
-        bucket, prefix = split_bucket_url(url)
-
-        def put_gcs(key: str, data: bytes) -> None:
-            client_of(leases).bucket(bucket).blob(prefix + key).upload_from_string(data)
-        return _denied_is_clear(put_gcs, url)
-    raise ConfigError(f"publishing to {scheme}:// is not supported", where=url)
-
-
-def _denied_is_clear(put: Callable[[str, bytes], None], url: str) -> Callable[[str, bytes], None]:
-    def upload(key: str, data: bytes) -> None:
-        try:
-            put(key, data)
-        except PermissionError as err:
-            raise _denied(url, key) from err
-        except Exception as err:  # noqa: BLE001 - the SDKs' errors, sorted by what they say
-            text = f"{type(err).__name__} {err}"
-            if any(word in text for word in ("AccessDenied", "403", "Forbidden")):
-                raise _denied(url, key) from err
-            raise SourceError(f"uploading {key} failed: {err}; nothing nodes see changed",
-                              where=f"{url}/{key}", hint="Publish again") from err
-    return upload
-
-
-def _denied(url: str, key: str) -> SourceError:
-    return SourceError("no permission to write the published stack; nothing nodes see "
-                       "changed", where=f"{url}/{key}",
-                       hint=f"Grant the publisher write access to {url}/ (S3: s3:PutObject; GCS: "
-                            "storage.objects.create and .delete), or publish with credentials "
-                            "that have it")

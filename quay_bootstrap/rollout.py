@@ -353,6 +353,11 @@ class Roll:
         return with_entry_point(spec, canary_mod.entry_point(
             spec.labels[IMAGE_DIGEST], spec.labels.get(IMAGE_TAG, ""), verdicts.migrated()))
 
+    def leases_for(self, stack) -> LeaseStore:
+        """The lease store beside `stack.source` (opened once per store; the node's status
+        record is written there too)."""
+        return self._leases_for(stack)
+
     def _leases_for(self, stack) -> LeaseStore:
         where = (stack.source, stack.endpoint_url, stack.region, stack.ca_bundle)
         if where not in self._leases:

@@ -362,3 +362,17 @@ def test_a_crash_right_after_our_restart_is_still_seen(node, daemon):
              "the second restart (not 15 s of start period later)")
     assert time.monotonic() - killed < 4  # backoff_initial 1 s, then at once
     assert agent.status()["restarts_in_window"] == 2
+
+
+def test_the_running_agent_writes_its_record_for_the_cluster_view(node, daemon):
+    agent = daemon()
+    agent.wait_state("healthy")
+    version, _ = node.agent.live()
+
+    def shown():
+        code, out, _ = node.agent.run("cluster", "--json")
+        doc = json.loads(out)
+        return code == 0 and doc["nodes"] and doc["nodes"][0]["state"] == "healthy" and doc
+    doc = wait_for(shown, 20, "the node healthy in `quay-bootstrap cluster`")
+    assert [n["stack_version"] for n in doc["nodes"]] == [version]
+    assert doc["target"] == version and doc["published"] is None

@@ -278,8 +278,9 @@ def test_a_publisher_who_may_only_read_is_told_and_nothing_changes(agent, s3_bac
         agent.write_config(s3_backend, source="s3://guarded/conf/stack", endpoint_url=endpoint)
         code, _, err = publish(agent, folder(tmp_path, sample_stack()))
         assert code == 1, err
-        assert "no permission to write the published stack; nothing nodes see changed" in err
-        assert "s3://guarded/conf/stack.published/bundles/" in err and "s3:PutObject" in err
+        assert "no permission to write under s3://guarded/conf/stack.published; nothing nodes " \
+            "see changed" in err
+        assert "(at s3://guarded/conf/stack.published/bundles/" in err and "s3:PutObject" in err
         assert pointer_of(agent) is None
     finally:
         proc.terminate()
