@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import shutil
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -210,6 +211,7 @@ class Fetcher:
         where = f"{self.published.url}/{published.POINTER}"
         if self.verify_key is not None:
             published.verify(pointer, self.verify_key, where)
+            self._no_replay(pointer, where)
         size = sum(1 for _ in pointer.manifest)
         tokens = {key: f"published:{pointer.version}" for key in pointer.manifest}
         rejected = self.store.rejected_listing(tokens)
@@ -239,6 +241,28 @@ class Fetcher:
                  bytes=total, pruned=pruned, seconds=round(self.clock() - started, 3))
         return FetchResult(pointer.version, previous, True, len(files), total, len(files), 0,
                            self.clock() - started, self.store.path(pointer.version))
+
+    def _no_replay(self, pointer, where: str) -> None:
+        """A signed pointer older (a lower serial) than one this node has verified is refused:
+        someone who may write the bucket but not sign could otherwise put an old signed
+        pointer back (a rollback publishes a new serial). The highest serial seen is kept in
+        stack.dir."""
+        path = self.store.root / "published-serial"
+        try:
+            seen = int(path.read_text())
+        except (OSError, ValueError):
+            seen = 0
+        if pointer.serial < seen:
+            raise SourceError(f"refusing serial {pointer.serial} (version {pointer.version[:12]}): "
+                              f"this node has verified serial {seen}, so this is an older "
+                              "signed pointer put back", where=where,
+                              hint="Publish the version wanted anew (`quay-bootstrap rollback "
+                                   "VERSION --sign KEY`); if the store was deliberately reset, "
+                                   f"remove {path} on the nodes. The live stack was left in place")
+        if pointer.serial > seen:
+            tmp = path.with_name(".published-serial.tmp")
+            tmp.write_text(str(pointer.serial))
+            os.replace(tmp, path)
 
     def _check_and_commit(self, staging, version, manifest, where) -> list:
         """Validate the staged stack as Quay will, then make it live; the versions pruned."""

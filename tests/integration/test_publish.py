@@ -293,3 +293,22 @@ def _answers(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_an_older_signed_pointer_put_back_is_refused(agent, cloud_store, tmp_path, keys):
+    """Someone who may write the bucket but not sign restores an earlier signed pointer."""
+    agent.write_config(cloud_store, verify_key=str(keys["ours"][1]))
+    sign = ("--sign", str(keys["ours"][0]))
+    first, second = sample_stack(), changed(7)
+    assert publish(agent, folder(tmp_path, first, "one"), *sign)[0] == 0
+    cfg = load_config(agent.config_path, lambda values: None)
+    leases = open_published(cfg.stack)
+    old_pointer = leases.get("pointer")[0]
+    assert agent.run("fetch")[0] == 0
+    assert publish(agent, folder(tmp_path, second, "two"), *sign)[0] == 0
+    assert agent.run("fetch")[0] == 0 and agent.live() == (version_of(second), second)
+    got = leases.get("pointer")
+    assert leases.replace("pointer", old_pointer, got[1])  # the replay
+    code, _, err = agent.run("fetch")
+    assert code == 1 and "refusing serial 1" in err and "older signed pointer" in err
+    assert agent.live() == (version_of(second), second)
