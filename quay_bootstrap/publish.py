@@ -91,6 +91,18 @@ class Publisher:
             return None, None
         return pub.parse_pointer(got[0], f"{self.url}/{pub.POINTER}"), got[1]
 
+    def _current_or_broken(self):
+        """As `current`, but a pointer that does not parse (damaged by hand) reads as nothing
+        published with its token, so a new publication replaces it (its history is lost)."""
+        try:
+            return self.current()
+        except SourceError as err:
+            got = self.leases.get(pub.POINTER)
+            if got is None:
+                return None, None
+            log.warning("publish.replacing_broken_pointer", problem=str(err), url=self.url)
+            return None, got[1]
+
     def publish(self, files: Dict[str, bytes], sign_key: Optional[bytes] = None,
                 check: Optional[Callable[[Dict[str, bytes]], None]] = None) -> "Outcome":
         """Make FILES the published version. CHECK (the nodes' validation) raises on a stack
@@ -104,7 +116,7 @@ class Publisher:
                               f"({self.limits.max_bytes}): the nodes would refuse it; nothing "
                               "was uploaded", where=self.url,
                               hint="Publish less, or raise stack.max_bytes on the nodes first")
-        previous, token = self.current()
+        previous, token = self._current_or_broken()
         version = stack_version(manifest.items())
         if previous is not None and previous.version == version:
             return Outcome(previous, published=False)
@@ -167,7 +179,7 @@ class Publisher:
         data = pointer.to_json()
         where = f"{self.url}/{pub.POINTER}"
         try:
-            won = self.leases.create(pub.POINTER, data) if previous is None else \
+            won = self.leases.create(pub.POINTER, data) if token is None else \
                 self.leases.replace(pub.POINTER, data, token)
         except SourceError as err:
             if "denied" not in str(err):

@@ -312,3 +312,21 @@ def test_an_older_signed_pointer_put_back_is_refused(agent, cloud_store, tmp_pat
     code, _, err = agent.run("fetch")
     assert code == 1 and "refusing serial 1" in err and "older signed pointer" in err
     assert agent.live() == (version_of(second), second)
+
+
+def test_a_damaged_pointer_is_refused_by_nodes_and_replaced_by_the_next_publish(agent, store,
+                                                                             tmp_path):
+    agent.write_config(store)
+    files = sample_stack()
+    assert publish(agent, folder(tmp_path, files, "one"))[0] == 0
+    assert agent.run("fetch")[0] == 0
+    cfg = load_config(agent.config_path, lambda values: None)
+    leases = open_published(cfg.stack)
+    assert leases.replace("pointer", b"{not json", leases.get("pointer")[1])
+    code, _, err = agent.run("fetch")
+    assert code == 1 and "the published pointer is not valid" in err
+    assert agent.live() == (version_of(files), files)
+    second = changed(8)
+    code, out, err = publish(agent, folder(tmp_path, second, "two"))
+    assert code == 0 and "as serial 1" in out, err
+    assert agent.run("fetch")[0] == 0 and agent.live() == (version_of(second), second)
