@@ -66,38 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--stack", metavar="DIR",
                           help="also check this conf/stack folder; without --config, only it")
     validate.set_defaults(func=cmd_validate)
+    # The published stack's commands: another store than the config's stack.source with --to.
+    to = argparse.ArgumentParser(add_help=False)
+    to.add_argument("--to", metavar="URL",
+                    help="the stack source (s3://, gs://, file://; default: stack.source)")
     publish = commands.add_parser(
-        "publish", parents=[common],
+        "publish", parents=[common, to],
         help="validate a conf/stack folder and make it the published version, atomically "
              "(nodes apply exactly that version)")
     publish.add_argument("dir", metavar="DIR", help="the conf/stack folder")
-    publish.add_argument("--to", metavar="URL",
-                         help="the stack source to publish to (default: the config's stack.source)")
     publish.add_argument("--sign", metavar="KEY", help="sign with this ed25519 private key (PEM)")
     publish.set_defaults(func=cmd_publish)
-    history = commands.add_parser("history", parents=[common],
+    history = commands.add_parser("history", parents=[common, to],
                                   help="the published versions, newest first")
-    history.add_argument("--to", metavar="URL", help="the stack source (default: stack.source)")
     history.add_argument("--json", action="store_true", help="print the pointer as JSON")
     history.set_defaults(func=cmd_history)
-    diff = commands.add_parser("diff", parents=[common],
+    diff = commands.add_parser("diff", parents=[common, to],
                                help="what changed between two published versions (secrets masked)")
     diff.add_argument("a", metavar="A", help="a version id (6+ characters) `history` shows")
     diff.add_argument("b", metavar="B", help="another one")
-    diff.add_argument("--to", metavar="URL", help="the stack source (default: stack.source)")
     diff.set_defaults(func=cmd_diff)
     rollback = commands.add_parser(
-        "rollback", parents=[common],
+        "rollback", parents=[common, to],
         help="publish an earlier version again (it rolls through the budget like any change)")
     rollback.add_argument("version", metavar="VERSION", help="a version id `history` shows")
-    rollback.add_argument("--to", metavar="URL", help="the stack source (default: stack.source)")
     rollback.add_argument("--sign", metavar="KEY", help="sign with this ed25519 private key (PEM)")
     rollback.set_defaults(func=cmd_rollback)
     cluster = commands.add_parser(
-        "cluster", parents=[common],
+        "cluster", parents=[common, to],
         help="every node's last status, the leases, the canary and the published version, read "
              "from the object store (exit 0 when every fresh node is healthy on that version)")
-    cluster.add_argument("--to", metavar="URL", help="the stack source (default: stack.source)")
     cluster.add_argument("--json", action="store_true", help="print JSON")
     cluster.add_argument("--wait", metavar="TIMEOUT", help="read again every 5 s until ok or "
                          "TIMEOUT (e.g. 10m) is up")
