@@ -69,6 +69,10 @@ def read_folder(folder: Path, limits: Limits) -> Dict[str, bytes]:
     return files
 
 
+# The log line names the first few changed files; `history` and `diff` show them all.
+LOGGED_CHANGES = 20
+
+
 @dataclass
 class Publisher:
     """Args: the `.published` lease store (stack/published.open_published); the stack limits;
@@ -86,7 +90,7 @@ class Publisher:
 
     def current(self):
         """(the pointer, its token), or (None, None) when nothing is published."""
-        got = self.leases.get(pub.POINTER)
+        got = pub.read_object(self.leases, pub.POINTER)
         if got is None:
             return None, None
         return pub.parse_pointer(got[0], f"{self.url}/{pub.POINTER}"), got[1]
@@ -97,7 +101,7 @@ class Publisher:
         try:
             return self.current()
         except SourceError as err:
-            got = self.leases.get(pub.POINTER)
+            got = pub.read_object(self.leases, pub.POINTER)
             if got is None:
                 return None, None
             log.warning("publish.replacing_broken_pointer", problem=str(err), url=self.url)
@@ -161,7 +165,7 @@ class Publisher:
             raise SourceError(f"no single published version starts with {prefix!r} "
                               f"({len(found)} do)", where=self.url,
                               hint="Use an id `quay-bootstrap history` shows (6+ characters)")
-        got = self.leases.get(pub.version_key(found[0]))
+        got = pub.read_object(self.leases, pub.version_key(found[0]))
         if got is None:
             raise SourceError(f"the record of version {found[0][:12]} is missing",
                               where=f"{self.url}/{pub.version_key(found[0])}",
@@ -196,7 +200,8 @@ class Publisher:
                               "of this publication is visible to the nodes", where=where,
                               hint="Look at `quay-bootstrap history`, then publish again")
         log.info("stack.published", version=pointer.version, serial=pointer.serial,
-                 by=pointer.published_by, changed=list(pointer.changed), url=self.url,
+                 by=pointer.published_by, changed=list(pointer.changed[:LOGGED_CHANGES]),
+                 changed_count=len(pointer.changed), url=self.url,
                  signed=pointer.signature is not None)
         return pointer
 

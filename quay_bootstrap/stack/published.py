@@ -300,24 +300,30 @@ def read_pointer(leases) -> Optional[Pointer]:
         SourceError: denied, or anything else permanent (the live stack stays).
         TransientError: the store did not answer (the fetch retries until its deadline).
     """
-    where = f"{leases.url}/{POINTER}"
+    got = read_object(leases, POINTER)
+    return None if got is None else parse_pointer(got[0], f"{leases.url}/{POINTER}")
+
+
+def read_object(leases, key: str) -> Optional[Tuple[bytes, str]]:
+    """(the bytes, the token for a conditional write) of one object under `.published/`, or
+    None when it does not exist; a store's error as the stack source reports it (read_pointer)."""
     try:
-        got = leases.get(POINTER)
+        return leases.get(key)
     except (SourceError, TransientError):
         raise
     except Exception as err:  # noqa: BLE001 - each SDK's own errors, sorted by what they say
-        raise _as_the_source_says(leases, err, where) from err
-    return None if got is None else parse_pointer(got[0], where)
+        raise _as_the_source_says(leases, key, err) from err
 
 
-def _as_the_source_says(leases, err: Exception, where: str) -> Exception:
-    """The error a stack source reading the pointer gives (its provider's own messages: denied
+def _as_the_source_says(leases, key: str, err: Exception) -> Exception:
+    """The error a stack source reading KEY gives (its provider's own messages: denied
     with the permissions to check, an unknown bucket, a TLS certificate not accepted), by
     asking once more the way a source asks; else `store_error`'s reading of ERR."""
     from quay_bootstrap.stores import provider
 
+    where = f"{leases.url}/{key}"
     try:
-        provider(leases.url).Source(leases.url, client_of(leases)).get(POINTER)
+        provider(leases.url).Source(leases.url, client_of(leases)).get(key)
     except (SourceError, TransientError) as mapped:
         return mapped
     except Exception:  # noqa: BLE001 - not one the provider knows: read ERR itself

@@ -57,6 +57,12 @@ def _denied_is_clear(put: Callable[[str, bytes], None], url: str) -> Callable[[s
             text = f"{type(err).__name__} {err}"
             if any(word in text for word in ("AccessDenied", "403", "Forbidden")):
                 raise _denied(url, key) from err
+            if any(word in text for word in ("NoSuchBucket", "NotFound", "404")):
+                bucket = url.partition("://")[2].split("/")[0]
+                raise SourceError(f"the bucket {bucket!r} does not exist; nothing nodes see "
+                                  "changed", where=f"{url}/{key}",
+                                  hint="Check the URL (--to, or stack.source in the config); "
+                                       "create the bucket first if it is new") from err
             raise SourceError(f"writing {key} failed: {err}", where=f"{url}/{key}",
                               hint="Try again; check the store's answer") from err
     return upload

@@ -1,4 +1,6 @@
-"""S3 and S3-compatible stores (Ceph RGW, MinIO, Swift's S3 API) via boto3: stack source and leases."""
+"""S3 and S3-compatible stores (Ceph RGW, MinIO, Swift's S3 API) via botocore, boto3's engine: stack
+source and leases. boto3 itself adds only what the agent never calls (resources, s3transfer's
+managed uploads) and 0.045 s of imports to every start."""
 from __future__ import annotations
 
 import base64
@@ -7,9 +9,9 @@ import re
 import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
 
 from quay_bootstrap.errors import CorruptDownload, SourceError, TransientError
 from quay_bootstrap.stores import (
@@ -40,7 +42,7 @@ _TRUNCATED = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.In
 _LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 
 
-# One boto3 session for every S3 client of the process (the stack source, the leases, the
+# One botocore session for every S3 client of the process (the stack source, the leases, the
 # lock): each new session loads the service models again, about 13 MiB for good. A session
 # reads credentials and settings from the environment once, so one is kept per AWS_*
 # environment (the agent's does not change; a test's does).
@@ -49,8 +51,8 @@ _SESSION_LOCK = threading.Lock()
 
 
 def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> Any:
-    """An S3 client with the stack's endpoint, region and CA bundle; credentials from boto3's
-    default chain (env, instance profile). The source and the leases both use this, so a store
+    """An S3 client with the stack's endpoint, region and CA bundle; credentials from botocore's
+    default chain (env, shared files, instance profile). The source and the leases both use this, so a store
     behind a private CA or a picky S3-compatible server works for both or for neither."""
     endpoint_url = stack.endpoint_url if stack else None
     region = stack.region if stack else None
@@ -75,13 +77,13 @@ def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> A
     environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
     with _SESSION_LOCK:  # making clients from one session is not thread-safe
         if environment not in _SESSIONS:
-            _SESSIONS[environment] = boto3.session.Session()
-        return _SESSIONS[environment].client("s3", endpoint_url=endpoint_url, region_name=region,
-                                             verify=ca_bundle, config=config)
+            _SESSIONS[environment] = botocore.session.Session()
+        return _SESSIONS[environment].create_client("s3", endpoint_url=endpoint_url, region_name=region,
+                                                    verify=ca_bundle, config=config)
 
 
 def credential_secrets() -> List[str]:
-    """The keys every session signs with now, however boto3 found them (environment, shared
+    """The keys every session signs with now, however botocore found them (environment, shared
     credentials file, instance profile): a refreshed instance-profile key is new each time."""
     found: List[str] = []
     with _SESSION_LOCK:

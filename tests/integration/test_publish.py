@@ -250,6 +250,24 @@ def test_history_as_json_is_the_pointer(agent, store, tmp_path):
     assert doc["published_by"] and doc["manifest"] == manifest_of(files)
 
 
+def test_publishing_to_a_bucket_that_does_not_exist_says_so_and_uploads_nothing(agent, cloud_store,
+                                                                               tmp_path):
+    """A typo in --to: the store's own answer (no such bucket), not a crash, and the stack
+    published where the node's config points is untouched."""
+    agent.write_config(cloud_store)
+    files = sample_stack()
+    assert publish(agent, folder(tmp_path, files))[0] == 0
+    before = pointer_of(agent)
+    scheme = cloud_store.url.split("://")[0]
+    code, _, err = publish(agent, folder(tmp_path, changed(3), "other"),
+                           "--to", f"{scheme}://no-such-bucket-qb/conf/stack")
+    assert code == 1, err
+    assert "'no-such-bucket-qb' does not exist" in err and "this is a bug" not in err
+    assert "(at " in err and "Check" in err
+    assert pointer_of(agent) == before
+    assert agent.run("fetch")[0] == 0 and agent.live() == (version_of(files), files)
+
+
 def test_a_publisher_who_may_only_read_is_told_and_nothing_changes(agent, s3_backend, tmp_path,
                                                                    monkeypatch):
     """A second moto that enforces IAM: a user allowed s3:GetObject and s3:ListBucket only."""

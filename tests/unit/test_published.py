@@ -171,3 +171,20 @@ def test_a_diff_masks_secrets_and_never_shows_a_private_key():
         f"+DB_URI: postgresql://q:{MASK}@db/q" in text
     assert "~ ssl.key: content not shown" in text and "xyz" not in text
     assert "extra_ca_certs" not in text  # unchanged files are not listed
+
+
+def test_the_published_log_line_names_at_most_twenty_changed_files(tmp_path):
+    """A first publication of 1,000 files is one readable line, not every name."""
+    import structlog
+
+    from quay_bootstrap.publish import LOGGED_CHANGES, Publisher
+    from quay_bootstrap.stores.put import uploader
+
+    leases = pub.open_published(None, f"file://{tmp_path}/conf/stack")
+    files = {f"f{i:03d}.txt": b"x" for i in range(30)}
+    with structlog.testing.capture_logs() as logs:
+        outcome = Publisher(leases, LIMITS, uploader(leases), by="ops@laptop").publish(files)
+    line, = [e for e in logs if e["event"] == "stack.published"]
+    assert outcome.published and len(outcome.pointer.changed) == 30
+    assert line["changed"] == [f"+f{i:03d}.txt" for i in range(LOGGED_CHANGES)]
+    assert line["changed_count"] == 30
