@@ -12,7 +12,9 @@ sync` into an empty folder and again. Every run is checked (exit status 0, every
 uploaded bytes, nothing else); a failing run stops the benchmark. Recorded per run: wall time,
 the client's CPU and peak RSS, the store's CPU. Goal: the agent's full fetch takes at most half
 the time of `aws s3 sync`. With --published the files are also published once
-(`quay-bootstrap publish`) and the agent fetches that version (one bundle); goal 0.1x.
+(`quay-bootstrap publish`) and the agent fetches that version (one bundle); goal 0.1x. Beside
+them runs the floor of any agent built on botocore (FLOOR below), so the report shows how much of
+the agent's time is its own.
 """
 from __future__ import annotations
 
@@ -43,6 +45,17 @@ SECRET_KEY: TheSecretKeyValue
 DATABASE_SECRET_KEY: TheDatabaseSecretKey
 """
 AGENT = "quay-bootstrap --config CFG fetch --log-format json"
+# With --published, a third side: the least any agent built on botocore (boto3's engine, the
+# design's S3 library) pays for a cold fetch: the interpreter, botocore's import and S3 client,
+# and the two GETs of the pointer and the bundle. No config, logs, unpacking, hashing or writes.
+FLOOR = """\
+import json, sys, botocore.session
+endpoint, bucket, prefix = sys.argv[1:4]
+s3 = botocore.session.Session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1")
+pointer = json.loads(s3.get_object(Bucket=bucket, Key=prefix + "pointer")["Body"].read())
+key = f"{prefix}bundles/{pointer['bundle_sha256']}/stack.tar.gz"
+assert len(s3.get_object(Bucket=bucket, Key=key)["Body"].read()) == pointer["bundle_size"]
+"""
 AWS = f"aws s3 sync s3://BUCKET/{PREFIX} DIR --endpoint-url URL --only-show-errors"
 
 
@@ -84,17 +97,29 @@ def body(args, bed) -> dict:
             verify_tree(tree.resolve(), expected, f"{side} {kind} fetch {n}")
         return got
 
-    runs = common.rounds(args, {side: lambda n, side=side: pair(side, n) for side in ("agent", "aws")},
-                         lambda got: f"{got['full']['wall_s']:.2f} s / {got['nochange']['wall_s']:.2f} s")
+    def floor(n: int) -> dict:
+        """Only the GETs a published fetch makes, from a process that imports botocore alone."""
+        argv = [sys.executable, "-c", FLOOR, bed.endpoint, bed.bucket, f"{PREFIX}.published/"]
+        return {"full": measure(argv, bed.env, bed.work / f"floor{n}", watch)}
+
+    sides = {side: lambda n, side=side: pair(side, n) for side in ("agent", "aws")}
+    if args.published:
+        sides["floor"] = floor
+    runs = common.rounds(args, sides, lambda got: " / ".join(f"{got[kind]['wall_s']:.2f} s"
+                                                             for kind in ("full", "nochange")
+                                                             if kind in got))
     summary = {side: {kind: {key: stats(r[kind][key] for r in items) for key in
                              ("wall_s", "cpu_s", "server_cpu_s", "maxrss_mib")}
-                      for kind in ("full", "nochange")} for side, items in runs.items()}
+                      for kind in ("full", "nochange") if kind in items[0]}
+               for side, items in runs.items()}
     a, w = summary["agent"], summary["aws"]
     ratios = {"full": ratio(a["full"]["wall_s"]["median"], w["full"]["wall_s"]["median"]),
               "full_min": ratio(a["full"]["wall_s"]["min"], w["full"]["wall_s"]["min"]),
               "nochange": ratio(a["nochange"]["wall_s"]["median"], w["nochange"]["wall_s"]["median"]),
               "cpu": ratio(a["full"]["cpu_s"]["median"], w["full"]["cpu_s"]["median"]),
               "rss": ratio(a["full"]["maxrss_mib"]["median"], w["full"]["maxrss_mib"]["median"])}
+    if args.published:
+        ratios["floor"] = ratio(summary["floor"]["full"]["wall_s"]["median"], w["full"]["wall_s"]["median"])
 
     def row(what: str, kind: str, key: str, ratio_key: str = "", pick: str = "median") -> str:
         cells = [a[kind][key][pick], w[kind][key][pick]]
@@ -113,6 +138,8 @@ def body(args, bed) -> dict:
               row("client CPU (user + system), full fetch", "full", "cpu_s", "cpu"),
               row(f"{args.store} server CPU during the full fetch", "full", "server_cpu_s"),
               row("peak RSS, full fetch", "full", "maxrss_mib", "rss"), "",
+              *(floor_report(summary["floor"]["full"], w["full"], ratios["floor"])
+                if args.published else []),
               f"Goal: {goal}x the time of `aws s3 sync` or less: {common.met(ratios['full'] <= goal)}"
               f" ({ratios['full']:.2f}). Medians of {args.rounds} rounds after {args.warmup} warm-up; "
               f"every run's {len(files):,} files checked byte for byte. Commands: `{AGENT}` and `{AWS}`."]
@@ -123,6 +150,13 @@ def body(args, bed) -> dict:
             "goals": {"full_ratio": {"max": goal, "got": ratios["full"],
                                      "met": ratios["full"] <= goal}},
             "report": report, "runs": runs}
+
+
+def floor_report(floor: dict, aws: dict, got: float) -> list:
+    return ["The floor of any botocore-based agent (a process that imports botocore, makes the S3 "
+            "client and GETs the pointer and the bundle, nothing else), in the same rounds: "
+            f"{common.s(floor['wall_s']['median'])} median, {got:.2f}x `aws s3 sync` "
+            f"({floor['cpu_s']['median']:.2f} s CPU, {floor['maxrss_mib']['median']:.0f} MiB).", ""]
 
 
 def _args(parser) -> None:
