@@ -1,8 +1,9 @@
 """A machine image for the boot test: Debian bookworm with systemd and cloud-init, and
-quay-bootstrap installed the way an image builder does (systemd/install.sh from wheels).
+quay-bootstrap installed the way an image builder does: its .deb (systemd/build-deb.sh), with
+`dpkg -i` and no network.
 
 The base root file system (debootstrap, about a minute) is cached as a tar under CACHE keyed by
-what goes in it; the agent is installed on top for every session, from wheels of this tree.
+what goes in it; the package is built from this tree and installed on top for every session.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,18 +80,18 @@ def base_rootfs_tar() -> Path:
     return tar
 
 
-def wheels(into: Path) -> Path:
-    """Wheels of this tree and every dependency, so install.sh can run offline in the image."""
-    into.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir",
-                           str(into), str(REPO)], capture_output=True, text=True)
+def debian_package(into: Path) -> Path:
+    """quay-bootstrap_VERSION_ARCH.deb of this tree, as `make deb` builds it (Debian's python3,
+    the libraries compiled or fetched anew)."""
+    done = subprocess.run(["systemd/build-deb.sh", str(into)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": "/usr/bin/python3"})
     if done.returncode != 0:
-        raise RuntimeError(f"pip wheel failed:\n{done.stdout}{done.stderr}")
-    return into
+        raise RuntimeError(f"build-deb.sh failed:\n{done.stdout}{done.stderr}")
+    return Path(done.stdout.strip().splitlines()[-1])
 
 
-def node_image(client, workdir: Path) -> str:
-    """The image a cloud would boot: base + quay-bootstrap installed by systemd/install.sh."""
+def node_image(client, workdir: Path, deb: Path) -> str:
+    """The image a cloud would boot: base + quay-bootstrap's .deb installed with dpkg."""
     base_tar = base_rootfs_tar()
     base = f"qb-e2e-base:{base_tar.stem.split('-')[-1]}"
     try:
@@ -99,20 +99,18 @@ def node_image(client, workdir: Path) -> str:
     except Exception:  # noqa: BLE001 - docker.errors.ImageNotFound
         client.api.import_image_from_file(str(base_tar), repository=base.split(":")[0],
                                           tag=base.split(":")[1])
-    wheel_dir = wheels(workdir / "wheels")
     # Binds only (no `volumes` list): a declared volume would be committed into the image.
     created = client.api.create_container(
-        base, ["/bin/sh", "/src/systemd/install.sh", "--wheels", "/wheels"],
+        base, ["dpkg", "-i", f"/debs/{deb.name}"],
         host_config=client.api.create_host_config(network_mode="none", binds=[
-            f"{wheel_dir}:/wheels:ro", f"{REPO / 'systemd'}:/src/systemd:ro",
-            f"{REPO / 'README.md'}:/src/README.md:ro"]))
+            f"{deb.parent}:/debs:ro"]))
     installer = client.containers.get(created["Id"])
     installer.start()
     try:
         result = installer.wait(timeout=600)
         logs = installer.logs().decode(errors="replace")
         if result["StatusCode"] != 0:
-            raise RuntimeError(f"install.sh failed in the image:\n{logs}")
+            raise RuntimeError(f"dpkg -i failed in the image:\n{logs}")
         image = installer.commit(repository="qb-e2e-node", tag="latest",
                                  changes=['CMD ["/sbin/init"]', "ENV container=docker"])
     finally:

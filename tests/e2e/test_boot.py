@@ -42,8 +42,13 @@ class Machine:
 
 
 @pytest.fixture(scope="module")
-def node_image(docker_client, tmp_path_factory):
-    return machine.node_image(docker_client, tmp_path_factory.mktemp("e2e-build"))
+def deb(tmp_path_factory) -> Path:
+    return machine.debian_package(tmp_path_factory.mktemp("deb"))
+
+
+@pytest.fixture(scope="module")
+def node_image(docker_client, tmp_path_factory, deb):
+    return machine.node_image(docker_client, tmp_path_factory.mktemp("e2e-build"), deb)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +126,7 @@ def user_data(world) -> str:
 
 
 @pytest.fixture(scope="module")
-def booted(node_image, world, docker_client, testbed, tmp_path_factory):
+def booted(node_image, deb, world, docker_client, testbed, tmp_path_factory):
     seed = tmp_path_factory.mktemp("nocloud")
     (seed / "meta-data").write_text("instance-id: qb-e2e-1\nlocal-hostname: quay-node-1\n")
     (seed / "user-data").write_text(user_data(world))
@@ -136,7 +141,8 @@ def booted(node_image, world, docker_client, testbed, tmp_path_factory):
                  str(seed): {"bind": "/var/lib/cloud/seed/nocloud", "mode": "ro"},
                  socket_path: {"bind": "/run/docker.sock", "mode": "rw"},
                  str(world["shared"]): {"bind": str(world["shared"]), "mode": "rw"},
-                 str(REPO / "cloud-config"): {"bind": "/src/cloud-config", "mode": "ro"}})
+                 str(REPO / "cloud-config"): {"bind": "/src/cloud-config", "mode": "ro"},
+                 str(deb.parent): {"bind": "/debs", "mode": "ro"}})
     node = Machine(container)
     try:
         yield node
@@ -152,6 +158,30 @@ def quay_started_at(docker_client, world) -> str:
     return docker_client.containers.get(world["name"]).attrs["State"]["StartedAt"]
 
 
+def test_the_package_is_lintian_clean_of_errors(deb):
+    import subprocess
+
+    done = subprocess.run(["lintian", "--tag-display-limit", "0", str(deb)],
+                          capture_output=True, text=True)
+    errors = [line for line in done.stdout.splitlines() if line.startswith("E:")]
+    assert done.returncode == 0 and errors == [], done.stdout + done.stderr
+
+
+def test_the_package_enables_the_service_and_starts_nothing(node_image, docker_client):
+    """At image-build time: the service enabled (it starts at boot once a config exists), the
+    socket installed but not enabled, the command on PATH, no config written."""
+    out = docker_client.containers.run(node_image, ["/bin/sh", "-c",
+        "ls /etc/systemd/system/multi-user.target.wants/ /etc/systemd/system/sockets.target.wants/"
+        " 2>/dev/null; ls /etc/quay-bootstrap; readlink -f /usr/bin/quay-bootstrap;"
+        " grep ^ExecStart= /lib/systemd/system/quay-bootstrap.service; quay-bootstrap version"],
+        network_mode="none", remove=True).decode()
+    assert "quay-bootstrap.service" in out and "quay-bootstrap.socket" not in out, out
+    assert "config.example.yaml" in out and "config.yaml\n" not in out, out
+    assert "/opt/quay-bootstrap/bin/quay-bootstrap" in out, out
+    assert "ExecStart=/usr/bin/quay-bootstrap run" in out, out
+    assert "0.1.0" in out, out
+
+
 def test_every_cloud_config_example_passes_the_schema(booted):
     for path in sorted((REPO / "cloud-config").glob("*.yaml")):
         out = booted.sh(f"cloud-init schema --config-file /src/cloud-config/{path.name}")
@@ -159,7 +189,7 @@ def test_every_cloud_config_example_passes_the_schema(booted):
 
 
 def test_the_unit_verifies(booted):
-    out = booted.sh(f"systemd-analyze verify /etc/systemd/system/{UNIT} 2>&1", check=False)
+    out = booted.sh(f"systemd-analyze verify /lib/systemd/system/{UNIT} 2>&1", check=False)
     assert "quay-bootstrap" not in out, out
 
 
@@ -223,6 +253,16 @@ def test_a_killed_agent_is_restarted_by_systemd_and_adopts_quay(booted, world, d
     assert quay_started_at(docker_client, world) == before
 
 
+def test_upgrading_the_package_restarts_the_agent_and_leaves_quay_running(booted, world, deb,
+                                                                          docker_client):
+    before, agent = quay_started_at(docker_client, world), booted.show("MainPID")
+    booted.sh(f"dpkg -i /debs/{deb.name}")  # the same version again: dpkg's upgrade path
+    wait_for(lambda: booted.show("MainPID") not in (agent, "0", ""), 60, "a new agent")
+    wait_for(lambda: booted.show("ActiveState") == "active", 60, "the unit active again")
+    assert booted.sh("systemctl is-enabled quay-bootstrap.service").strip() == "enabled"
+    assert quay_started_at(docker_client, world) == before
+
+
 def test_on_its_socket_a_check_made_while_the_agent_is_stopped_is_answered(booted, world,
                                                                          docker_client):
     """quay-bootstrap.socket, enabled as the README says: systemd holds /ready's socket, and a
@@ -259,3 +299,16 @@ def test_a_broken_config_fails_with_78_and_does_not_restart_loop(booted, world, 
     journal = booted.sh(f"journalctl -u {UNIT} --no-pager")
     assert "the agent config is not valid YAML" in journal
     assert docker_client.containers.get(world["name"]).status == "running"
+
+
+def test_removing_the_package_stops_the_agent_and_leaves_quay_and_the_stack(booted, world,
+                                                                           docker_client):
+    before = quay_started_at(docker_client, world)
+    booted.sh("cp /tmp/config.yaml.good /etc/quay-bootstrap/config.yaml")
+    booted.sh("dpkg --purge quay-bootstrap")
+    assert booted.show("ActiveState") in ("inactive", "failed")
+    assert booted.sh("test -e /opt/quay-bootstrap/bin || echo gone").strip() == "gone"
+    assert booted.sh("test -f /etc/quay-bootstrap/config.yaml && echo kept").strip() == "kept"
+    assert booted.sh(f"readlink {world['shared']}/stack/current").startswith("versions/")
+    quay = docker_client.containers.get(world["name"])
+    assert quay.status == "running" and quay.attrs["State"]["StartedAt"] == before
