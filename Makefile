@@ -9,12 +9,12 @@ PYTEST_ARGS ?=
 # where no 3.9 interpreter exists.
 PY39 ?= $(firstword $(wildcard /usr/bin/python3.9 /usr/local/bin/python3.9 $(HOME)/.pyenv/versions/3.9*/bin/python3.9))
 
-.PHONY: help deps venv lint unit py39 test soak bench dist deb install demo demo-clean clean
+.PHONY: help deps venv lint unit py39 test soak bench dist deb image install demo demo-clean clean
 
 help:
 	@echo "make demo   - run 'quay-bootstrap run --once' against a local object store, registry and Docker"
 	@echo "make test   - install what is needed, start the test bed, lint, run every test, stop the bed"
-	@echo "make lint | unit | soak | bench | dist | deb | install | clean"
+	@echo "make lint | unit | soak | bench | dist | deb | image | install | clean"
 
 deps:
 	@bash tests/testbed/install-debian.sh
@@ -78,6 +78,11 @@ dist: venv
 # is for; the boot test installs it and checks lintian finds no error.
 deb: deps
 	PYTHON=/usr/bin/python3 systemd/build-deb.sh dist
+
+# The agent as a container image (Containerfile), quay-bootstrap:VERSION on DOCKER_HOST's engine,
+# built on the local Debian base the boot test uses (debootstrap, cached): no registry needed.
+image: venv
+	$(PY) -m tests.e2e.machine
 
 # For image builders (Packer, a chroot): a self-contained virtualenv under /opt/quay-bootstrap,
 # /usr/local/bin/quay-bootstrap, the systemd unit (enabled), and config.example.yaml beside

@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,6 +81,59 @@ def base_rootfs_tar() -> Path:
     return tar
 
 
+def wheels(into: Path) -> Path:
+    """Wheels of this tree and every dependency (the agent image installs them offline)."""
+    into.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--wheel-dir",
+                           str(into), str(REPO)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip wheel failed:\n{done.stdout}{done.stderr}")
+    return into
+
+
+def base_image(client) -> str:
+    """The base root file system as an image of CLIENT's engine, imported once: its tag."""
+    base_tar = base_rootfs_tar()
+    base = f"qb-e2e-base:{base_tar.stem.split('-')[-1]}"
+    try:
+        client.images.get(base)
+    except Exception:  # noqa: BLE001 - docker.errors.ImageNotFound
+        client.api.import_image_from_file(str(base_tar), repository=base.split(":")[0],
+                                          tag=base.split(":")[1])
+    return base
+
+
+def agent_image(client, workdir: Path, tag: str = "") -> str:
+    """The agent's image (Containerfile) on the local Debian base, built by CLIENT's engine
+    with no network: the context is the Containerfile and a wheelhouse of this tree."""
+    from quay_bootstrap import __version__
+
+    context = workdir / "image-context"
+    shutil.rmtree(context, ignore_errors=True)
+    wheels(context / "build" / "wheels")
+    shutil.copy(REPO / "Containerfile", context / "Containerfile")
+    tag = tag or f"quay-bootstrap:{__version__}"
+    image, _ = client.images.build(path=str(context), dockerfile="Containerfile", tag=tag,
+                                   buildargs={"BASE": base_image(client)}, network_mode="none",
+                                   rm=True, forcerm=True)
+    return tag
+
+
+def install_sh_check(client, workdir: Path) -> str:
+    """systemd/install.sh run offline from wheels in a throwaway container of the base image,
+    as `make install` runs in an image build; what it printed and what it left, as text."""
+    wheel_dir = wheels(workdir / "wheels")
+    script = ("/bin/sh /src/systemd/install.sh --wheels /wheels && quay-bootstrap version && "
+              "ls /etc/systemd/system/multi-user.target.wants/ /etc/quay-bootstrap && "
+              "grep ^ExecStart= /etc/systemd/system/quay-bootstrap.service")
+    out = client.containers.run(
+        base_image(client), ["/bin/sh", "-c", script], network_mode="none", remove=True,
+        volumes={str(wheel_dir): {"bind": "/wheels", "mode": "ro"},
+                 str(REPO / "systemd"): {"bind": "/src/systemd", "mode": "ro"},
+                 str(REPO / "README.md"): {"bind": "/src/README.md", "mode": "ro"}})
+    return out.decode(errors="replace")
+
+
 def debian_package(into: Path) -> Path:
     """quay-bootstrap_VERSION_ARCH.deb of this tree, as `make deb` builds it (Debian's python3,
     the libraries compiled or fetched anew)."""
@@ -92,13 +146,7 @@ def debian_package(into: Path) -> Path:
 
 def node_image(client, workdir: Path, deb: Path) -> str:
     """The image a cloud would boot: base + quay-bootstrap's .deb installed with dpkg."""
-    base_tar = base_rootfs_tar()
-    base = f"qb-e2e-base:{base_tar.stem.split('-')[-1]}"
-    try:
-        client.images.get(base)
-    except Exception:  # noqa: BLE001 - docker.errors.ImageNotFound
-        client.api.import_image_from_file(str(base_tar), repository=base.split(":")[0],
-                                          tag=base.split(":")[1])
+    base = base_image(client)
     # Binds only (no `volumes` list): a declared volume would be committed into the image.
     created = client.api.create_container(
         base, ["dpkg", "-i", f"/debs/{deb.name}"],
@@ -117,3 +165,11 @@ def node_image(client, workdir: Path, deb: Path) -> str:
         installer.remove(force=True)
     return image.id
 
+
+if __name__ == "__main__":  # `make image`: the agent's image on DOCKER_HOST's engine
+    import tempfile
+
+    import docker
+
+    with tempfile.TemporaryDirectory() as scratch:
+        print(agent_image(docker.from_env(), Path(scratch)))

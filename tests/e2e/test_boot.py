@@ -183,7 +183,8 @@ def test_the_package_enables_the_service_and_starts_nothing(node_image, docker_c
 
 
 def test_every_cloud_config_example_passes_the_schema(booted):
-    for path in sorted((REPO / "cloud-config").glob("*.yaml")):
+    # flatcar.yaml is coreos-cloudinit's dialect, not cloud-init's (tests/unit/test_packaging.py)
+    for path in sorted(set((REPO / "cloud-config").glob("*.yaml")) - {REPO / "cloud-config/flatcar.yaml"}):
         out = booted.sh(f"cloud-init schema --config-file /src/cloud-config/{path.name}")
         assert f"Valid cloud-config: /src/cloud-config/{path.name}" in out, out
 
