@@ -229,6 +229,7 @@ class Prober:
 
     def _one(self, cfg, url: str, began: float) -> None:
         from quay_bootstrap.watchdog import Probed
+        from quay_bootstrap.watchdog_events import GUNICORNS
 
         try:
             result = probe(url, timeout=cfg.health.timeout, tls_verify=cfg.health.tls_verify,
@@ -241,9 +242,15 @@ class Prober:
                             self._rds(cfg.report.rds).unavailable())
             # No verdict: a timeout or a server error without Quay's body (never a 2xx-4xx: a
             # wrong health.url must stay this node's problem, however well Quay pings).
-            alive = bool(not result.ok and not result.failing_services and
-                         (result.status is None or result.status >= 500) and
-                         gunicorns_alive(url, tls_verify=cfg.health.tls_verify))
+            no_verdict = not result.failing_services and \
+                (result.status is None or result.status >= 500)
+            # Only a gunicorn failed Quay's own 2 s check: busy (every worker waiting on a slow
+            # database, on every node at once) or hung? A busy one answers the same ping given
+            # the probe's own timeout; a hung or dead one never does.
+            busy = bool(result.failing_services) and set(result.failing_services) <= GUNICORNS
+            alive = bool(not result.ok and (no_verdict or busy) and gunicorns_alive(
+                url, tls_verify=cfg.health.tls_verify,
+                timeout=cfg.health.timeout if busy else PING_TIMEOUT))
             with self._lock:
                 newest = began >= self._newest_fed
                 self._newest_fed = max(self._newest_fed, began)

@@ -11,6 +11,7 @@ from typing import FrozenSet, List, Optional, Tuple
 
 # The observations and actions live in watchdog_events.py; every one is importable from here.
 from quay_bootstrap.watchdog_events import (
+    GUNICORNS,
     Applied,
     ClearUnhealthy,
     Died,
@@ -189,6 +190,12 @@ def _probed(state: State, probe: Probed, policy: Policy) -> Tuple[State, List]:
         # Quay) while this node's gunicorns answer Quay's own ping: a shared check is slow or
         # down (LDAP, the preferred storage, an AWS API), the same on every node.
         failing = judged = frozenset({"unanswered-while-gunicorns-alive"})
+        shared = True
+    elif failing and failing <= GUNICORNS and probe.gunicorns_alive:
+        # Quay's own 2 s ping of a gunicorn failed, but the same ping, given the probe's
+        # timeout, answered: its workers are busy, not hung (real Quay with every database
+        # round trip taking 8 s, on every node at once). A restart would not make them faster.
+        failing = judged = frozenset({"gunicorns-slow-but-answering"})
         shared = True
     else:
         shared = bool(failing) and judged <= policy.shared_services

@@ -17,8 +17,13 @@ class Probed:
     status: Optional[int] = None
     rds_unavailable: bool = False  # report.rds set and RDS says the DB is not `available`
     # Quay's own pings (health.gunicorns_alive) answered after a probe that named no failing
-    # service (timed out, or an error without Quay's body): both gunicorns live.
+    # service (timed out, or an error without Quay's body), or named only gunicorns (then
+    # asked with the probe's timeout): both gunicorns live.
     gunicorns_alive: bool = False
+
+
+# The services Quay's /health/instance checks by calling its gunicorns' own pings (health.PINGS).
+GUNICORNS = frozenset({"web_gunicorn", "registry_gunicorn"})
 
 
 @dataclass(frozen=True)
