@@ -12,6 +12,7 @@ import structlog
 from quay_bootstrap import status, watchdog
 from quay_bootstrap.config import Config
 from quay_bootstrap.endpoint import Endpoint, inherited_socket
+from quay_bootstrap.engine import Resume
 from quay_bootstrap.errors import Interrupted
 from quay_bootstrap.node import Node, RollOutcome
 from quay_bootstrap.node_record import NodeRecorder
@@ -40,7 +41,8 @@ class Daemon:
 
     def __init__(self, cfg: Config, make_pass: Callable[..., Pass], stop: threading.Event, *,
                  reload_config: Optional[Callable[[], Config]] = None,
-                 clock: Callable[[], float] = time.monotonic, board=None, systemd=None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, board=None, systemd=None,
                  escalation=None, roll=None, spawn: Optional[Callable] = None,
                  redact: Optional[Callable] = None, recorder=None) -> None:
         from quay_bootstrap import health, stores
@@ -49,6 +51,8 @@ class Daemon:
         from quay_bootstrap.rollout import Roll
 
         self.first_cfg, self.make_pass, self.stop, self.clock = cfg, make_pass, stop, clock
+        self.wall = wall
+        self.watched = None  # engine.Resume: where Docker's events are told from
         self.reload_config = reload_config
         self.events: "queue.SimpleQueue" = queue.SimpleQueue()  # put() is signal-safe
         self.systemd = systemd or status.Systemd(redact=redact)
@@ -117,6 +121,8 @@ class Daemon:
                 same = self.live.container_id == self.previous.get("container_id")
                 self.board.update(ready_carried_until=time.time() + self._carry_limit()
                                   if same else None)
+            # From now on, so a crash before the events stream connects is still told.
+            self.watched = Resume(self.wall())
             self._start_threads()
             try:
                 while not self.stop.is_set() and self.handle(self._next_item()):
@@ -285,8 +291,14 @@ class Daemon:
             self.node.drain(lambda: self.node.docker.stop_quay(self.live.spec), self.lifecycle)
 
     def _watch_docker(self) -> None:
-        self.node.docker.watch(self.cfg.container.name, self.stop, lambda action, code:
-                               self.events.put(watchdog.from_docker(action, code, self.clock())))
+        self.node.docker.watch(self.cfg.container.name, self.stop, self.docker_event,
+                               self.watched)
+
+    def docker_event(self, action: str, code: Optional[int], when: Optional[float]) -> None:
+        """One of Docker's events for Quay, on the loop's queue, dated when Docker says it
+        happened (watchdog.event_at)."""
+        at = watchdog.event_at(self.clock(), self.wall(), when)
+        self.events.put(watchdog.from_docker(action, code, at))
 
 
 def _thread(name: str, target: Callable[[], None]) -> None:

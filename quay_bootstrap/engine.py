@@ -147,24 +147,34 @@ class Docker:
             return 0.0
         return max(time.time() - started, 0.0)
 
-    def watch(self, name: str, stop, on_event: Callable[[str, Optional[int]], None]) -> None:
-        """A thread's loop: calls `on_event(action, exit code)` for each of the container's die,
-        start and destroy events, as Docker streams them (a die is seen within milliseconds,
-        no polling). Reconnects when dockerd restarts; the loss is logged once, not every
-        second."""
+    def watch(self, name: str, stop, on_event: Callable[[str, Optional[int], Optional[float]], None],
+              resume: Optional["Resume"] = None) -> None:
+        """A thread's loop: calls `on_event(action, exit code, when)` for each of the
+        container's die, start and destroy events, as Docker streams them (a die is seen within
+        milliseconds, no polling); `when` is Docker's own wall-clock time of it (None if it
+        gives none). Streams from where `resume` is (kept by the caller, so a restarted thread
+        goes on from there). Reconnects when dockerd restarts and resumes where the stream left
+        off: a die while it was away is still told (dockerd keeps its last 256 events), none
+        twice. The loss is logged once, not every second."""
         from quay_bootstrap.periodic import Warnings
 
         lost = Warnings("docker.events_lost")
+        resume = resume or Resume()
         while not stop.is_set():
             try:
                 for event in self.client.events(
-                        decode=True, filters={"type": "container", "container": name}):
+                        decode=True, filters={"type": "container", "container": name},
+                        **resume.params()):
                     lost.ok()
+                    if not resume.new(event):
+                        continue
                     action = event.get("status") or event.get("Action")
                     attributes = event.get("Actor", {}).get("Attributes", {})
                     if attributes.get("name") == name and action in ("die", "start", "destroy"):
                         code = attributes.get("exitCode")
-                        on_event(action, int(code) if code else None)
+                        when = _nanos(event)
+                        on_event(action, int(code) if code else None,
+                                 None if when is None else when / 1e9)
             except Exception as err:  # noqa: BLE001 - dockerd went away: reconnect
                 lost.warn(err)
             stop.wait(1.0)
@@ -251,3 +261,40 @@ def _client_without_user_config(docker, base_url: Optional[str]):
         else:
             os.environ["DOCKER_CONFIG"] = saved
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class Resume:
+    """Where a Docker event stream starts (again): `since`, wall-clock seconds, then just after
+    the last event told. Docker's `since` is inclusive (nanoseconds), so the events already
+    told at that very nanosecond are remembered and not told again."""
+
+    def __init__(self, since: Optional[float] = None) -> None:
+        self.at = None if since is None else int(since * 1e9)
+        self.told: set = set()
+
+    def params(self) -> dict:
+        if self.at is None:
+            return {}
+        whole, nanos = divmod(self.at, 1_000_000_000)
+        return {"since": f"{whole}.{nanos:09d}"}
+
+    def new(self, event: dict) -> bool:
+        """Whether EVENT is one not told before (and remember it)."""
+        at = _nanos(event)
+        if at is None:
+            return True
+        key = (at, event.get("id") or event.get("Actor", {}).get("ID"),
+               event.get("status") or event.get("Action"))
+        if key in self.told:
+            return False
+        if self.at is None or at > self.at:
+            self.at, self.told = at, set()
+        self.told.add(key)
+        return True
+
+
+def _nanos(event: dict) -> Optional[int]:
+    """Docker's time of EVENT in nanoseconds since the epoch (`timeNano`, else `time`)."""
+    if event.get("timeNano"):
+        return int(event["timeNano"])
+    return int(event["time"]) * 1_000_000_000 if event.get("time") else None

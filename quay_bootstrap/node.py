@@ -16,9 +16,6 @@ from quay_bootstrap.pipeline import Live
 
 log = structlog.get_logger(__name__)
 
-# Docker events that arrive within this long after a roll are the roll's own.
-ROLL_ECHO = 1.0
-
 
 @dataclass(frozen=True)
 class RollOutcome:
@@ -69,7 +66,7 @@ class Node:
         self.live = live
         self.board.update(degraded=_degraded(live.spec))
         now = self.clock()
-        self.feed(watchdog.Applied(now, started_at, quiet_until=now + ROLL_ECHO))
+        self.feed(watchdog.Applied(now, started_at, quiet_until=now))
         self.board.update(state="starting", stack_version=live.stack_version,
                           image_digest=live.spec.labels[IMAGE_DIGEST],
                           container=live.cfg.container.name, container_id=live.container_id)
@@ -265,7 +262,8 @@ class Node:
         """On the loop's thread: the roll's outcome becomes what the node runs."""
         self.rolling = False
         if outcome.touched:  # a replacement's die, destroy and start were the roll's own
-            self.feed(watchdog.Expect(self.clock(), self.clock() + ROLL_ECHO, everything=True))
+            now = self.clock()
+            self.feed(watchdog.Expect(now, now, everything=True))
         self.replacing.clear()
         if outcome.touched:  # whatever runs now has not been probed: /ready 503 until it is
             self.board.update(state="starting", ready_carried_until=None)

@@ -27,13 +27,14 @@ from quay_bootstrap.watchdog_events import (
     RestartFailed,
     Started,
     Tick,
+    event_at,
     from_docker,
 )
 
 __all__ = ["Policy", "State", "step", "RESET_AFTER", "REMINDER_EVERY",
            # observations
            "Probed", "Died", "Started", "Missing", "Tick", "Applied", "Expect", "RestartDeferred",
-           "RestartFailed", "from_docker",
+           "RestartFailed", "event_at", "from_docker",
            # actions
            "Restart", "MarkUnhealthy", "ClearUnhealthy", "Ready", "MarkKnownGood", "Log"]
 

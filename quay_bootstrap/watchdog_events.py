@@ -54,7 +54,8 @@ class Applied:
     """A pass or a roll put Quay's container in place (or adopted it): a fresh watch begins.
 
     `started_at`: when the container started (an adopted one keeps its age, so it is not given
-    a fresh start period). Docker events up to `quiet_until` were caused by the change itself.
+    a fresh start period). Docker events that happened up to `quiet_until` (the moment the
+    change was done) were caused by the change itself.
     """
 
     at: float
@@ -129,6 +130,21 @@ class Log:
     event: str
     level: str = "info"
     fields: Tuple[Tuple[str, object], ...] = ()
+
+
+# How old an event Docker gave no time for is taken to be: an echo of the agent's own act that
+# the stream delivers up to this late is still known as one.
+UNTIMED_AGE = 1.0
+
+
+def event_at(now: float, wall_now: float, when: Optional[float]) -> float:
+    """When a Docker event happened, on the agent's clock (`now`; `wall_now` is the wall clock
+    read at the same moment): Docker's own time `when`, however late the stream delivered it.
+    So an echo of an act the agent finished (every one happened before the act returned) is
+    known as one, and a crash a moment after it is a crash."""
+    if when is None:
+        return now - UNTIMED_AGE
+    return now - max(wall_now - when, 0.0)
 
 
 def from_docker(action: str, exit_code: Optional[int], at: float):

@@ -412,14 +412,22 @@ class FakeAPIClient:
     @_api
     def events(self, since=None, until=None, filters=None, decode=None) -> Iterator[dict]:
         """GET /events: the events since the last stream ended (as if this stream had been
-        connected all along), then the stream ends, as when dockerd stops. The `container`
-        filter matches an ID or a name that starts with it, as moby's FuzzyMatch does."""
-        assert since is None and until is None, "events(since/until) is not modelled"
+        connected all along), or with `since` ("seconds.nanoseconds"), every event from then on
+        (inclusive, as dockerd's buffer answers); then the stream ends, as when dockerd stops.
+        The `container` filter matches an ID or a name that starts with it, as moby's
+        FuzzyMatch does."""
+        assert until is None, "events(until) is not modelled"
         assert decode is True, "events(decode=False), raw bytes, is not modelled"
         filters = dict(filters or {})
         types = _as_list(filters.pop("type", []))
         wanted = _as_list(filters.pop("container", []))
         assert not filters, f"events(filters={filters}) is not modelled"
+
+        if since is not None:
+            whole, _, nanos = str(since).partition(".")
+            since_ns = int(whole) * 1_000_000_000 + int(nanos.ljust(9, "0")[:9])
+            self._streamed = next((i for i, e in enumerate(self._events)
+                                   if e["timeNano"] >= since_ns), len(self._events))
 
         def stream() -> Iterator[dict]:
             while self._streamed < len(self._events):

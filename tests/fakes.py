@@ -98,7 +98,8 @@ class FakeDocker(_Loud):
     def __init__(self) -> None:
         self.containers: Dict[str, FakeContainer] = {}
         self.calls: List[Tuple[str, tuple]] = []
-        self.events: List[Tuple[str, str, Optional[int]]] = []
+        self.events: List[Tuple[str, str, Optional[int], Optional[float]]] = []
+        self.wall: Optional[Callable[[], float]] = None  # dates events as dockerd does; else none
         self.ages: Dict[str, float] = {}
         self._failures: Dict[str, List[BaseException]] = {}
         self._ids = itertools.count(1)
@@ -124,9 +125,10 @@ class FakeDocker(_Loud):
         found.status = "running"
         self._emit(found, "start")
 
-    def take_events(self, name: str) -> List[Tuple[str, Optional[int]]]:
-        """The events Docker streamed for containers called `name`, since the last take."""
-        mine = [(action, code) for who, action, code in self.events if who == name]
+    def take_events(self, name: str) -> List[Tuple[str, Optional[int], Optional[float]]]:
+        """The events Docker streamed for containers called `name`, since the last take:
+        (action, exit code, when)."""
+        mine = [(action, code, when) for who, action, code, when in self.events if who == name]
         self.events = [e for e in self.events if e[0] != name]
         return mine
 
@@ -240,11 +242,12 @@ class FakeDocker(_Loud):
         self._call("age", container_id)
         return self.ages.get(container_id, 0.0)
 
-    def watch(self, name: str, stop, on_event: Callable[[str, Optional[int]], None]) -> None:
+    def watch(self, name: str, stop, on_event: Callable[[str, Optional[int], Optional[float]], None],
+              resume=None) -> None:
         """Delivers what is in `events` for `name` and returns (the real one loops until stop)."""
         self._call("watch", name)
-        for action, code in self.take_events(name):
-            on_event(action, code)
+        for action, code, when in self.take_events(name):
+            on_event(action, code, when)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -264,7 +267,7 @@ class FakeDocker(_Loud):
         return found
 
     def _emit(self, container: FakeContainer, action: str, code: Optional[int] = None) -> None:
-        self.events.append((container.name, action, code))
+        self.events.append((container.name, action, code, self.wall() if self.wall else None))
 
 
 # --- the lease store ------------------------------------------------------------------------

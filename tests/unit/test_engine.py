@@ -16,7 +16,7 @@ import structlog.testing
 
 from quay_bootstrap.config import ContainerConfig
 from quay_bootstrap.container import MANAGED, Observed, Spec, build_spec, with_entry_point
-from quay_bootstrap.engine import Docker
+from quay_bootstrap.engine import Docker, Resume
 from quay_bootstrap.errors import ContainerError, Unavailable
 from tests.fake_docker_api import (
     IMAGE_ID,
@@ -62,7 +62,7 @@ def world(api: FakeAPIClient) -> Dict[str, Tuple[str, str, str]]:
 def watched(engine: Docker, name: str = "quay") -> List[Tuple[str, Optional[int]]]:
     """What Docker.watch reports from the events streamed so far (one pass of its loop)."""
     seen: List[Tuple[str, Optional[int]]] = []
-    engine.watch(name, StopAfter(1), lambda action, code: seen.append((action, code)))
+    engine.watch(name, StopAfter(1), lambda action, code, _: seen.append((action, code)))
     return seen
 
 
@@ -529,9 +529,34 @@ def test_watch_reconnects_and_says_so_once(engine, api):
     seen: List[Tuple[str, Optional[int]]] = []
     stop = StopAfter(3)
     with structlog.testing.capture_logs() as logs:
-        engine.watch("quay", stop, lambda action, code: seen.append((action, code)))
+        engine.watch("quay", stop, lambda action, code, _: seen.append((action, code)))
     assert seen == [("die", 137), ("start", None)] and stop.waited == [1.0, 1.0, 1.0]
     assert [e["event"] for e in logs] == ["docker.events_lost", "docker.events_lost_recovered"]
+
+
+def test_watch_tells_from_since_with_dockers_time_and_resumes_where_a_cut_stream_ended(
+        engine, api):
+    now = [1_700_000_000.0]
+    api.now = lambda: now[0]
+    api.add_container("quay", labels=OURS)
+    api.crash("quay", 137)  # before `since`: not told
+    resume = Resume(now[0] + 0.5)
+    now[0] += 1
+    api.crash("quay", 1)
+
+    class DockerdRestarts(StopAfter):
+        def wait(self, timeout=None):
+            now[0] += 1
+            api.crash("quay", 2)  # while the stream was away
+            return super().wait(timeout)
+
+    seen: List[Tuple[str, Optional[int], Optional[float]]] = []
+    engine.watch("quay", DockerdRestarts(2), lambda *told: seen.append(told), resume)
+    start = 1_700_000_001.0
+    assert seen == [("die", 1, start), ("start", None, start),  # none told twice
+                    ("die", 2, start + 1), ("start", None, start + 1)]
+    assert [call["since"] for name, call in api.calls if name == "events"] == [
+        "1700000000.500000000", "1700000001.000000000"]
 
 
 def test_watch_ends_when_told_to(engine, api):

@@ -23,6 +23,7 @@ from quay_bootstrap.watchdog import (
     Started,
     State,
     Tick,
+    event_at,
     from_docker,
     step,
 )
@@ -243,6 +244,15 @@ def test_a_failed_restart_is_due_again_at_the_next_tick():
     assert [a.event for a in actions if isinstance(a, Log)] == ["container.restart_failed"]
     state, done = run([Tick(61 + POLICY.backoff_initial)], state)
     assert [a for _, a in done] == [Restart("dockerd is gone")]
+
+
+@pytest.mark.parametrize("when, at", [
+    (999.75, 99.75),  # Docker's time: however late the stream told it
+    (1000.5, 100.0),  # a wall clock a little behind Docker's: never in the future
+    (None, 99.0),  # no time given: taken as UNTIMED_AGE old, so a late echo is still known
+])
+def test_a_docker_event_is_dated_when_docker_says_it_happened(when, at):
+    assert event_at(100.0, 1000.0, when) == at
 
 
 @pytest.mark.parametrize("action, code, expected", [
