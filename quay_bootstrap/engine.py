@@ -179,10 +179,22 @@ class Docker:
                 lost.warn(err)
             stop.wait(1.0)
 
-    def leave_restarts_to_the_agent(self, container_id: str) -> None:
+    def leave_restarts_to_the_agent(self, container_id: str) -> bool:
         """No restart policy on a running Quay (no downtime): Docker would restart it with the
-        entry point it was created with, which migrates, and the shared database is ahead."""
-        self.client.api.update_container(container_id, restart_policy={"Name": "no"})
+        entry point it was created with, which migrates, and the shared database is ahead.
+        False where the engine cannot change a container's policy (podman 4's compat API has
+        no update endpoint): the policy stays, and the agent says so."""
+        try:
+            self.client.api.update_container(container_id, restart_policy={"Name": "no"})
+            return True
+        except self._errors.NotFound:
+            self.client.api.inspect_container(container_id)  # the container is gone: raises
+            log.warning("container.restart_policy_kept", container=container_id[:12],
+                        why="the engine has no container update endpoint (podman 4)",
+                        note="if this Quay exits, the engine may start it again with the entry "
+                             "point it was created with; the agent's watch still restarts it "
+                             "without migrating")
+            return False
 
     def logs(self, container_id: str, tail: int = 5000) -> str:
         """What Quay printed (its init scripts name each start-up phase)."""

@@ -131,25 +131,30 @@ def _repo_digest(image, ref: ImageRef) -> Optional[str]:
     return None
 
 
+LAYER_DONE = ("Pull complete", "Already exists", "Download complete")
+
+
 def _pull(docker, ref: ImageRef, auth: Optional[Dict[str, str]]) -> None:
     import docker as sdk
 
     started = time.monotonic()
-    layers = 0
+    layers: set = set()
     try:
         for event in docker.client.api.pull(ref.repository, tag=ref.tag, stream=True,
                                             decode=True, auth_config=auth):
             if "error" in event:
                 _raise_for(event["error"], ref)
             status = event.get("status", "")
-            if status in ("Pull complete", "Already exists"):
-                layers += 1
+            # Once per layer: dockerd ends each with "Pull complete" (or "Already exists"),
+            # podman's compat API with "Download complete" (it says nothing after that).
+            if status in LAYER_DONE and event.get("id") not in layers:
+                layers.add(event.get("id"))
                 log.info("image.layer", image=str(ref), layer=event.get("id"), status=status)
     except sdk.errors.APIError as err:
         _raise_for(str(err.explanation or err), ref, err)
     except (sdk.errors.DockerException, OSError) as err:
         raise TransientError(str(err)) from err
-    log.info("image.pulled", image=str(ref), layers=layers,
+    log.info("image.pulled", image=str(ref), layers=len(layers),
              seconds=round(time.monotonic() - started, 3))
 
 

@@ -755,6 +755,10 @@ def stop(directory: str | Path) -> None:
         state = load(directory)
     except TestbedError:
         return
+    if state.get("podman_host"):
+        from tests.testbed import podman
+
+        podman.remove_containers(directory)
     others = [n for n in state.get("pids", {}) if n not in ("dockerd", "containerd")]
     _terminate(others, state, timeout=10)
     pg_dir = state.get("postgres_dir")

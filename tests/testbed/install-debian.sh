@@ -9,10 +9,11 @@ set -euo pipefail
 # systemd: systemd-analyze, which checks the unit's sandbox (a slim container may lack it).
 # lintian, binutils: `make deb` strips the shared objects and the boot test lints the package.
 # ignition: ignition-validate checks cloud-config/flatcar.ign.
+# podman: its Docker-compatible API is the second engine the node tests run on (testbed/podman.py).
 # lib*-dev: real Quay's venv (tests/testbed/real_quay.py) compiles psycopg2, python-ldap and more.
 pkgs=(docker.io docker-registry busybox-static libsystemd-dev pkg-config gcc python3-dev iproute2 python3-venv
       libpq-dev libldap2-dev libsasl2-dev libssl-dev libffi-dev libjpeg-dev zlib1g-dev
-      debootstrap postgresql-15 redis-server openssl systemd haproxy lintian binutils ignition)
+      debootstrap postgresql-15 redis-server openssl systemd haproxy lintian binutils ignition podman)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -333,6 +333,22 @@ def test_leave_restarts_to_the_agent(engine, api):
     assert api.names() == {"quay": "exited"} and engine.restart_count(container_id) == 0
 
 
+def test_an_engine_without_the_update_endpoint_keeps_the_policy_and_says_so(engine, api):
+    container_id = api.add_container("quay", labels=OURS)
+    before = world(api)
+    # podman 4.3's compat API: POST /containers/{id}/update is a plain 404 "Not Found".
+    api.fail("update_container", docker.errors.NotFound("404 Client Error: Not Found"))
+    with structlog.testing.capture_logs() as logs:
+        assert engine.leave_restarts_to_the_agent(container_id) is False
+    assert world(api) == before
+    assert api.container("quay")["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
+    assert [e["event"] for e in logs] == ["container.restart_policy_kept"]
+    api.fail("update_container", docker.errors.NotFound("No such container"))
+    api.remove_container(container_id, force=True)
+    with pytest.raises(docker.errors.NotFound):  # a container that is gone is still an error
+        engine.leave_restarts_to_the_agent(container_id)
+
+
 @pytest.mark.parametrize("printed, tail, text", [
     ("one\ntwo\nthree\n", 5000, "one\ntwo\nthree\n"),
     ("one\ntwo\nthree\n", 2, "two\nthree\n"),
