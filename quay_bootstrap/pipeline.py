@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import structlog
 import tenacity
@@ -165,8 +165,25 @@ class Pass:
         seconds = self.clock() - started
         result, detail = _describe(name, value)
         outcome.steps.append(Step(name, result, detail, seconds))
-        log.info(f"{name}.done", result=result, detail=detail, seconds=round(seconds, 3))
+        level = "info" if self._news(name, value) else "debug"
+        getattr(log, level)(f"{name}.done", result=result, detail=detail,
+                            seconds=round(seconds, 3))
         return value
+
+    def _news(self, name: str, value) -> bool:
+        """Whether a step's line is news at info level: always in a pass of its own (`run
+        --once`); in the daemon's refreshes (one `cache` for all its passes), only when the
+        stack version, the locked reference or the image digest differs from the last pass's,
+        or something was fetched or pulled. A refresh that changes nothing logs at debug."""
+        key_of = _STEADY.get(name)
+        if key_of is None:
+            return True
+        last = self.cache.setdefault("last_steps", {})
+        key = key_of(value)
+        news = last.get(name) != key or bool(getattr(value, "changed", False)
+                                             or getattr(value, "pulled", False))
+        last[name] = key
+        return news
 
     def _fetch(self) -> FetchResult:
         return fetcher(self.cfg, self.store, self.add_secrets, self.cache, self.sleep,
@@ -327,6 +344,12 @@ def resolve_image(cfg: Config, sleep: Callable[[float], None] = time.sleep,
         log.warning("image.lock_overrides", configured=image.reference,
                     locked=str(resolved.ref), lock=image.lock)
     return resolved
+
+
+# What a step's line is about, for `Pass._news`: a refresh repeating it is not news.
+_STEADY: Dict[str, Callable] = {"stack": lambda fetched: fetched.version,
+                                "lock": lambda resolved: str(resolved.ref),
+                                "image": lambda image: image.digest}
 
 
 def _describe(name: str, value) -> tuple:

@@ -420,6 +420,7 @@ class FakePass(_Loud):
     live = Pass.live
     adopt_running = Pass.adopt_running
     _timed = Pass._timed
+    _news = Pass._news
     run = Pass.run
 
     def __init__(self, cfg: Config, docker: FakeDocker, store: FakeStackStore, release: Release,

@@ -346,6 +346,25 @@ def test_sighup_applies_a_new_stack_and_a_bad_config_keeps_quay_watched(node, da
     assert agent.proc.poll() is None and agent.status()["state"] == "healthy"
 
 
+def test_a_refresh_that_changes_nothing_logs_nothing_at_info_and_a_change_says_what(node, daemon):
+    agent = daemon(refresh_interval="2s")
+    agent.wait_state("healthy")
+    wait_for(lambda: lines(agent, "rollout.unchanged"), 20, "a first refresh")
+    mark = len(agent.log)
+    wait_for(lambda: len(lines(agent, "rollout.unchanged", mark)) >= 3, 30, "three refreshes")
+    steady = [json.loads(line) for line in agent.log[mark:].splitlines() if line.startswith("{")]
+    assert [e["event"] for e in steady if e["level"] != "debug"] == []
+    assert {"stack.done", "lock.done", "image.done"} <= {e["event"] for e in steady}  # at debug
+
+    mark = len(agent.log)
+    node.backend.put("robots.txt", b"User-agent: *\nDisallow: /changed\n")
+    applied = wait_for(lambda: [e for e in lines(agent, "stack.done", mark)
+                                if e["level"] == "info"], 30, "the new stack logged at info")
+    version, _ = node.agent.live()
+    assert applied[0]["result"] == "applied" and version[:12] in applied[0]["detail"]
+    assert not [e for e in lines(agent, ("lock.done", "image.done"), mark) if e["level"] == "info"]
+
+
 def test_a_crash_right_after_our_restart_is_still_seen(node, daemon):
     """Our restart's own die/start are echoes; a real exit a moment later is not one of them."""
     agent = daemon(health={"start_period": "15s"})
