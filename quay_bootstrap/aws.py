@@ -1,5 +1,6 @@
 """AWS, where the node runs on it: IMDSv2, the Auto Scaling group's health record and lifecycle
-hooks, and RDS's view of the database. boto3 is imported only when a call is made."""
+hooks, and RDS's view of the database. botocore is imported only when a call is made; every
+client comes from the process's one session (`aws_session`)."""
 from __future__ import annotations
 
 import os
@@ -71,8 +72,9 @@ class AutoScaling:
     def mark_unhealthy(self, reason: str) -> bool:
         if self.mode is False:
             return False
-        import boto3
         import tenacity
+
+        from quay_bootstrap import aws_session
 
         instance = self._id_lookup()
         if not instance:
@@ -81,7 +83,7 @@ class AutoScaling:
                           hint=f"report.autoscaling is true but IMDSv2 did not answer; check "
                                f"{IMDS_ENV} and the instance's metadata options")
             return False
-        client = boto3.client("autoscaling", region_name=self.region)
+        client = aws_session.client("autoscaling", region_name=self.region)
         found = client.describe_auto_scaling_instances(InstanceIds=[instance])
         if not found.get("AutoScalingInstances"):
             log.info("autoscaling.not_in_a_group", instance=instance)
@@ -123,9 +125,9 @@ class Lifecycle:
 
     def _where(self):
         if self._client is None:
-            import boto3
+            from quay_bootstrap import aws_session
 
-            self._client = boto3.session.Session().client("autoscaling", region_name=self.region)
+            self._client = aws_session.client("autoscaling", region_name=self.region)
             self._instance = self._id_lookup()
             if self._instance:
                 found = self._client.describe_auto_scaling_instances(
@@ -221,12 +223,11 @@ class Rds:
         self.client = None
 
     def unavailable(self) -> bool:
-        import boto3
+        from quay_bootstrap import aws_session
 
         try:
             if self.client is None:
-                # Its own session: boto3's default one is not safe to share across threads.
-                self.client = boto3.session.Session().client("rds", region_name=self.region)
+                self.client = aws_session.client("rds", region_name=self.region)
             found = self.client.describe_db_instances(DBInstanceIdentifier=self.db_instance)
             status = found["DBInstances"][0]["DBInstanceStatus"]
         except Exception as err:  # noqa: BLE001 - unknown means: judge by Quay's answer alone
@@ -356,10 +357,9 @@ class Standby:
 
     def _where(self):
         if self._client is None:
-            import boto3
+            from quay_bootstrap import aws_session
 
-            # Its own session: boto3's default one is not safe to share across threads.
-            self._client = boto3.session.Session().client("autoscaling", region_name=self.region)
+            self._client = aws_session.client("autoscaling", region_name=self.region)
         if not self._instance:
             self._instance = self._id_lookup()
         return self._client, self._instance

@@ -62,12 +62,12 @@ def registry_auth(auth, registry: str, add_secret: Callable = lambda values: Non
 
 
 def _ecr_client(registry: str):
-    import boto3
+    from quay_bootstrap import aws_session
 
     # 123456789012.dkr.ecr.us-east-1.amazonaws.com: the region is the fourth label.
     labels = registry.split(".")
     region = labels[3] if len(labels) > 4 and labels[1] == "dkr" else None
-    return boto3.client("ecr", region_name=region)
+    return aws_session.client("ecr", region_name=region)
 
 
 def ensure_image(docker, ref: ImageRef, *, auth: Optional[Dict[str, str]], deadline: float,

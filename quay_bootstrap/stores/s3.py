@@ -4,15 +4,13 @@ managed uploads) and 0.045 s of imports to every start."""
 from __future__ import annotations
 
 import base64
-import os
 import re
-import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import botocore.config
 import botocore.exceptions
-import botocore.session
 
+from quay_bootstrap import aws_session
 from quay_bootstrap.errors import CorruptDownload, SourceError, TransientError
 from quay_bootstrap.stores import (
     SMALL_OBJECT,
@@ -42,18 +40,11 @@ _TRUNCATED = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.In
 _LOST_RACE = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
 
 
-# One botocore session for every S3 client of the process (the stack source, the leases, the
-# lock): each new session loads the service models again, about 13 MiB for good. A session
-# reads credentials and settings from the environment once, so one is kept per AWS_*
-# environment (the agent's does not change; a test's does).
-_SESSIONS: Dict[tuple, Any] = {}
-_SESSION_LOCK = threading.Lock()
-
-
 def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> Any:
     """An S3 client with the stack's endpoint, region and CA bundle; credentials from botocore's
     default chain (env, shared files, instance profile). The source and the leases both use this, so a store
-    behind a private CA or a picky S3-compatible server works for both or for neither."""
+    behind a private CA or a picky S3-compatible server works for both or for neither. Every
+    client comes from the process's one session (`aws_session`)."""
     endpoint_url = stack.endpoint_url if stack else None
     region = stack.region if stack else None
     ca_bundle = str(stack.ca_bundle) if stack and stack.ca_bundle else None
@@ -74,33 +65,15 @@ def client(url: str, stack: Optional["StackConfig"], concurrency: int = 16) -> A
                                         **options)
     except TypeError:
         config = botocore.config.Config(**options)
-    environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-    with _SESSION_LOCK:  # making clients from one session is not thread-safe
-        if environment not in _SESSIONS:
-            _SESSIONS[environment] = botocore.session.Session()
-        return _SESSIONS[environment].create_client("s3", endpoint_url=endpoint_url, region_name=region,
-                                                    verify=ca_bundle, config=config)
-
-
-def credential_secrets() -> List[str]:
-    """The keys every session signs with now, however botocore found them (environment, shared
-    credentials file, instance profile): a refreshed instance-profile key is new each time."""
-    found: List[str] = []
-    with _SESSION_LOCK:
-        sessions = list(_SESSIONS.values())
-    for session in sessions:
-        credentials = session.get_credentials()
-        if credentials is not None:
-            frozen = credentials.get_frozen_credentials()
-            found += [v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v]
-    return found
+    return aws_session.client("s3", endpoint_url=endpoint_url, region_name=region,
+                              verify=ca_bundle, config=config)
 
 
 class S3Source:
     """A prefix in an S3 bucket holding conf/stack."""
 
     def secrets(self) -> List[str]:
-        return credential_secrets()
+        return aws_session.credential_secrets()
 
     def __init__(self, url: str, client: Any) -> None:
         self.url = url

@@ -162,22 +162,6 @@ def test_file_leases_leave_no_temporary_files(leases):
     assert names == [".lock", "lease-0"]
 
 
-def test_s3_clients_share_one_session_per_aws_environment(monkeypatch):
-    """A second session would load the service models again (13 MiB); a changed AWS_*
-    environment (credentials) gets a session of its own."""
-    from quay_bootstrap.stores import s3
-
-    monkeypatch.setattr(s3, "_SESSIONS", {})
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    s3.client("s3://bucket/conf/stack", None)
-    s3.client("s3://bucket/conf/stack.rollout", None)
-    assert len(s3._SESSIONS) == 1
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "second")
-    s3.client("s3://bucket/conf/stack", None)
-    assert len(s3._SESSIONS) == 2
-
-
 # --- file:// reads: never through a link, always the file the listing saw -------------------
 
 @pytest.fixture
