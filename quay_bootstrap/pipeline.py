@@ -173,17 +173,20 @@ class Pass:
     def _news(self, name: str, value) -> bool:
         """Whether a step's line is news at info level: always in a pass of its own (`run
         --once`); in the daemon's refreshes (one `cache` for all its passes), only when the
-        stack version, the locked reference or the image digest differs from the last pass's,
-        or something was fetched or pulled. A refresh that changes nothing logs at debug."""
+        locked reference or the image digest differs from the last pass's or an image was
+        pulled; a new stack is the fetch's one `stack.applied` line. A refresh that changes
+        nothing logs at debug."""
         key_of = _STEADY.get(name)
         if key_of is None:
             return True
         last = self.cache.setdefault("last_steps", {})
-        key = key_of(value)
+        first, key = name not in last, key_of(value)
         news = last.get(name) != key or bool(getattr(value, "changed", False)
                                              or getattr(value, "pulled", False))
         last[name] = key
-        return news
+        # A new stack in a refresh is told once, by the fetch's `stack.applied` (the version,
+        # the previous one, the files): its step line would say it twice.
+        return first or (news and name != "stack")
 
     def _fetch(self) -> FetchResult:
         return fetcher(self.cfg, self.store, self.add_secrets, self.cache, self.sleep,

@@ -356,13 +356,16 @@ def test_a_refresh_that_changes_nothing_logs_nothing_at_info_and_a_change_says_w
     assert [e["event"] for e in steady if e["level"] != "debug"] == []
     assert {"stack.done", "lock.done", "image.done"} <= {e["event"] for e in steady}  # at debug
 
-    mark = len(agent.log)
+    mark, before = len(agent.log), node.agent.live()[0]
     node.backend.put("robots.txt", b"User-agent: *\nDisallow: /changed\n")
-    applied = wait_for(lambda: [e for e in lines(agent, "stack.done", mark)
-                                if e["level"] == "info"], 30, "the new stack logged at info")
+    wait_for(lambda: lines(agent, "rollout.applied", mark), 30, "the new stack rolled out")
     version, _ = node.agent.live()
-    assert applied[0]["result"] == "applied" and version[:12] in applied[0]["detail"]
-    assert not [e for e in lines(agent, ("lock.done", "image.done"), mark) if e["level"] == "info"]
+    told = [e for e in lines(agent, ("stack.applied", "stack.done", "lock.done", "image.done"), mark)
+            if e["level"] == "info"]
+    assert [(e["event"], e["version"], e["previous"]) for e in told] == [
+        ("stack.applied", version, before)]  # one line says what changed
+    assert {"stack.done", "lock.done", "image.done"} <= {e["event"] for e in lines(agent, (
+        "stack.done", "lock.done", "image.done"), mark)}  # the steps' own lines, at debug
 
 
 def test_a_crash_right_after_our_restart_is_still_seen(node, daemon):
