@@ -509,13 +509,24 @@ class Bed:
 class Agent(Launched):
     """`quay-bootstrap --config CFG run` under the launcher, with its report endpoint."""
 
-    def __init__(self, bed: Bed, label: str, name: str, port: int, stack: dict, **config) -> None:
+    def __init__(self, bed: Bed, label: str, name: str, port: int, stack: dict,
+                 tree: Path | None = None, **config) -> None:
+        """TREE: run the agent of that source tree (a `git worktree`) instead of the installed one."""
         run_dir = bed.work / label
         run_dir.mkdir()
         self.label, self.listen = label, f"{HOST}:{free_port()}"
         self.config = path = bed.node_config(run_dir, name, port, stack, self.listen, **config)
-        super().__init__([tool("quay-bootstrap"), "--config", str(path), "run", "--log-format",
-                          "json", "--log-level", "info"], bed.env, run_dir / "agent")
+        argv = [tool("quay-bootstrap")] if tree is None else [sys.executable, "-P", "-m", "quay_bootstrap"]
+        self.env = bed.env if tree is None else {**bed.env, "PYTHONPATH": str(tree)}
+        super().__init__([*argv, "--config", str(path), "run", "--log-format", "json", "--log-level",
+                          "info"], self.env, run_dir / "agent")
+
+    def module_root(self) -> Path:
+        """The folder of the quay_bootstrap package this agent's environment imports."""
+        done = subprocess.run([sys.executable, "-P", "-c", "import os, quay_bootstrap; "
+                               "print(os.path.dirname(quay_bootstrap.__file__))"],
+                              env=self.env, capture_output=True, text=True, check=True)
+        return Path(done.stdout.strip())
 
     def status(self) -> dict:
         status, body = get(f"http://{self.listen}/status")

@@ -8,6 +8,9 @@ both sides start with the image cached. Each round, alternating which goes first
 
     agent    quay-bootstrap --config CFG run --once   (fresh stack.dir, no container present)
     script   bash user-data.sh: aws s3 sync + docker pull + docker run + curl until 200 (INIT_SCRIPT)
+    floor    python -c FLOOR: what any agent on the design card's libraries pays before doing
+             anything: Python, the imports of botocore, the docker SDK, structlog and tenacity,
+             one S3 client and one call to each of the store and Docker (no stack, no container)
 
 Both run the same image with host networking on a port of their own and poll /health/instance
 every 0.25 s (the agent's START_POLL). After every run, outside the timing: the container runs
@@ -29,6 +32,12 @@ from common import HOST, PREFIX, BenchError, measure, ratio, stats
 GOAL_RATIO = 0.7
 POLL_S = 0.25
 STEPS = ("stack", "lock", "image", "container", "health")
+FLOOR = """\
+import os, botocore.session, docker, structlog, tenacity
+s3 = botocore.session.Session().create_client("s3", endpoint_url=os.environ["FLOOR_ENDPOINT"])
+s3.list_buckets()
+docker.from_env().ping()
+"""
 # What an operator puts in a node's user data following Quay's HA guide; {placeholders} are
 # filled in, shell-quoted, per run. The deadline only keeps a broken run from hanging.
 INIT_SCRIPT = """\
@@ -84,6 +93,9 @@ def body(args, bed) -> dict:
                                      container={"volumes": [f"{control}:/control"]},
                                      health={"start_period": "60s", "timeout": "5s"})
             argv = [qb, "--config", str(config), "run", "--once"]
+        elif side == "floor":
+            return measure([sys.executable, "-c", FLOOR], {**bed.env, "FLOOR_ENDPOINT": bed.moto},
+                           run_dir / "run", watch)
         else:
             values = {"aws": aws, "docker": common.DOCKER_CLI, "bucket": bed.bucket, "prefix": PREFIX,
                       "stack": stack, "endpoint": bed.moto, "image": bed.image, "name": name,
@@ -101,13 +113,15 @@ def body(args, bed) -> dict:
                 raise BenchError(f"agent run {n}: a `<step>.done` line is missing: {got['steps']}")
         return got
 
-    runs = common.rounds(args, {side: lambda n, side=side: run(side, n) for side in ("agent", "script")},
+    runs = common.rounds(args, {side: lambda n, side=side: run(side, n)
+                                for side in ("agent", "script", "floor")},
                          lambda got: f"{got['wall_s']:.3f} s")
     keys = ("wall_s", "cpu_s", "server_cpu_s", "docker_cpu_s", "maxrss_mib")
     summary = {side: {key: stats(r[key] for r in items) for key in keys} for side, items in runs.items()}
-    a, w = summary["agent"], summary["script"]
+    a, w, f = summary["agent"], summary["script"], summary["floor"]
     ratios = {key: ratio(a[key]["median"], w[key]["median"]) for key in ("wall_s", "cpu_s", "maxrss_mib")}
     ratios["wall_min"] = ratio(a["wall_s"]["min"], w["wall_s"]["min"])
+    ratios["floor_wall_s"] = ratio(f["wall_s"]["median"], w["wall_s"]["median"])
     steps = {s: stats(r["steps"][s] for r in runs["agent"])["median"] for s in STEPS}
     steps["outside steps"] = stats(r["wall_s"] - sum(r["steps"].values()) for r in runs["agent"])["median"]
     ok = ratios["wall_s"] <= GOAL_RATIO
@@ -126,8 +140,12 @@ def body(args, bed) -> dict:
               row("dockerd + containerd CPU", "docker_cpu_s", ratio_key="-"),
               row("peak RSS", "maxrss_mib"), "",
               f"Goal: {GOAL_RATIO}x the init script's time or less: {common.met(ok)} "
-              f"({ratios['wall_s']:.2f}). Where the agent's time goes (medians of its `<step>.done` "
-              "lines): " + ", ".join(f"{k} {v:.2f} s" for k, v in steps.items())
+              f"({ratios['wall_s']:.2f}). The floor of any agent on the design card's libraries "
+              f"(Python, botocore, the docker SDK, structlog and tenacity imported, one S3 client, "
+              f"one call to the store and one to Docker, nothing done) took "
+              f"{common.s(f['wall_s']['median'])} ({common.r(ratios['floor_wall_s'])} of the script). "
+              "Where the agent's time goes (medians of its `<step>.done` lines): "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in steps.items())
               + f". Medians of {args.rounds} rounds after {args.warmup} warm-up."]
     return {"params": {"files": len(files), "rounds": args.rounds, "warmup": args.warmup,
                        "poll_s": POLL_S}, "init_script": INIT_SCRIPT, "summary": summary,

@@ -1,6 +1,7 @@
 """The CLI's contract: fast start without cloud SDKs, exit statuses, validate without side effects."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -96,3 +97,24 @@ def test_a_config_problem_never_shows_the_secret_it_is_about(tmp_path, fmt):
     assert "image.auth.password" in proc.stdout + proc.stderr
     for secret in ("InlineRegPw-7777", "EnvNestedPw-8888"):
         assert secret not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("url, loaded, never", [
+    ("s3://quay-conf/conf/stack", "botocore", "google.cloud.storage"),
+    ("gs://quay-conf/conf/stack", "google.cloud.storage", "botocore"),
+    ("file:///etc/quay/stack", None, "botocore"),
+])
+def test_a_node_loads_only_its_stores_sdk(url, loaded, never):
+    """An S3 node never pays google-cloud-storage's import (36 MiB), nor a GCS node botocore's."""
+    code = ("import json, sys\n"
+            "import quay_bootstrap.daemon, quay_bootstrap.pipeline, quay_bootstrap.rollout\n"
+            "import quay_bootstrap.run_once, quay_bootstrap.node, quay_bootstrap.cluster_view\n"
+            "from quay_bootstrap import stores\n"
+            f"stores.provider({url!r})\n"
+            "print(json.dumps([m for m in ('botocore', 'boto3', 'google.cloud.storage') "
+            "if m in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    assert never not in found and "boto3" not in found
+    assert (loaded in found) if loaded else found == []
