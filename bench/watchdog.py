@@ -46,7 +46,8 @@ from common import HOST, BenchError, Poller, stats, until
 GOAL_RESTART_S, GOAL_CPU_PCT, GOAL_RSS_MIB = 0.5, 0.5, 64.0
 SETTLE_S = 11.0
 DETECT = {"interval": 1.0, "timeout": 1.0, "failure_threshold": 3}
-# A probe without a verdict asks Quay's pings; the hung gunicorn's gives up after PING_TIMEOUT.
+# A probe without a verdict asks Quay's pings; the hung gunicorn's gives up after
+# health.ping_timeout(timeout): 2 s here.
 BOUND_S = DETECT["failure_threshold"] * DETECT["interval"] + DETECT["timeout"] + 2.0
 MODES = {"fail": "fail web_gunicorn", "hang": "hang"}
 SIDES = ("agent_kill", "agent_crash", "docker_crash")

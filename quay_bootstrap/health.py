@@ -110,6 +110,12 @@ PINGS = ("/_internal_ping", "/v1/_internal_ping")
 PING_TIMEOUT = 2.0
 
 
+def ping_timeout(probe_timeout: float) -> float:
+    """How long the agent's pings wait after a failed probe: the probe's own timeout (a busy
+    gunicorn answers once its worker is free), never less than Quay's own 2 s."""
+    return max(PING_TIMEOUT, probe_timeout)
+
+
 def gunicorns_alive(url: str, *, tls_verify: bool = False, timeout: float = PING_TIMEOUT) -> bool:
     """Whether both of this Quay's gunicorns answer Quay's own ping, at the health URL's origin.
 
@@ -172,8 +178,9 @@ class Prober:
 
     The timeout is above Quay's own worst case (a slow shared database must not look like a
     hung node), so a probe may take that long; the next one still starts on the cadence, beside
-    it, so a hung Quay is seen within failure_threshold x interval + timeout + PING_TIMEOUT (a
-    probe without a verdict asks Quay's pings; the hung gunicorn's gives up after that). An answer older
+    it, so a hung Quay is seen within failure_threshold x interval + timeout +
+    ping_timeout(timeout) (a probe without a verdict asks Quay's pings; the hung gunicorn's
+    gives up after that). An answer older
     than one already fed is dropped. While Quay may still be starting (`fast` set) it probes
     every START_POLL, one at a time, to see "ready" at once; `wake` probes now.
 
@@ -215,8 +222,10 @@ class Prober:
             cfg, url = self.settings()
             began = self.clock()
             fast = self.fast.is_set()
-            # At most as many probes in flight as fit in one timeout at the cadence.
-            room = 1 if fast else math.ceil(cfg.health.timeout / cfg.health.interval) + 1
+            # At most as many probes in flight as fit in one probe's longest time (its timeout,
+            # then the pings') at the cadence.
+            longest = cfg.health.timeout + ping_timeout(cfg.health.timeout)
+            room = 1 if fast else math.ceil(longest / cfg.health.interval) + 1
             with self._lock:
                 go = self._in_flight < room
                 self._in_flight += go
@@ -244,13 +253,15 @@ class Prober:
             # wrong health.url must stay this node's problem, however well Quay pings).
             no_verdict = not result.failing_services and \
                 (result.status is None or result.status >= 500)
-            # Only a gunicorn failed Quay's own 2 s check: busy (every worker waiting on a slow
-            # database, on every node at once) or hung? A busy one answers the same ping given
-            # the probe's own timeout; a hung or dead one never does.
+            # Only a gunicorn failed Quay's own 2 s check, or no verdict at all: busy (every
+            # worker waiting on a slow database, on every node at once) or hung? A busy one
+            # answers the ping given the probe's own timeout (once its worker is free); a hung
+            # or dead one never does. (CI, 2 cores under load: real Quay's answer took over the
+            # 35 s timeout with 8 s database round trips, a 2 s ping found its one worker still
+            # busy, and a node was restarted for a slowness every node had.)
             busy = bool(result.failing_services) and set(result.failing_services) <= GUNICORNS
             alive = bool(not result.ok and (no_verdict or busy) and gunicorns_alive(
-                url, tls_verify=cfg.health.tls_verify,
-                timeout=cfg.health.timeout if busy else PING_TIMEOUT))
+                url, tls_verify=cfg.health.tls_verify, timeout=ping_timeout(cfg.health.timeout)))
             with self._lock:
                 newest = began >= self._newest_fed
                 self._newest_fed = max(self._newest_fed, began)

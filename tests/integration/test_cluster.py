@@ -20,7 +20,7 @@ import time
 import pytest
 
 from quay_bootstrap.config import HealthConfig
-from quay_bootstrap.health import PING_TIMEOUT
+from quay_bootstrap.health import ping_timeout
 from tests.integration.cluster import (
     CANARY_CONTROL,
     HEALTH,
@@ -196,8 +196,8 @@ def test_a_hung_quay_is_restarted_within_the_bound_and_the_others_untouched(clus
     timeout = HealthConfig().timeout  # the agents run with the default probe timeout
     interval = float(str(HEALTH["interval"]).rstrip("s"))
     # A probe without a verdict asks Quay's pings (health.gunicorns_alive): the first, to the
-    # hung web gunicorn, gives up after PING_TIMEOUT.
-    bound = HEALTH["failure_threshold"] * interval + timeout + PING_TIMEOUT + 1
+    # hung web gunicorn, gives up after ping_timeout(timeout).
+    bound = HEALTH["failure_threshold"] * interval + timeout + ping_timeout(timeout) + 1
     before = hung.found().id
     began = time.time()
     quay_standin.set_local(hung.control, "web_gunicorn", "hang")

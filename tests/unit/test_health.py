@@ -129,3 +129,52 @@ def test_probes_start_on_the_cadence_beside_one_that_hangs():
         server.close()
     assert len(seen) >= 4 and not any(p.ok for p in seen)
     assert seen[3].at - seen[0].at < 1.0  # four failures within one timeout of each other
+
+
+class BusyQuay(http.server.BaseHTTPRequestHandler):
+    """Real Quay with every database round trip slow: /health/instance answers after the probe's
+    timeout, and each gunicorn answers its ping only once its one worker is free."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        import time
+
+        delay, body = (1.0, QUAY_OK) if self.path == "/health/instance" else (0.4, b"true")
+        time.sleep(delay)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_probe_timed_out_on_a_busy_quay_whose_pings_answer_late_is_alive(monkeypatch):
+    """The pings wait as long as the probe: answers slower than Quay's own 2 s (here scaled down
+    to 0.2 s) but within the timeout are busy gunicorns, a shared slowness, not a hung Quay."""
+    import time
+    from types import SimpleNamespace
+
+    from quay_bootstrap import health
+
+    monkeypatch.setattr(health, "PING_TIMEOUT", 0.2)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BusyQuay)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    cfg = SimpleNamespace(health=SimpleNamespace(timeout=0.6, interval=5.0, tls_verify=False),
+                          report=SimpleNamespace(rds=None))
+    seen, stop = [], threading.Event()
+    prober = health.Prober(lambda: (cfg, f"http://127.0.0.1:{httpd.server_address[1]}/health/instance"),
+                           seen.append, stop)
+    prober.fast.clear()
+    threading.Thread(target=prober.run, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        prober.wake.set()
+        httpd.shutdown()
+        httpd.server_close()
+    assert seen and not seen[0].ok and "timed out" in seen[0].error
+    assert seen[0].gunicorns_alive
