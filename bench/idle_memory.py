@@ -49,7 +49,9 @@ DAEMON_STEPS = [
      "from quay_bootstrap import aws_session as a; "
      "[a.client(n, region_name='us-east-1') for n in ('autoscaling', 'rds', 'ecr')]"),
 ]
-# How the agent made its AWS clients before the shared session (3f6cf10 and earlier).
+# How the agent made its AWS clients before the shared session (3f6cf10 and earlier): S3 from a
+# botocore session of its own, the others from boto3 sessions (Lifecycle, Standby and RDS one
+# each; mark_unhealthy and ECR shared boto3's default one): modelled as one boto3 session each.
 SESSION_PER_CALLER = [
     ("interpreter", "pass"),
     ("structlog, pydantic, config, docker SDK, the agent's modules",
@@ -144,14 +146,13 @@ def idle(args, bed) -> dict:
                 f"{s} VmRSS {v[-1]['VmRSS']:.1f} VmHWM {v[-1]['VmHWM']:.1f}" for s, v in samples.items()),
                 flush=True)
         window = time.monotonic() - started
-        got = {}
+        cpu = {side: common.cpu_seconds(agent.pid()) - cpu0[side] for side, agent in sides.items()}
+        got, mark = {}, time.time() - window
         for side, agent in sides.items():
-            cpu = common.cpu_seconds(agent.pid()) - cpu0[side]
-            mark = time.time() - window
             info = [e for e in agent.log() if e.get("level") == "info"
                     and common.log_time(e.get("timestamp", "")) >= mark]
             finish = agent.finish()
-            got[side] = {"samples": samples[side], "cpu_pct": 100 * cpu / window,
+            got[side] = {"samples": samples[side], "cpu_pct": 100 * cpu[side] / window,
                          "info_lines": len(info), "info_events": sorted({e["event"] for e in info}),
                          "info_per_day": round(len(info) * 86400 / window),
                          "warnings": finish["warnings"], "module_root": str(loaded[side])}
@@ -165,6 +166,8 @@ def idle(args, bed) -> dict:
 
 
 def body(args, bed) -> dict:
+    if args.minutes < 1:
+        raise BenchError("--minutes must be at least 1 (the daemons are read once a minute)")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     result: dict = {"params": {"minutes": args.minutes, "refresh": args.refresh, "base": args.base,
                                "rounds": args.rounds, "only": sorted(only)}}

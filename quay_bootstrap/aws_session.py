@@ -5,7 +5,7 @@ A session keeps what it loaded for good: its endpoint table (botocore's endpoint
 9 MiB once parsed, listing every region of every AWS service) and each service's model. Before
 this module the S3 store, ECR, the lifecycle hooks, Standby and RDS each made a session of their
 own, so an AWS node with all of them paid the table five times. One session pays it once, and
-keeps of the table only the services the agent calls: the endpoint rule sets that botocore
+keeps of the table only the services the agent and botocore's credential providers call: the endpoint rule sets that botocore
 resolves S3, ECR, Auto Scaling and RDS endpoints with are per service and untouched, so a client
 of these services resolves exactly as before (`tests/unit/test_aws_session.py` checks it).
 
@@ -19,9 +19,11 @@ import os
 import threading
 from typing import Any, Dict, List
 
-# The services whose clients the agent makes, and those botocore's credential providers make
-# (STS for assume-role, SSO).
-SERVICES = frozenset({"s3", "ecr", "api.ecr", "autoscaling", "rds", "sts", "sso", "sso-oidc"})
+# The services whose clients the agent makes.
+SERVICES = frozenset({"s3", "ecr", "autoscaling", "rds"})
+# Their entries in the endpoint table (keyed by endpoint prefix), and those of the clients
+# botocore's credential providers make themselves (STS for assume-role, SSO, sign-in).
+KEPT = frozenset({"s3", "api.ecr", "autoscaling", "rds", "sts", "portal.sso", "oidc", "signin"})
 
 _SESSIONS: Dict[tuple, Any] = {}
 _LOCK = threading.Lock()
@@ -30,7 +32,7 @@ _LOCK = threading.Lock()
 def client(service: str, **kwargs: Any) -> Any:
     """A botocore client of SERVICE (one of SERVICES) from this process's session for the
     current AWS_* environment; KWARGS as botocore's create_client takes them."""
-    if service not in SERVICES:  # a new caller: add it to SERVICES first
+    if service not in SERVICES:  # a new caller: add it to SERVICES, its endpoint prefix to KEPT
         raise ValueError(f"aws_session.client: {service!r} is not in SERVICES")
     environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
     with _LOCK:
@@ -64,5 +66,5 @@ def _session() -> Any:
     table = session.get_component("data_loader").load_data("endpoints")
     for partition in table.get("partitions", []):
         services = partition.get("services", {})
-        partition["services"] = {k: v for k, v in services.items() if k in SERVICES}
+        partition["services"] = {k: v for k, v in services.items() if k in KEPT}
     return session
