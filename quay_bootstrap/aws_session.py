@@ -4,10 +4,11 @@ leases, ECR tokens, Auto Scaling health, lifecycle hooks and Standby, RDS status
 A session keeps what it loaded for good: its endpoint table (botocore's endpoints.json, about
 9 MiB once parsed, listing every region of every AWS service) and each service's model. Before
 this module the S3 store, ECR, the lifecycle hooks, Standby and RDS each made a session of their
-own, so an AWS node with all of them paid the table five times. One session pays it once, and
-keeps of the table only the services the agent and botocore's credential providers call: the endpoint rule sets that botocore
-resolves S3, ECR, Auto Scaling and RDS endpoints with are per service and untouched, so a client
-of these services resolves exactly as before (`tests/unit/test_aws_session.py` checks it).
+own (ECR and the Auto Scaling health mark shared boto3's default one), so an AWS node with all of
+them paid the table five times. One session pays it once, and keeps of the table only the
+services the agent and botocore's credential providers call (`KEPT`); the endpoint rule sets
+botocore resolves them with are per service and untouched, so their clients resolve exactly as
+before (`tests/unit/test_aws_session.py` checks it).
 
 A session reads credentials and settings from the environment once, so one is kept per AWS_*
 environment (the agent's does not change; a test's does). Making clients from one session is
