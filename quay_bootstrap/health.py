@@ -180,9 +180,9 @@ class Prober:
     hung node), so a probe may take that long; the next one still starts on the cadence, beside
     it, so a hung Quay is seen within failure_threshold x interval + timeout +
     ping_timeout(timeout) (a probe without a verdict asks Quay's pings; the hung gunicorn's
-    gives up after that). An answer older
-    than one already fed is dropped. While Quay may still be starting (`fast` set) it probes
-    every START_POLL, one at a time, to see "ready" at once; `wake` probes now.
+    gives up after that). An answer older than one already fed is dropped. While Quay may still
+    be starting (`fast` set) it probes every START_POLL, one at a time, to see "ready" at once;
+    `wake` probes now.
 
     Args:
         settings: returns the live config and the URL to probe (they change on a roll).
